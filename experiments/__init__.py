@@ -1,0 +1,1 @@
+"""Thin absl entry points over jaxpost: `python -m experiments.<name> --flags`."""

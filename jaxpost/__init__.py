@@ -1,0 +1,7 @@
+"""jaxpost: post-training language models with SFT, RL and on-policy distillation in JAX.
+
+Import the parts you need: ``jaxpost.models``, ``jaxpost.losses``, ``jaxpost.sampler``,
+``jaxpost.tasks``, ``jaxpost.metrics``, ``jaxpost.train``.
+"""
+
+__version__ = "0.1.0"

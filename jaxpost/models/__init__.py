@@ -1,0 +1,44 @@
+"""Decoder-only transformers (Llama-3, Qwen2/2.5, Qwen3) as pure functions of parameter dicts.
+
+    config = jaxpost.models.get_config("tiny")
+    params = jaxpost.models.init(config, seed=0)
+    logits_BxLxV = jaxpost.models.apply(config, params, tokens_BxL, attention_mask_BxL)
+
+Hugging Face checkpoints: `jaxpost.models.hf.load_hf(path)` / `save_hf(path, config, params)`.
+"""
+
+from jaxpost.models.configs import PRESETS, ModelConfig, RopeScaling, get_config
+from jaxpost.models.functional import (
+    KVCache,
+    abstract_params,
+    apply,
+    check_tokens,
+    forward_cached,
+    head_weight,
+    hidden_states,
+    init,
+    init_cache,
+    logical_axes,
+    positions_from_mask,
+)
+from jaxpost.models.transformer import LOGICAL_AXES, Transformer
+
+__all__ = [
+    "LOGICAL_AXES",
+    "PRESETS",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "abstract_params",
+    "apply",
+    "check_tokens",
+    "forward_cached",
+    "get_config",
+    "head_weight",
+    "hidden_states",
+    "init",
+    "init_cache",
+    "logical_axes",
+    "positions_from_mask",
+]

@@ -1,0 +1,175 @@
+"""The pure functional face of the model: parameters are a plain nested dict of arrays.
+
+`init` builds them, `apply` maps tokens to logits, and `forward_cached` is the incremental path
+the sampler uses. Each call merges the (cached, static) NNX graph definition of the config with
+the parameter dict inside the trace, so every function here is a pure function of arrays and can
+be jitted, differentiated and sharded like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxpost.models.configs import ModelConfig
+from jaxpost.models.transformer import Transformer
+
+
+@functools.lru_cache(maxsize=64)
+def _graph(config: ModelConfig):
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0))))
+    return graphdef, abstract_state
+
+
+def _model(config: ModelConfig, params) -> Transformer:
+    return nnx.merge(_graph(config)[0], params)
+
+
+def init(config: ModelConfig, seed: int | jax.Array = 0) -> dict:
+    """Random parameters (normal(0.02) weights, zero biases, unit norms) as a nested dict."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    model = Transformer(config, nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """`jax.ShapeDtypeStruct` for every parameter, without allocating anything."""
+    return jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+        nnx.to_pure_dict(_graph(config)[1]),
+    )
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    """The logical axis names of every parameter, a tree matching `init`'s (tuples as leaves)."""
+    state = _graph(config)[1]
+    named = jax.tree.map(
+        lambda v: v.get_metadata()["logical_axes"],
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(named)
+
+
+def check_tokens(config: ModelConfig, tokens) -> None:
+    """Raise if concrete token ids fall outside [0, vocab_size); a no-op under tracing."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {config.vocab_size}) for this model; got min "
+            f"{int(arr.min())}, max {int(arr.max())}"
+        )
+
+
+def positions_from_mask(mask_BxL) -> jax.Array:
+    """Position of each slot counted from its row's first real token (0-based)."""
+    return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _full_mask(attention_mask_BxL) -> jax.Array:
+    L = attention_mask_BxL.shape[-1]
+    causal = jnp.tril(jnp.ones((L, L), dtype=bool))
+    return causal[None] & attention_mask_BxL.astype(bool)[:, None, :]
+
+
+def hidden_states(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> jax.Array:
+    """Final-normed hidden states [B, L, D] (the input of the LM head)."""
+    check_tokens(config, tokens_BxL)
+    if attention_mask_BxL is None:
+        attention_mask_BxL = jnp.ones(tokens_BxL.shape, dtype=bool)
+    positions = positions_from_mask(attention_mask_BxL)
+    hidden, _ = _model(config, params).hidden(tokens_BxL, positions, _full_mask(attention_mask_BxL))
+    return hidden
+
+
+def head_weight(config: ModelConfig, params) -> jax.Array:
+    """The LM-head weight [D, V] (the transposed embedding when embeddings are tied)."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def apply(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> jax.Array:
+    """Logits [B, L, V] in float32 for a (possibly padded) batch of token sequences.
+
+    `attention_mask_BxL` marks real tokens (1) and padding (0), on either side. Positions count
+    from 0 at each row's first real token and a real token never attends padding, so a real
+    token's logits do not depend on the padding around it. Logits at padded slots are defined but
+    meaningless.
+    """
+    check_tokens(config, tokens_BxL)
+    if attention_mask_BxL is None:
+        attention_mask_BxL = jnp.ones(tokens_BxL.shape, dtype=bool)
+    model = _model(config, params)
+    positions = positions_from_mask(attention_mask_BxL)
+    hidden, _ = model.hidden(tokens_BxL, positions, _full_mask(attention_mask_BxL))
+    return model.logits(hidden)
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values of every layer, plus which slots hold real tokens.
+
+    k, v: tuples over layers of [B, S, K, E] arrays; valid_BxS: bool, slot holds a real token.
+    """
+
+    k: tuple
+    v: tuple
+    valid_BxS: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.valid_BxS.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache of `capacity` slots per row (prompt plus generated tokens)."""
+    if capacity > config.max_seq_len:
+        raise ValueError(
+            f"cache capacity {capacity} exceeds the model's max_seq_len {config.max_seq_len}"
+        )
+    dtype = dtype or config.compute_dtype
+    shape = (batch, capacity, config.n_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return KVCache(
+        k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
+        valid_BxS=jnp.zeros((batch, capacity), dtype=bool),
+    )  # fmt: skip
+
+
+def forward_cached(
+    config: ModelConfig,
+    params,
+    tokens_BxT,
+    positions_BxT,
+    token_mask_BxT,
+    cache: KVCache,
+    cache_index,
+) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens per row through the model, writing their keys/values at slots
+    [cache_index, cache_index + T) of the cache.
+
+    A new token in slot i attends every earlier or equal slot j <= i whose `valid` bit is set
+    (including the new tokens themselves, by `token_mask_BxT`). Prefill is this call with the
+    whole (padded) prompt and cache_index 0; each decode step is T = 1.
+
+    Returns float32 logits [B, T, V] and the updated cache.
+    """
+    T = tokens_BxT.shape[1]
+    valid = jax.lax.dynamic_update_slice(
+        cache.valid_BxS, token_mask_BxT.astype(bool), (0, cache_index)
+    )
+    query_slots = cache_index + jnp.arange(T)
+    key_slots = jnp.arange(cache.capacity)
+    causal_TxS = key_slots[None, :] <= query_slots[:, None]
+    mask_BxTxS = causal_TxS[None] & valid[:, None, :]
+    model = _model(config, params)
+    hidden, new = model.hidden(
+        tokens_BxT, positions_BxT, mask_BxTxS, list(zip(cache.k, cache.v)), cache_index
+    )
+    new_cache = KVCache(k=tuple(kv[0] for kv in new), v=tuple(kv[1] for kv in new), valid_BxS=valid)
+    return model.logits(hidden), new_cache

@@ -1,0 +1,158 @@
+"""Properties of the decoder: causality, padding invariance, KV-cache equivalence, axes, configs."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost import models
+
+CONFIGS = {
+    "qwen2": models.get_config("tiny"),
+    "llama_untied_rope_scaling": models.get_config(
+        "tiny", family="llama", qkv_bias=False, tie_embeddings=False,
+        rope_scaling=models.RopeScaling(8.0, 1.0, 4.0, 16),
+    ),
+    "qwen3_head_dim": models.get_config("tiny", family="qwen3", qkv_bias=False, qk_norm=True, head_dim=24),
+}  # fmt: skip
+
+
+def _params(config):
+    return models.init(config, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_at_t_do_not_depend_on_later_tokens(name):
+    config = CONFIGS[name]
+    params = _params(config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (3, 12))
+    base = models.apply(config, params, jnp.asarray(tokens))
+    for t in (0, 5, 10):
+        changed = tokens.copy()
+        changed[:, t + 1 :] = rng.integers(0, config.vocab_size, changed[:, t + 1 :].shape)
+        out = models.apply(config, params, jnp.asarray(changed))
+        chex.assert_trees_all_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+        # and the change really reaches later positions
+        assert float(jnp.max(jnp.abs(out[:, t + 1 :] - base[:, t + 1 :]))) > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_padding_on_either_side_never_changes_real_logits(name):
+    config = CONFIGS[name]
+    params = _params(config)
+    tokens = np.random.default_rng(1).integers(3, config.vocab_size, (1, 7))
+    alone = models.apply(config, params, jnp.asarray(tokens))[0]
+    pad = np.zeros((1, 5), np.int64)
+    left = np.concatenate([pad, tokens], axis=1)
+    left_mask = np.concatenate([pad, np.ones_like(tokens)], axis=1)
+    right = np.concatenate([tokens, pad + 9], axis=1)  # garbage in the padding
+    right_mask = np.concatenate([np.ones_like(tokens), pad], axis=1)
+    got_left = models.apply(config, params, jnp.asarray(left), jnp.asarray(left_mask))[0, 5:]
+    got_right = models.apply(config, params, jnp.asarray(right), jnp.asarray(right_mask))[0, :7]
+    chex.assert_trees_all_close(got_left, alone, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(got_right, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_prefill_and_decode_equal_full_forward(name):
+    config = CONFIGS[name]
+    params = _params(config)
+    rng = np.random.default_rng(2)
+    # Left-padded prompts of lengths 5 and 3, then 4 decode steps.
+    prompt_len, steps = 5, 4
+    tokens = rng.integers(3, config.vocab_size, (2, prompt_len + steps))
+    mask = np.ones_like(tokens)
+    mask[1, :2] = 0
+    full = models.apply(config, params, jnp.asarray(tokens), jnp.asarray(mask))
+
+    cache = models.init_cache(config, batch=2, capacity=prompt_len + steps)
+    positions = models.positions_from_mask(jnp.asarray(mask))
+    step = jax.jit(models.forward_cached, static_argnums=0)
+    logits, cache = step(
+        config, params, jnp.asarray(tokens[:, :prompt_len]), positions[:, :prompt_len],
+        jnp.asarray(mask[:, :prompt_len]), cache, 0,
+    )  # fmt: skip
+    chex.assert_trees_all_close(logits[0], full[0, :prompt_len], atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(logits[1, 2:], full[1, 2:prompt_len], atol=1e-5, rtol=0)
+    for i in range(prompt_len, prompt_len + steps):
+        logits, cache = step(
+            config, params, jnp.asarray(tokens[:, i : i + 1]), positions[:, i : i + 1],
+            jnp.ones((2, 1), bool), cache, jnp.int32(i),
+        )  # fmt: skip
+        chex.assert_trees_all_close(logits[:, 0], full[:, i], atol=1e-5, rtol=0)
+
+
+def test_logical_axes_name_every_dimension():
+    for config in CONFIGS.values():
+        params, axes = _params(config), models.logical_axes(config)
+        flat_p = jax.tree_util.tree_leaves_with_path(params)
+        flat_a = dict(
+            jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+        )
+        assert len(flat_p) == len(flat_a)
+        for path, leaf in flat_p:
+            names = flat_a[path]
+            assert len(names) == leaf.ndim, (path, names, leaf.shape)
+            assert set(names) <= set(models.LOGICAL_AXES)
+        assert axes["embed"] == ("vocab", "embed")
+
+
+def test_parameter_count_and_abstract_shapes_agree():
+    for config in [*CONFIGS.values(), models.get_config("qwen2.5-0.5b")]:
+        abstract = models.abstract_params(config)
+        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) == config.num_params()
+    # The public Qwen2.5-0.5B has 494M parameters.
+    assert round(models.get_config("qwen2.5-0.5b").num_params() / 1e6) == 494
+
+
+def test_bfloat16_compute_and_params():
+    config = models.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    params = models.init(config)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    logits = jax.jit(models.apply, static_argnums=0)(config, params, jnp.ones((2, 6), jnp.int32))
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+    ref = models.apply(
+        config.replace(dtype="float32", param_dtype="float32"),
+        jax.tree.map(lambda x: x.astype(jnp.float32), params),
+        jnp.ones((2, 6), jnp.int32),
+    )
+    assert float(jnp.max(jnp.abs(logits - ref))) < 0.1
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+    config = models.get_config("tiny")
+    params = _params(config)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 8)))
+
+    def loss(p, c):
+        return jnp.mean(jax.nn.log_softmax(models.apply(c, p, tokens))[..., 0])
+
+    g = jax.grad(loss)(params, config)
+    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, config.replace(remat=remat))
+    chex.assert_trees_all_close(g_remat, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(n_heads=3, n_kv_heads=2), "multiple of n_kv_heads"),
+        (dict(family="gpt2"), "family must be one of"),
+        (dict(head_dim=15), "head_dim must be even"),
+        (dict(dtype="float8"), "dtype must be one of"),
+        (dict(vocab_size=0), "vocab_size must be >= 1"),
+    ],
+)
+def test_bad_config_raises_with_the_problem_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        models.get_config("tiny", **overrides)
+
+
+def test_unknown_preset_and_cache_too_long():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        models.get_config("gpt-5")
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        models.init_cache(models.get_config("tiny"), 1, 10_000)
