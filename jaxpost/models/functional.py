@@ -149,6 +149,8 @@ def forward_cached(
     token_mask_BxT,
     cache: KVCache,
     cache_index,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run T new tokens per row through the model, writing their keys/values at slots
     [cache_index, cache_index + T) of the cache.
@@ -157,7 +159,8 @@ def forward_cached(
     (including the new tokens themselves, by `token_mask_BxT`). Prefill is this call with the
     whole (padded) prompt and cache_index 0; each decode step is T = 1.
 
-    Returns float32 logits [B, T, V] and the updated cache.
+    Returns float32 logits [B, T, V] (or [B, 1, V] for the last slot only when `last_only`, which
+    is what a left-padded prefill needs and saves a [B, T, V] head matmul) and the updated cache.
     """
     T = tokens_BxT.shape[1]
     valid = jax.lax.dynamic_update_slice(
@@ -172,4 +175,6 @@ def forward_cached(
         tokens_BxT, positions_BxT, mask_BxTxS, list(zip(cache.k, cache.v)), cache_index
     )
     new_cache = KVCache(k=tuple(kv[0] for kv in new), v=tuple(kv[1] for kv in new), valid_BxS=valid)
+    if last_only:
+        hidden = hidden[:, -1:]
     return model.logits(hidden), new_cache

@@ -1,0 +1,331 @@
+"""KV-cached on-device generation: the on-policy states of RL and distillation.
+
+`generate` left-pads the prompts into a shape bucket, prefills a preallocated KV cache, and runs
+the decode loop as a `lax.while_loop` inside one jitted program: no host round-trip per token, an
+early exit once every row has stopped. Shapes are bucketed (batch, prompt length and the number of
+new tokens rounded up), so a training run compiles a handful of programs rather than one per call.
+
+Two logprobs come back per generated token:
+  * `logprobs`: log π(y_t | y_<t) under the *untempered* policy, log_softmax(logits)[y_t]: the
+    quantity the losses see, so sampling and training agree exactly;
+  * `sample_logprobs`: the log-probability under the distribution actually sampled from
+    (temperature, top-k, top-p applied; 0 for greedy), for importance corrections.
+
+Randomness: the key of row r at step t is fold_in(fold_in(key(seed), r), t), where r is the row's
+index in the unpadded output (prompt i, sample j -> r = i·num_samples + j). A seed therefore gives
+the same tokens run after run, whatever the bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxpost import models
+from jaxpost.models import ModelConfig
+
+
+@struct.dataclass
+class Rollouts:
+    """Generated completions; row r = prompt r // num_samples, sample r % num_samples.
+
+    Attributes:
+      tokens: [N, M] completion tokens (M = max_new_tokens), `pad_id` after the stop.
+      logprobs: [N, M] log π(token) under the untempered policy; 0 where `mask` is 0.
+      sample_logprobs: [N, M] log-probability under the sampling distribution (tempered and
+        truncated); 0 for greedy decoding and where `mask` is 0.
+      mask: [N, M] 1 for generated tokens (the stop token included), 0 after.
+      lengths: [N] generated tokens per row, the stop token included.
+      prompt_tokens: [N, P] the prompts, left-padded with `pad_id`.
+      prompt_mask: [N, P] 1 on real prompt tokens.
+      entropy: [N, M] entropy of the untempered next-token distribution (None unless asked).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    sample_logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    entropy: jax.Array | None = None
+
+    def sequences(self) -> tuple[jax.Array, jax.Array]:
+        """Prompt and completion side by side, [N, P + M], with their attention mask.
+
+        Because prompts are left-padded, completion token j sits in slot P + j and is predicted by
+        the logits of slot P + j - 1 of a teacher-forced forward over these sequences.
+        """
+        tokens = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+        mask = jnp.concatenate([self.prompt_mask, self.mask], axis=1)
+        return tokens, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program (hashable, a jit static argument)."""
+
+    config: ModelConfig
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+    with_entropy: bool
+    stop_ids: tuple[int, ...]
+    pad_id: int
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """Round up to a power of two, at least `minimum` (few distinct compiled shapes)."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _truncate(scaled_NxV, s: _Static, top_p):
+    """Logits of the sampling distribution: top-k then top-p (nucleus) truncation, -inf outside.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches p: a token is kept
+    when the mass strictly before it (in descending order) is below p, so the top token always is.
+    """
+    neg_inf = jnp.float32(-jnp.inf)
+    if s.top_k is not None and s.top_k < scaled_NxV.shape[-1]:
+        kth = jax.lax.top_k(scaled_NxV, s.top_k)[0][:, -1:]
+        scaled_NxV = jnp.where(scaled_NxV >= kth, scaled_NxV, neg_inf)
+    if s.use_top_p:
+        order = jnp.argsort(-scaled_NxV, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled_NxV, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(order.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
+        scaled_NxV = jnp.where(keep, scaled_NxV, neg_inf)
+    return scaled_NxV
+
+
+def _choose(logits_NxV, keys_N, s: _Static, temperature, top_p):
+    """Pick one token per row; return it with its policy logprob, sampling logprob, entropy."""
+    logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
+    if s.greedy:
+        token = jnp.argmax(logits_NxV, axis=-1)
+        sample_lp = jnp.zeros(token.shape, jnp.float32)
+    else:
+        sampling = _truncate(logits_NxV / temperature, s, top_p)
+        token = jax.vmap(jax.random.categorical)(keys_N, sampling)
+        sample_lp = jnp.take_along_axis(
+            jax.nn.log_softmax(sampling, axis=-1), token[:, None], axis=-1
+        )[:, 0]
+    policy_lp = jnp.take_along_axis(logp_NxV, token[:, None], axis=-1)[:, 0]
+    entropy = None
+    if s.with_entropy:
+        p = jnp.exp(logp_NxV)
+        entropy = -jnp.sum(jnp.where(p > 0, p * logp_NxV, 0.0), axis=-1)
+    return token.astype(jnp.int32), policy_lp, sample_lp, entropy
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate_program(
+    s: _Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP, row_ids_N, seed,
+    max_new_tokens, temperature, top_p,
+):  # fmt: skip
+    config = s.config
+    N, P = prompt_NxP.shape
+    M = max_new_bucket
+    positions = models.positions_from_mask(prompt_mask_NxP)
+    prompt_lengths = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
+    cache = models.init_cache(config, N, P + M)
+    logits, cache = models.forward_cached(
+        config, params, prompt_NxP, positions, prompt_mask_NxP, cache, 0, last_only=True
+    )
+    base_key = jax.random.key(seed)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_N)
+    stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
+
+    zeros_f = jnp.zeros((N, M), jnp.float32)
+    state = dict(
+        step=jnp.int32(0),
+        logits=logits[:, 0],
+        cache=cache,
+        tokens=jnp.full((N, M), s.pad_id, jnp.int32),
+        logprobs=zeros_f,
+        sample_logprobs=zeros_f,
+        entropy=zeros_f if s.with_entropy else None,
+        done=jnp.zeros((N,), bool),
+        lengths=jnp.zeros((N,), jnp.int32),
+    )
+
+    def cond(st):
+        return (st["step"] < max_new_tokens) & ~jnp.all(st["done"])
+
+    def body(st):
+        t = st["step"]
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+        token, lp, slp, ent = _choose(st["logits"], keys, s, temperature, top_p)
+        live = ~st["done"]
+        token = jnp.where(live, token, s.pad_id)
+        put = lambda buf, val: jax.lax.dynamic_update_slice(  # noqa: E731
+            buf, jnp.where(live, val, 0.0)[:, None].astype(buf.dtype), (0, t)
+        )
+        new = dict(st)
+        new["tokens"] = jax.lax.dynamic_update_slice(st["tokens"], token[:, None], (0, t))
+        new["logprobs"] = put(st["logprobs"], lp)
+        new["sample_logprobs"] = put(st["sample_logprobs"], slp)
+        if s.with_entropy:
+            new["entropy"] = put(st["entropy"], ent)
+        new["lengths"] = st["lengths"] + live.astype(jnp.int32)
+        new["done"] = st["done"] | (live & jnp.any(token[:, None] == stop_ids[None, :], axis=1))
+        logits, new["cache"] = models.forward_cached(
+            config, params, token[:, None], (prompt_lengths + t)[:, None], live[:, None],
+            st["cache"], P + t,
+        )  # fmt: skip
+        new["logits"] = logits[:, 0]
+        new["step"] = t + 1
+        return new
+
+    out = jax.lax.while_loop(cond, body, state)
+    mask = (jnp.arange(M)[None, :] < out["lengths"][:, None]).astype(jnp.int32)
+    return (
+        out["tokens"],
+        out["logprobs"],
+        out["sample_logprobs"],
+        out["entropy"],
+        mask,
+        out["lengths"],
+    )
+
+
+def _validate(config, prompts, max_new_tokens, temperature, top_k, top_p, num_samples):
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) > config.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, longer than the model's maximum "
+                f"{config.max_seq_len}"
+            )
+        if len(p) + max_new_tokens > config.max_seq_len:
+            raise ValueError(
+                f"prompt {i} ({len(p)} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+                f"model's maximum sequence length {config.max_seq_len}"
+            )
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(
+                f"prompt {i} has token ids outside the vocabulary [0, {config.vocab_size}): "
+                f"min {lo}, max {hi}"
+            )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def generate(
+    config: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None,
+    seed: int,
+    num_samples: int = 1,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    with_entropy: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Rollouts:
+    """Sample `num_samples` completions of each prompt with a KV cache, on device.
+
+    Args:
+      config, params: the model (a jaxpost preset or a checkpoint from `load_hf`).
+      prompts: token-id lists of any lengths (each >= 1 token).
+      max_new_tokens: M, the most tokens generated per row (the stop token included).
+      temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+      top_k, top_p: truncations of the sampling distribution (None: off).
+      eos_id, stop_ids: a row stops after emitting any of these.
+      seed: fixes every random choice (see the module docstring for how keys are derived).
+      num_samples: samples per prompt; rows of one prompt are contiguous (a GRPO group).
+      pad_id: written after a row's stop and in prompt padding.
+      with_entropy: also return the per-token entropy of the untempered policy.
+      mesh: if given, the batch is sharded over its ('data', 'fsdp') axes.
+    """
+    _validate(config, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
+    n_rows = len(prompts) * num_samples
+    row_multiple = 8
+    if mesh is not None:
+        row_multiple = math.lcm(row_multiple, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+    N = _round_up(_bucket(n_rows, 1), row_multiple)
+    P = _bucket(max(len(p) for p in prompts), 16)
+    M = _bucket(max_new_tokens, 16)
+    if P + M > config.max_seq_len:  # the bucket may not exceed the model; fall back to exact sizes
+        P = max(len(p) for p in prompts)
+        M = min(M, config.max_seq_len - P)
+
+    prompt = np.full((N, P), pad_id, np.int32)
+    prompt_mask = np.zeros((N, P), np.int32)
+    for i, p in enumerate(prompts):
+        for j in range(num_samples):
+            r = i * num_samples + j
+            prompt[r, P - len(p) :] = p
+            prompt_mask[r, P - len(p) :] = 1
+    prompt[n_rows:, -1] = pad_id  # bucket-filler rows: one dummy token so attention is defined
+    prompt_mask[n_rows:, -1] = 1
+    stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
+    static = _Static(
+        config=config,
+        greedy=temperature == 0,
+        top_k=top_k,
+        use_top_p=top_p is not None and top_p < 1.0,
+        with_entropy=with_entropy,
+        stop_ids=stops,
+        pad_id=pad_id,
+    )
+    args = (jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.arange(N, dtype=jnp.int32))
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        args = tuple(jax.device_put(a, batch) for a in args)
+    tokens, logprobs, sample_lp, entropy, mask, lengths = _generate_program(
+        static, M, params, *args, jnp.uint32(seed), jnp.int32(max_new_tokens),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
+    )  # fmt: skip
+    m = max_new_tokens
+    return Rollouts(
+        tokens=tokens[:n_rows, :m],
+        logprobs=logprobs[:n_rows, :m],
+        sample_logprobs=sample_lp[:n_rows, :m],
+        mask=mask[:n_rows, :m],
+        lengths=lengths[:n_rows],
+        prompt_tokens=jnp.asarray(prompt[:n_rows]),
+        prompt_mask=jnp.asarray(prompt_mask[:n_rows]),
+        entropy=None if entropy is None else entropy[:n_rows, :m],
+    )
+
+
+def compiled_program_count() -> int:
+    """How many distinct generation programs have been compiled in this process."""
+    return _generate_program._cache_size()
