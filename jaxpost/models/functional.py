@@ -114,7 +114,8 @@ def apply(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> j
 class KVCache:
     """Preallocated keys and values of every layer, plus which slots hold real tokens.
 
-    k, v: tuples over layers of [B, S, K, E] arrays; valid_BxS: bool, slot holds a real token.
+    k, v: tuples over layers of [B, K, S, E] arrays (kv heads before slots, so attention reads the
+    cache without transposing it); valid_BxS: bool, slot holds a real token.
     """
 
     k: tuple
@@ -133,7 +134,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> KV
             f"cache capacity {capacity} exceeds the model's max_seq_len {config.max_seq_len}"
         )
     dtype = dtype or config.compute_dtype
-    shape = (batch, capacity, config.n_kv_heads, config.head_dim)
+    shape = (batch, config.n_kv_heads, capacity, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
     return KVCache(
         k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),

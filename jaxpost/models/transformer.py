@@ -117,9 +117,13 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
 
+        # Keys and values live as [B, K, S, E]: batch dims (B, K) lead and E is contiguous, the
+        # layout XLA's dot wants, so attention over a long cache never transposes the cache.
+        k = jnp.swapaxes(k, 1, 2)
+        v = jnp.swapaxes(v, 1, 2)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             new_cache = (k, v)
@@ -127,14 +131,17 @@ class Attention(nnx.Module):
             new_cache = None
 
         B, T = x.shape[:2]
-        q = q.reshape(B, T, c.n_kv_heads, c.group_size, c.head_dim)
+        K, G, E = c.n_kv_heads, c.group_size, c.head_dim
+        # [B, T, H, E] -> [B, K, G·T, E]: the G query heads sharing a kv head become rows.
+        q = q.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
         scores = jnp.einsum(
-            "btkge,bske->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
-        ) * (c.head_dim**-0.5)
+            "bkqe,bkse->bkqs", q, k.astype(dt), preferred_element_type=jnp.float32
+        ) * (E**-0.5)
+        scores = scores.reshape(B, K, G, T, -1)
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(dt))
-        out = out.reshape(B, T, c.n_heads, c.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, K, G * T, -1)
+        out = jnp.einsum("bkqs,bkse->bkqe", probs, v.astype(dt))
+        out = out.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, E)
         return jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt)), new_cache
 
 
