@@ -81,13 +81,12 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _prepare(student_BxLxV, teacher_BxLxV, mask_BxL, temperature):
-    """Masked positions zeroed, teacher detached, both in the compute dtype and divided by τ."""
+def _prepare(student_BxLxV, teacher_BxLxV, mask_BxL):
+    """Both logits in the compute dtype with masked positions zeroed; the teacher detached."""
     dtype = _compute_dtype(student_BxLxV)
     valid_BxLx1 = mask_BxL.astype(bool)[:, :, None]
-    student = jnp.where(valid_BxLx1, student_BxLxV.astype(dtype), 0) / temperature
-    teacher = jax.lax.stop_gradient(teacher_BxLxV).astype(dtype)
-    teacher = jnp.where(valid_BxLx1, teacher, 0) / temperature
+    student = jnp.where(valid_BxLx1, student_BxLxV.astype(dtype), 0)
+    teacher = jnp.where(valid_BxLx1, jax.lax.stop_gradient(teacher_BxLxV).astype(dtype), 0)
     return student, teacher
 
 
@@ -164,6 +163,8 @@ def opd_kl(alpha: float, *, temperature: float = 1.0, impl: str | None = None) -
       impl: None computes the dense `jnp` reference here (materializes a few [B, L, V] arrays).
         Any other string is passed to `kernels.generalized_jsd(..., impl=impl)` (one of
         `kernels.IMPLS`), the fused implementation that never holds [N, V] probabilities.
+        The logits are passed as they are (zeroing padded rows would cost the [N, V] copy the
+        kernel exists to avoid): the kernel's `mask` must keep padded rows out of its backward.
 
     Returns:
       `loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL) -> (loss, aux)`, aux with
@@ -182,7 +183,7 @@ def opd_kl(alpha: float, *, temperature: float = 1.0, impl: str | None = None) -
     def loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
         _check_pair(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
         if impl is None:
-            student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, 1.0)
+            student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
             div_BxL = generalized_jsd(student, teacher, alpha=alpha, temperature=temperature)
         else:
             div_BxL = _kernel_divergence(
@@ -244,11 +245,9 @@ def entropy_aware_opd_kl(*, temperature: float = 1.0, threshold: float | None = 
 
     def loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
         _check_pair(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
-        student, teacher = _prepare(
-            student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, temperature
-        )
-        logp_s = jax.nn.log_softmax(student, axis=-1)
-        logp_t = jax.nn.log_softmax(teacher, axis=-1)
+        student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
+        logp_s = jax.nn.log_softmax(student / temperature, axis=-1)
+        logp_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
         entropy_BxL = _entropy_from_logprobs(logp_t)
         vocab = student_logits_BxLxV.shape[-1]
         h_BxL = entropy_BxL / jnp.log(vocab) if vocab > 1 else jnp.zeros_like(entropy_BxL)
