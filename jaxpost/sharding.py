@@ -156,13 +156,12 @@ def _rule_table(rules: Sequence[Rule]) -> dict[str, tuple[str, ...]]:
         logical, mesh_axes = rule[0], rule[1]
         if logical in table:
             raise ValueError(f"sharding rules name logical axis {logical!r} twice")
-        axes = (
-            ()
-            if mesh_axes is None
-            else (mesh_axes,)
-            if isinstance(mesh_axes, str)
-            else tuple(mesh_axes)
-        )
+        if mesh_axes is None:
+            axes = ()
+        elif isinstance(mesh_axes, str):
+            axes = (mesh_axes,)
+        else:
+            axes = tuple(mesh_axes)
         _check_axis_names(axes)
         table[logical] = axes
     return table
@@ -180,7 +179,8 @@ def logical_to_spec(
     Each dim takes the mesh axes its rule names, in order, skipping an axis when
       - the dim's size (if `shape` is given) is not divisible by the product of the axes kept
         so far times that axis's size: e.g. kv_heads = 2 on tensor = 4 is replicated, since
-        XLA would otherwise pad the two heads to four shards and waste half the devices' work;
+        jax refuses to place an array in uneven shards, and padding two heads to four shards
+        would waste half the devices' work anyway;
       - an earlier dim of the same array already uses it (a mesh axis can split one dim only).
     A logical name missing from the rules is an error, raised before anything is compiled.
     """
@@ -209,10 +209,6 @@ def logical_to_spec(
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*spec)
-
-
-def _is_axes_leaf(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def shardings_from_logical(abstract_tree, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
@@ -249,7 +245,8 @@ def init_sharded(
     config: ModelConfig, mesh: Mesh, seed: int = 0, rules: Sequence[Rule] = DEFAULT_RULES
 ):
     """`models.init(config, seed)`, computed by a jitted program that writes each device's
-    shard directly, so no device ever holds the whole model. Same values as `models.init`."""
+    shard directly, so no device ever holds the whole model. The same random draws as
+    `models.init` (equal up to float rounding of the initializers)."""
     shardings = param_shardings(config, mesh, rules)
     init_fn = jax.jit(lambda key: models.init(config, key), out_shardings=shardings)
     return init_fn(jax.random.key(seed))
@@ -269,8 +266,9 @@ def opt_state_shardings(
     bookkeeping leaves (step counts). `optax.tree_map_params` finds the param-shaped subtrees
     structurally, by initializing the optimizer on a placeholder: those take the parameters'
     shardings, and every other leaf is replicated. A param-shaped leaf whose shape differs from
-    its parameter (e.g. a factored second moment) is replicated too, since the parameter's spec
-    does not apply to it.
+    its parameter so that the parameter's spec cannot split it evenly (e.g. adafactor's
+    factored moments) is replicated too. Any choice is numerically correct; this one keeps each
+    moment next to its parameter's shard, so the update needs no communication.
     """
     mesh = jax.tree.leaves(params_shardings)[0].mesh
     return optax.tree_map_params(

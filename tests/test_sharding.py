@@ -300,6 +300,18 @@ def test_opt_state_shardings_mirror_the_params():
     assert state[1][0].mu["embed"].sharding.spec == P(TENSOR, FSDP)
 
 
+def test_opt_state_shardings_for_factored_and_wrapped_optimizers():
+    mesh = sharding.make_mesh((1, 2, 4))
+    shardings = sharding.param_shardings(CONFIG, mesh)
+    params = sharding.init_sharded(CONFIG, mesh)
+    for optimizer in (optax.adafactor(1e-3), optax.MultiSteps(optax.adamw(1e-3), 4)):
+        state_shapes = jax.eval_shape(optimizer.init, params)
+        state_shardings = sharding.opt_state_shardings(optimizer, state_shapes, shardings)
+        state = jax.jit(optimizer.init, out_shardings=state_shardings)(params)
+        for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)):
+            assert leaf.sharding.spec == want.spec
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches and the KV cache
 
