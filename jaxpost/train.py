@@ -280,3 +280,20 @@ def step_rng(state: TrainState, purpose: int) -> jax.Array:
     """A fresh key for this step and purpose: fold_in(fold_in(seed key, step), purpose)."""
     key = jax.random.wrap_key_data(state.rng)
     return jax.random.fold_in(jax.random.fold_in(key, state.step), purpose)
+
+
+def state_shardings(config: ModelConfig, mesh, optimizer: optax.GradientTransformation):
+    """A TrainState of NamedShardings: parameters and their optimizer moments by the logical
+    rules of `jaxpost.sharding`, counters and the rng replicated."""
+    from jaxpost import sharding
+
+    param_sh = sharding.param_shardings(config, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, models.abstract_params(config))
+    rep = sharding.replicated(mesh)
+    return TrainState(
+        params=param_sh,
+        opt_state=sharding.opt_state_shardings(optimizer, opt_shapes, param_sh),
+        step=rep,
+        rng=rep,
+        skipped=rep,
+    )
