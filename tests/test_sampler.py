@@ -162,7 +162,7 @@ def test_rows_stop_at_eos_and_stop_ids():
 
 
 def test_shapes_are_bucketed_into_few_programs():
-    config, params = _peaked_model(vocab=32)
+    config, params = _peaked_model(vocab=29)  # a vocabulary no other test compiles for
     before = sampler.compiled_program_count()
     for prompts in ([[3, 4]], [[3, 4, 5, 6, 7, 8, 9]], [[1], [2, 3]], [[4] * 11, [5] * 3, [6]]):
         for new in (5, 9, 16):
