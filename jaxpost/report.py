@@ -1,0 +1,222 @@
+"""The head-to-head report: plots and report.md from the metrics of each arm.
+
+Input is plain data, so a report can be re-rendered from a saved metrics.json:
+
+    metrics = {
+      "arms": {
+        "base": {
+          "curves": {"pass@k": {"k": [...], "mean": [...], "lo": [...], "hi": [...]},
+                     "cot_pass@k": {...}},
+          "scalars": {"pass@1": {"mean": m, "lo": l, "hi": h}, ...},
+          "history": [{"step": 1, "loss": ...}, ...],      # training curve (arms only)
+          "kind": "reference" | "arm",
+        }, ...
+      },
+      "radar_axes": ["pass@1", "pass@large_k", "diversity", "retention", "steerability",
+                     "efficiency"],
+      "claims": [{"claim": ..., "source": ..., "verdict": "reproduced" | "not reproduced" |
+                  "inconclusive", "evidence": ...}, ...],
+      "settings": {...},
+    }
+
+Every number in the report is read from that dictionary; nothing is typed in here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+_STYLE = {"base": ("black", "--"), "teacher": ("dimgray", ":")}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color_map(names: Sequence[str]) -> dict[str, tuple]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors, i = {}, 0
+    for name in names:
+        if name in _STYLE:
+            colors[name] = _STYLE[name][0]
+        else:
+            colors[name] = cmap(i % cmap.N)
+            i += 1
+    return colors
+
+
+def plot_curves(arms: dict, curve: str, path: str, title: str) -> None:
+    """A pass@k-style curve per arm on a log-k axis, with its 95% CI band."""
+    plt = _plt()
+    names = [n for n in arms if curve in arms[n].get("curves", {})]
+    colors = _color_map(names)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name in names:
+        c = arms[name]["curves"][curve]
+        k = np.asarray(c["k"], float)
+        style = _STYLE.get(name, (None, "-"))[1]
+        ax.plot(k, c["mean"], style, color=colors[name], label=name, lw=1.8)
+        if "lo" in c and "hi" in c:
+            ax.fill_between(k, c["lo"], c["hi"], color=colors[name], alpha=0.12, lw=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per problem, log scale)")
+    ax.set_ylabel(curve)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def radar_values(arms: dict, axes: Sequence[str]) -> dict[str, list[float]]:
+    """Each axis min-max normalised across the arms shown (so 1 = best arm on that axis)."""
+    raw = {n: [arms[n]["scalars"].get(a, {}).get("mean", math.nan) for a in axes] for n in arms}
+    out = {n: [] for n in arms}
+    for j in range(len(axes)):
+        col = np.asarray([raw[n][j] for n in arms], float)
+        lo, hi = np.nanmin(col), np.nanmax(col)
+        for n, v in zip(arms, col):
+            out[n].append(0.5 if hi - lo < 1e-12 or math.isnan(v) else float((v - lo) / (hi - lo)))
+    return out
+
+
+def plot_radar(arms: dict, axes: Sequence[str], path: str) -> None:
+    """Six-axis radar: each arm's profile, axes normalised across arms (outer ring = best)."""
+    plt = _plt()
+    values = radar_values(arms, axes)
+    colors = _color_map(list(arms))
+    angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(7.5, 7), subplot_kw={"polar": True})
+    for name, vals in values.items():
+        closed = vals + vals[:1]
+        style = _STYLE.get(name, (None, "-"))[1]
+        ax.plot(angles + angles[:1], closed, style, color=colors[name], lw=1.6, label=name)
+        ax.fill(angles + angles[:1], closed, color=colors[name], alpha=0.05)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(axes, fontsize=9)
+    ax.tick_params(axis="x", pad=14)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    ax.set_yticklabels(["", "", "", ""])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Profiles (each axis min-max scaled across arms; outer = best)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_scatter(arms: dict, x: str, y: str, path: str) -> None:
+    """One point per arm with 95% CI whiskers, e.g. diversity against pass@1."""
+    plt = _plt()
+    colors = _color_map(list(arms))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, arm in arms.items():
+        sx, sy = arm["scalars"].get(x), arm["scalars"].get(y)
+        if not sx or not sy:
+            continue
+        xerr = [[sx["mean"] - sx.get("lo", sx["mean"])], [sx.get("hi", sx["mean"]) - sx["mean"]]]
+        yerr = [[sy["mean"] - sy.get("lo", sy["mean"])], [sy.get("hi", sy["mean"]) - sy["mean"]]]
+        ax.errorbar(sx["mean"], sy["mean"], xerr=xerr, yerr=yerr, fmt="o", color=colors[name],
+                    capsize=3, label=name)  # fmt: skip
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} against {x} (95% CIs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(arms: dict, path: str, keys: Sequence[str] = ("loss", "pass_rate")) -> None:
+    """Training curves of every arm that has a history: one panel per metric."""
+    plt = _plt()
+    trained = {n: a["history"] for n, a in arms.items() if a.get("history")}
+    colors = _color_map(list(arms))
+    fig, axs = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axs[0], keys):
+        for name, hist in trained.items():
+            pts = [(h["step"], h[key]) for h in hist if key in h and h[key] is not None]
+            if pts:
+                s, v = zip(*pts)
+                ax.plot(s, v, color=colors[name], label=name, lw=1.4)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"training {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt(s: dict | None) -> str:
+    if not s:
+        return "–"
+    if "lo" in s and "hi" in s:
+        return f"{s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]"
+    return f"{s['mean']:.3f}"
+
+
+def write_report(workdir: str, metrics: dict) -> dict[str, str]:
+    """Write metrics.json, the plots and report.md into `workdir`; return their paths."""
+    os.makedirs(workdir, exist_ok=True)
+    arms = metrics["arms"]
+    paths = {
+        "metrics": os.path.join(workdir, "metrics.json"),
+        "pass_at_k": os.path.join(workdir, "pass_at_k.png"),
+        "cot_pass_at_k": os.path.join(workdir, "cot_pass_at_k.png"),
+        "radar": os.path.join(workdir, "radar.png"),
+        "diversity": os.path.join(workdir, "diversity_vs_pass1.png"),
+        "training": os.path.join(workdir, "training.png"),
+        "report": os.path.join(workdir, "report.md"),
+    }
+    with open(paths["metrics"], "w") as f:
+        json.dump(metrics, f, indent=1, default=float)
+    plot_curves(arms, "pass@k", paths["pass_at_k"], "pass@k (unbiased estimator, 95% CI)")
+    plot_curves(arms, "cot_pass@k", paths["cot_pass_at_k"], "CoT-pass@k: answer and chain correct")
+    plot_radar(arms, metrics["radar_axes"], paths["radar"])
+    plot_scatter(arms, "pass@1", "diversity", paths["diversity"])
+    plot_training(arms, paths["training"])
+
+    scalar_names: list[str] = []
+    for arm in arms.values():
+        for k in arm["scalars"]:
+            if k not in scalar_names:
+                scalar_names.append(k)
+    lines = ["# jaxpost head-to-head: SFT vs RL vs on-policy distillation", ""]
+    settings = metrics.get("settings", {})
+    if settings:
+        lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in settings.items()] + [""]
+    lines += ["## Claims from the literature, tested on this run", ""]
+    lines += ["| claim | source | verdict | evidence |", "|---|---|---|---|"]
+    for c in metrics.get("claims", []):
+        lines.append(f"| {c['claim']} | {c['source']} | **{c['verdict']}** | {c['evidence']} |")
+    lines += ["", "## Metrics (mean [95% bootstrap CI] over held-out prompts)", ""]
+    lines.append("| arm | " + " | ".join(scalar_names) + " |")
+    lines.append("|---|" + "---|" * len(scalar_names))
+    for name, arm in arms.items():
+        row = [_fmt(arm["scalars"].get(k)) for k in scalar_names]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines += ["", "## Plots", ""]
+    for key in ("pass_at_k", "cot_pass_at_k", "radar", "diversity", "training"):
+        lines.append(f"![{key}]({os.path.basename(paths[key])})")
+    notes = metrics.get("notes", [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    with open(paths["report"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return paths
