@@ -1,0 +1,87 @@
+"""Verifiable tasks: prompts, answer and chain verifiers, and complete solution sets.
+
+Every task follows one small protocol (`Task` below), so training loops and evaluation never
+special-case a task:
+
+    task.name                                   a short identifier, e.g. "countdown"
+    task.prompts(split, n, seed)  -> [Problem]  deterministic in (split, n, seed); the "train" and
+                                                "test" splits never share a problem
+    task.render_prompt(problem)   -> str        the text the model is conditioned on
+    task.render_completion(problem, solution)   the SFT target text for a canonical solution
+    task.verify_answer(problem, completion)     the final answer is right (pass@k)
+    task.verify_chain(problem, completion)      the answer is right and every intermediate step is
+                                                correct and consistent with it (CoT-pass@k)
+    task.canonical(problem, completion)         the identity of the solution the completion gives
+                                                (equal for solutions that differ only
+                                                superficially), or None if it is not a valid one
+    task.solutions(problem)       -> [str]      the complete set of valid canonical solutions
+                                                where it is finite, sorted
+
+Problems are small frozen (hashable) dataclasses. Completions are untrusted model output: a
+malformed completion is simply wrong (False / None), never an exception. The invariant tying the
+methods together, checked in the tests:
+
+    verify_answer(p, c)  <=>  canonical(p, c) is not None  <=>  canonical(p, c) in solutions(p)
+    verify_chain(p, render_completion(p, s))  for every s in solutions(p)
+
+Train/test splits are decided by a hash of the problem's identity (`split_of`), not by the order
+of generation, so they are disjoint for every seed and every n.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable, Sequence
+from typing import Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+Split = Literal["train", "test"]
+Problem = TypeVar("Problem", bound=Hashable)
+
+
+@runtime_checkable
+class Task(Protocol[Problem]):
+    """The verifiable-task protocol; see the module docstring for the contract of each method."""
+
+    name: str
+
+    def prompts(self, split: Split, n: int, seed: int) -> list[Problem]: ...
+
+    def render_prompt(self, problem: Problem) -> str: ...
+
+    def render_completion(self, problem: Problem, solution: str) -> str: ...
+
+    def verify_answer(self, problem: Problem, completion: str) -> bool: ...
+
+    def verify_chain(self, problem: Problem, completion: str) -> bool: ...
+
+    def canonical(self, problem: Problem, completion: str) -> str | None: ...
+
+    def solutions(self, problem: Problem) -> list[str]: ...
+
+
+def split_of(key: str, test_fraction: float) -> Split:
+    """The split a problem with identity `key` belongs to: "test" with probability test_fraction.
+
+    u = int(sha256(key)[:8]) / 16^8 is uniform on [0, 1); the problem is in "test" iff
+    u < test_fraction. Stable across processes and Python versions (unlike hash()).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if u < test_fraction else "train"
+
+
+def check_split(split: str) -> Split:
+    """Return `split` if it is "train" or "test", else raise ValueError."""
+    if split not in ("train", "test"):
+        raise ValueError(f'split must be "train" or "test", got {split!r}')
+    return split  # type: ignore[return-value]
+
+
+def sample_solutions(solutions: Sequence[str], count: int, rng: np.random.Generator) -> list[str]:
+    """`count` solutions drawn uniformly with replacement (the SFT "full distribution")."""
+    if not solutions:
+        return []
+    return [solutions[int(i)] for i in rng.integers(0, len(solutions), size=count)]

@@ -1,0 +1,397 @@
+"""Countdown: reach a target from a few numbers with + - * /, showing every step.
+
+Texts are short and use a small alphabet (digits, + - * / = ( ) , ; > and space) so a tiny
+character-level model can learn them:
+
+    prompt      "3 5 7 -> 22:"
+    completion  "3*5=15,7+15=22;7+(3*5)"
+
+The completion is a chain of steps `a op b = c`, separated by commas, then `;` and the final
+expression (the answer). Spaces anywhere in a completion are ignored.
+
+Rules (classic Countdown): each given number is used at most once; every intermediate and final
+value is a positive integer (so `a - b` needs a > b and `a / b` needs b | a); a solution uses at
+least one operation.
+
+Solution identity (`canonical`): the expression tree, written with the operands of + and * in a
+fixed order (leaves before subexpressions, then by value, then by text) and every subexpression
+parenthesized. So commutative reorderings (3*5 vs 5*3) and the order in which independent steps
+are written are the same solution; re-associations ((a+b)+c vs a+(b+c)) are different solutions,
+because they are different computations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections import Counter
+
+import numpy as np
+
+from jaxpost.tasks import Split, check_split, split_of
+
+OPS = "+-*/"
+_TOKEN = re.compile(r"\d+|[-+*/()]")
+_STEP = re.compile(r"(\d{1,9})([-+*/])(\d{1,9})=(\d{1,9})")
+_MAX_ANSWER_CHARS = 200  # bounds the parser's recursion on adversarial output
+
+
+@dataclasses.dataclass(frozen=True)
+class CountdownProblem:
+    """Numbers (each usable at most once) and the target to reach."""
+
+    numbers: tuple[int, ...]
+    target: int
+
+    @property
+    def key(self) -> str:
+        """Identity for splitting: the multiset of numbers and the target."""
+        return ",".join(map(str, sorted(self.numbers))) + f">{self.target}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Expr:
+    """A node of an expression tree with its canonical text; leaves have op None."""
+
+    value: int
+    text: str
+    op: str | None = None
+    left: Expr | None = None
+    right: Expr | None = None
+
+    @property
+    def wrapped(self) -> str:
+        return self.text if self.op is None else f"({self.text})"
+
+
+def leaf(value: int) -> Expr:
+    return Expr(value, str(value))
+
+
+def _order(e: Expr) -> tuple:
+    return (e.op is not None, e.value, e.wrapped)
+
+
+def combine(op: str, x: Expr, y: Expr) -> Expr | None:
+    """x op y in canonical form, or None if the rules forbid it (non-positive or inexact)."""
+    if op == "+":
+        value = x.value + y.value
+    elif op == "*":
+        value = x.value * y.value
+    elif op == "-":
+        value = x.value - y.value
+    elif op == "/":
+        if y.value == 0 or x.value % y.value:
+            return None
+        value = x.value // y.value
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    if value <= 0:
+        return None
+    if op in "+*" and _order(y) < _order(x):
+        x, y = y, x
+    return Expr(value, f"{x.wrapped}{op}{y.wrapped}", op, x, y)
+
+
+def leaves(e: Expr) -> list[int]:
+    return [e.value] if e.op is None else leaves(e.left) + leaves(e.right)
+
+
+def steps(e: Expr) -> list[Expr]:
+    """Internal nodes in post-order (left subtree, right subtree, node): a valid chain order."""
+    return [] if e.op is None else steps(e.left) + steps(e.right) + [e]
+
+
+def parse_expression(text: str) -> Expr | None:
+    """Parse + - * / and parentheses over non-negative integers (usual precedence, left
+    associative) into a canonical tree; None if malformed or if a rule is broken on the way."""
+    text = text.replace(" ", "")
+    if not text or len(text) > _MAX_ANSWER_CHARS:
+        return None
+    tokens = _TOKEN.findall(text)
+    if "".join(tokens) != text:
+        return None
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def binary(sub, ops: str) -> Expr | None:
+        nonlocal pos
+        node = sub()
+        while node is not None and peek() is not None and peek() in ops:
+            op = tokens[pos]
+            pos += 1
+            rhs = sub()
+            node = None if rhs is None else combine(op, node, rhs)
+        return node
+
+    def factor() -> Expr | None:
+        nonlocal pos
+        tok = peek()
+        if tok is None:
+            return None
+        pos += 1
+        if tok == "(":
+            node = binary(term, "+-")
+            if node is None or peek() != ")":
+                return None
+            pos += 1
+            return node
+        return leaf(int(tok)) if tok.isdigit() and len(tok) <= 9 else None
+
+    def term() -> Expr | None:
+        return binary(factor, "*/")
+
+    node = binary(term, "+-")
+    return node if node is not None and pos == len(tokens) else None
+
+
+def _uses_available(numbers: tuple[int, ...], used: list[int]) -> bool:
+    have = Counter(numbers)
+    return all(have[v] >= k for v, k in Counter(used).items())
+
+
+@functools.lru_cache(maxsize=4096)
+def _expressions(numbers: tuple[int, ...]) -> dict[int, frozenset[str]]:
+    """Every value reachable from `numbers` (sorted) under the rules -> the canonical texts of the
+    expressions reaching it. Subset DP: trees over a multiset = an op over two disjoint parts."""
+    n = len(numbers)
+    by_mask: dict[int, dict[str, Expr]] = {1 << i: {str(v): leaf(v)} for i, v in enumerate(numbers)}
+    for mask in sorted(range(1, 1 << n), key=lambda m: bin(m).count("1")):
+        if mask in by_mask:
+            continue
+        found: dict[str, Expr] = {}
+        sub = (mask - 1) & mask
+        while sub:
+            rest = mask ^ sub
+            if sub < rest:  # each unordered split once; both operand orders are tried below
+                for x in by_mask[sub].values():
+                    for y in by_mask[rest].values():
+                        for op, a, b in (("+", x, y), ("*", x, y), ("-", x, y), ("-", y, x),
+                                         ("/", x, y), ("/", y, x)):  # fmt: skip
+                            e = combine(op, a, b)
+                            if e is not None:
+                                found.setdefault(e.text, e)
+            sub = (sub - 1) & mask
+        by_mask[mask] = found
+    out: dict[int, set[str]] = {}
+    for exprs in by_mask.values():
+        for e in exprs.values():
+            if e.op is not None:
+                out.setdefault(e.value, set()).add(e.text)
+    return {v: frozenset(t) for v, t in out.items()}
+
+
+def first_op(solution: str) -> str | None:
+    """Operation of the first step of the canonical chain of `solution` (None if unparseable)."""
+    e = parse_expression(solution)
+    return None if e is None or e.op is None else steps(e)[0].op
+
+
+def opening_ops(solution: str) -> frozenset[str]:
+    """Operations some valid chain of `solution` can start with: ops of nodes over two leaves."""
+    e = parse_expression(solution)
+    if e is None:
+        return frozenset()
+    return frozenset(s.op for s in steps(e) if s.left.op is None and s.right.op is None)
+
+
+def _split_completion(completion: str) -> tuple[str | None, str]:
+    text = completion.replace(" ", "").strip()
+    if ";" not in text:
+        return None, text
+    chain, answer = text.rsplit(";", 1)
+    return chain, answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Countdown:
+    """The Countdown task (see the module docstring). Difficulty knobs:
+
+    Attributes:
+      num_numbers: inclusive range of how many numbers a problem has.
+      number_range: inclusive range of each number.
+      target_range: inclusive range of the target.
+      min_solutions: generated problems have at least this many distinct canonical solutions.
+      test_fraction: share of the problem space in the test split.
+    """
+
+    num_numbers: tuple[int, int] = (3, 4)
+    number_range: tuple[int, int] = (1, 12)
+    target_range: tuple[int, int] = (10, 60)
+    min_solutions: int = 3
+    test_fraction: float = 0.2
+    name: str = "countdown"
+
+    def prompts(self, split: Split, n: int, seed: int) -> list[CountdownProblem]:
+        """`n` distinct problems of `split`, deterministic in (split, n, seed).
+
+        Numbers are drawn uniformly; the target uniformly among the reachable values in
+        target_range (not one of the numbers) that have at least min_solutions solutions.
+        """
+        check_split(split)
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        out: list[CountdownProblem] = []
+        seen: set[str] = set()
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 1000 * (n + 10):
+                raise ValueError(f"could not find {n} problems with these knobs: {self}")
+            k = int(rng.integers(self.num_numbers[0], self.num_numbers[1] + 1))
+            nums = tuple(int(v) for v in rng.integers(*self.number_range, size=k, endpoint=True))
+            reach = _expressions(tuple(sorted(nums)))
+            lo, hi = self.target_range
+            targets = sorted(
+                t
+                for t, exprs in reach.items()
+                if lo <= t <= hi and t not in nums and len(exprs) >= self.min_solutions
+            )
+            if not targets:
+                continue
+            problem = CountdownProblem(nums, targets[int(rng.integers(len(targets)))])
+            if problem.key in seen or split_of(problem.key, self.test_fraction) != split:
+                continue
+            seen.add(problem.key)
+            out.append(problem)
+        return out
+
+    def render_prompt(self, problem: CountdownProblem) -> str:
+        return " ".join(map(str, problem.numbers)) + f" -> {problem.target}:"
+
+    def render_completion(
+        self, problem: CountdownProblem, solution: str, opening: str | None = None
+    ) -> str:
+        """Chain and answer for a canonical `solution`: its steps in post-order, or, with
+        `opening`, starting with a step of that operation over two given numbers."""
+        e = parse_expression(solution)
+        if e is None or e.op is None or e.value != problem.target:
+            raise ValueError(f"{solution!r} is not a solution of {problem}")
+        if not _uses_available(problem.numbers, leaves(e)):
+            raise ValueError(f"{solution!r} uses numbers {problem.numbers} does not have")
+        chain = steps(e)
+        if opening is not None:
+            first = [
+                s for s in chain if s.op == opening and s.left.op is None and s.right.op is None
+            ]
+            if not first:
+                raise ValueError(f"no chain of {solution!r} can start with {opening!r}")
+            chain = [first[0]] + [s for s in chain if s is not first[0]]
+        text = ",".join(f"{s.left.value}{s.op}{s.right.value}={s.value}" for s in chain)
+        return f"{text};{e.text}"
+
+    def _answer(self, problem: CountdownProblem, completion: str) -> Expr | None:
+        _, answer = _split_completion(completion)
+        e = parse_expression(answer)
+        if e is None or e.op is None or e.value != problem.target:
+            return None
+        return e if _uses_available(problem.numbers, leaves(e)) else None
+
+    def verify_answer(self, problem: CountdownProblem, completion: str) -> bool:
+        """The final expression (text after the last `;`, or the whole text if there is none)
+        follows the rules, uses only the given numbers, and equals the target."""
+        return self._answer(problem, completion) is not None
+
+    def verify_chain(self, problem: CountdownProblem, completion: str) -> bool:
+        """verify_answer, and the chain is valid and is the answer's computation: every step is
+        exact arithmetic under the rules on values available at that point (given numbers not
+        yet used, or earlier results), the last step gives the target, and the steps are, as a
+        multiset, exactly the steps of the final expression."""
+        chain, _ = _split_completion(completion)
+        e = self._answer(problem, completion)
+        if chain is None or e is None or not chain:
+            return False
+        pool = Counter(problem.numbers)
+        written = []
+        for step in chain.split(","):
+            m = _STEP.fullmatch(step)
+            if m is None:
+                return False
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            pool[a] -= 1
+            pool[b] -= 1
+            result = combine(op, leaf(a), leaf(b))
+            if pool[a] < 0 or pool[b] < 0 or result is None or result.value != c:
+                return False
+            pool[c] += 1
+            written.append(_step_key(op, a, b, c))
+        expected = [_step_key(s.op, s.left.value, s.right.value, s.value) for s in steps(e)]
+        return written[-1][3] == problem.target and Counter(written) == Counter(expected)
+
+    def canonical(self, problem: CountdownProblem, completion: str) -> str | None:
+        """Canonical text of the answer expression if verify_answer holds, else None."""
+        e = self._answer(problem, completion)
+        return None if e is None else e.text
+
+    def solutions(self, problem: CountdownProblem) -> list[str]:
+        """All canonical solutions, sorted: every rule-abiding expression over a sub-multiset of
+        the numbers (at least one operation) whose value is the target."""
+        return sorted(_expressions(tuple(sorted(problem.numbers))).get(problem.target, ()))
+
+
+def _step_key(op: str, a: int, b: int, c: int) -> tuple:
+    return (op, *sorted((a, b)), c) if op in "+*" else (op, a, b, c)
+
+
+SLICE_STYLES = ("all", "first", "first_op:+", "first_op:-", "first_op:*", "first_op:/")
+
+
+def select_solutions(solutions: list[str], style: str) -> list[str]:
+    """The slice of a solution set an SFT dataset is drawn from.
+
+    "all": every solution (the full distribution); "first": the lexicographically first
+    canonical solution only; "first_op:<op>": solutions whose canonical chain starts with <op>.
+    """
+    if style == "all":
+        return list(solutions)
+    if style == "first":
+        return sorted(solutions)[:1]
+    if style.startswith("first_op:") and style[-1] in OPS and len(style) == 10:
+        return [s for s in solutions if first_op(s) == style[-1]]
+    raise ValueError(f"unknown slice style {style!r}; one of {SLICE_STYLES}")
+
+
+def sft_pairs(
+    task: Countdown,
+    problems: list[CountdownProblem],
+    *,
+    style: str = "all",
+    per_problem: int = 1,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """(prompt, completion) SFT examples: `per_problem` solutions per problem drawn uniformly
+    (with replacement) from `select_solutions(task.solutions(p), style)`. Problems whose slice
+    is empty are skipped, so a narrow slice trains only on the problems it covers."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for p in problems:
+        chosen = select_solutions(task.solutions(p), style)
+        if not chosen:
+            continue
+        for i in rng.integers(0, len(chosen), size=per_problem):
+            pairs.append((task.render_prompt(p), task.render_completion(p, chosen[int(i)])))
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivilegedView:
+    """The two views of one prompt for on-policy self-distillation (OPSD).
+
+    teacher_prompt == prefix + student_prompt; the completion text is shared, so encoding prompt
+    and completion separately gives identical completion tokens in both views (data.pair_batch).
+    """
+
+    teacher_prompt: str
+    student_prompt: str
+    prefix: str
+
+
+def privileged_view(task: Countdown, problem: CountdownProblem, solution: str) -> PrivilegedView:
+    """Teacher view with a reference `solution` in context ("ref <solution>\\n" + prompt)."""
+    if solution not in task.solutions(problem):
+        raise ValueError(f"{solution!r} is not a canonical solution of {problem}")
+    student = task.render_prompt(problem)
+    prefix = f"ref {solution}\n"
+    return PrivilegedView(prefix + student, student, prefix)
