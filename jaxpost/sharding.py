@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis partition rules, and multi-host initialization.
+"""Device meshes and logical-axis partition rules.
 
 One mesh with three named axes serves every run, on one CPU or a pod:
 
@@ -14,18 +14,16 @@ a model can be initialized directly into its shards:
     params = init_sharded(config, mesh, seed=0)          # never materialized on one device
     batch = shard_batch({"tokens": tokens_BxL}, mesh)    # dim 0 over data x fsdp
 
-Multi-host runs call `maybe_initialize_distributed()` first thing: it reads the launcher's
-environment (explicit JAX_* variables, SLURM, or a Cloud TPU pod) and starts JAX's own
-multi-controller runtime, one process per host running the same program.
+Multi-host runs start JAX's multi-controller runtime first, with
+`jaxpost.distributed.maybe_initialize_distributed()`; everything here then works unchanged on
+the global device set (per-host data loading: `global_batch_from_local`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -393,126 +391,3 @@ def cache_shardings(
     )
     layers = (kv,) * config.n_layers
     return models.KVCache(k=layers, v=layers, valid_BxS=valid)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-host initialization
-
-DEFAULT_COORDINATOR_PORT = 12345
-_distributed_description: dict[str, Any] | None = None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM hostlist such as "node[01-04,07],gpu3" into host names.
-
-    Supports comma-separated items with at most one bracket group each, holding numbers and
-    zero-padded ranges (the forms SLURM prints for ordinary allocations).
-    """
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(nodelist):
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            items.append(nodelist[start:i])
-            start = i + 1
-    items.append(nodelist[start:])
-    hosts = []
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
-        match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", item)
-        if match is None:
-            if "[" in item or "]" in item:
-                raise ValueError(f"unsupported SLURM nodelist item {item!r} in {nodelist!r}")
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"unsupported SLURM nodelist range {part!r} in {nodelist!r}")
-            width = len(lo)
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{n:0{width}d}{suffix}")
-    if not hosts:
-        raise ValueError(f"empty SLURM nodelist {nodelist!r}")
-    return hosts
-
-
-def distributed_init_args(env: Mapping[str, str]) -> tuple[str, dict[str, Any] | None]:
-    """Decide how to start `jax.distributed` from environment variables (pure; no side effects).
-
-    Returns (source, kwargs for `jax.distributed.initialize`, or None for a single process):
-      "explicit"  JAX_COORDINATOR_ADDRESS (host or host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID;
-      "slurm"     a SLURM job with SLURM_NTASKS > 1: the first host of SLURM_STEP_NODELIST (or
-                  SLURM_NODELIST) on JAX_COORDINATOR_PORT, SLURM_NTASKS processes, SLURM_PROCID;
-                  one process per node sees all its devices, several per node one device each;
-      "tpu"       a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts, or a
-                  multislice MEGASCALE_COORDINATOR_ADDRESS): JAX detects everything itself;
-      "single"    anything else.
-    Explicit and SLURM arguments switch JAX's own cluster detection off, so it cannot override
-    them (its SLURM detection would pin each process to one device).
-    """
-    port = int(env.get("JAX_COORDINATOR_PORT", DEFAULT_COORDINATOR_PORT))
-    explicit = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-    present = [k for k in explicit if env.get(k)]
-    if present:
-        missing = [k for k in explicit if not env.get(k)]
-        if missing:
-            raise ValueError(f"{present} set but {missing} missing: set all three or none")
-        address = env["JAX_COORDINATOR_ADDRESS"]
-        if not re.search(r":\d+$", address):
-            address = f"{address}:{port}"
-        return "explicit", {
-            "coordinator_address": address,
-            "num_processes": int(env["JAX_NUM_PROCESSES"]),
-            "process_id": int(env["JAX_PROCESS_ID"]),
-            "cluster_detection_method": "deactivate",
-        }
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise ValueError("SLURM job with several tasks but no SLURM_STEP_NODELIST/NODELIST")
-        ntasks = int(env["SLURM_NTASKS"])
-        kwargs: dict[str, Any] = {
-            "coordinator_address": f"{expand_nodelist(nodelist)[0]}:{port}",
-            "num_processes": ntasks,
-            "process_id": int(env["SLURM_PROCID"]),
-            "cluster_detection_method": "deactivate",
-        }
-        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or ntasks)
-        if ntasks > nodes:
-            kwargs["local_device_ids"] = [int(env.get("SLURM_LOCALID", "0"))]
-        return "slurm", kwargs
-    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(tpu_hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "tpu", {}
-    return "single", None
-
-
-def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Start JAX's multi-controller runtime if the environment describes several processes.
-
-    Call it before any other JAX work. Idempotent: later calls return the first description.
-    Returns a small dict for logging: source, process_index, process_count and, when
-    initialized from explicit or SLURM settings, the coordinator address.
-    """
-    global _distributed_description
-    if _distributed_description is not None:
-        return _distributed_description
-    source, kwargs = distributed_init_args(os.environ if env is None else env)
-    if kwargs is None:
-        # Single process: nothing to start, and the backend is left untouched.
-        description = {"source": source, "process_index": 0, "process_count": 1}
-    else:
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize(**kwargs)
-        description = {
-            "source": source,
-            "process_index": jax.process_index(),
-            "process_count": jax.process_count(),
-        }
-        if "coordinator_address" in kwargs:
-            description["coordinator"] = kwargs["coordinator_address"]
-    _distributed_description = description
-    return description

@@ -1,0 +1,149 @@
+"""One process of a multi-process test: run by tests/test_distributed.py, N at a time.
+
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=N JAX_PROCESS_ID=R \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=K \\
+        python tests/multihost_worker.py --scenario=train --mesh=1,2,2 --out=DIR
+
+Scenarios:
+  psum   a 4-row global batch from per-process rows; psum and a jitted sum over it.
+  train  one SFT step then one OPD step on the same global batch as a single process would see,
+         each process loading only the rows its devices hold; writes DIR/rank{R}.npz with the
+         gathered parameter vector after each step and the losses.
+
+The functions are importable, so the test computes the single-process reference with the very
+same code on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+if __name__ == "__main__":  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxpost import losses, models, sharding, train  # noqa: E402
+
+CONFIG = models.get_config("tiny", vocab_size=64)
+TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
+OPTIM = train.OptimConfig(learning_rate=3e-3, warmup_steps=0)
+BATCH = 8
+
+
+def sft_batch() -> dict:
+    rng = np.random.default_rng(0)
+    loss_mask = np.zeros((BATCH, 12), np.int32)
+    loss_mask[:, 4:] = 1
+    return {"tokens": rng.integers(3, 64, (BATCH, 12)).astype(np.int32),
+            "attention_mask": np.ones((BATCH, 12), np.int32), "loss_mask": loss_mask}  # fmt: skip
+
+
+def rollout_batch(P: int = 6, M: int = 5) -> dict:
+    rng = np.random.default_rng(1)
+    prompt_mask = np.ones((BATCH, P), np.int32)
+    prompt_mask[::2, :2] = 0
+    completion_mask = (np.arange(M)[None] < rng.integers(2, M + 1, BATCH)[:, None]).astype(np.int32)
+    return {
+        "prompt_tokens": rng.integers(3, 64, (BATCH, P)).astype(np.int32) * prompt_mask,
+        "prompt_mask": prompt_mask,
+        "completion": rng.integers(3, 64, (BATCH, M)).astype(np.int32) * completion_mask,
+        "completion_mask": completion_mask,
+    }
+
+
+def local_rows(mesh, batch_size: int) -> np.ndarray:
+    """The rows of the global batch this process's devices hold, in order (what a per-host
+    loader would read)."""
+    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+    starts = sorted({(s[0].start or 0, s[0].stop or batch_size) for s in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+def load_global(batch: dict, mesh) -> dict:
+    rows = local_rows(mesh, BATCH)
+    return sharding.global_batch_from_local({k: v[rows] for k, v in batch.items()}, mesh)
+
+
+def gathered_vector(tree) -> np.ndarray:
+    """All parameters as one float64 vector, gathered from every process."""
+    from jax.experimental import multihost_utils
+
+    full = multihost_utils.process_allgather(tree, tiled=True)
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(full)])
+
+
+def run_train(mesh) -> dict:
+    """One SFT step, then one OPD step, from the same initial parameters on every layout."""
+    optimizer = train.make_optimizer(OPTIM)
+    state_sh = train.state_shardings(CONFIG, mesh, optimizer)
+    init = jax.jit(lambda: train.init_state(models.init(CONFIG, 0), optimizer, seed=0),
+                   out_shardings=state_sh)  # fmt: skip
+    teacher_sh = sharding.param_shardings(TEACHER, mesh)
+    teacher = jax.jit(lambda: models.init(TEACHER, 9), out_shardings=teacher_sh)()
+    state = init()
+    out = {"init": gathered_vector(state.params)}
+
+    batch = load_global(sft_batch(), mesh)
+    sft = train.jit_step(
+        train.make_step(train.sft_objective(CONFIG), optimizer),
+        state_sharding=state_sh, batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
+    )  # fmt: skip
+    state, metrics = sft(state, batch)
+    out["sft_loss"] = float(metrics["loss"].addressable_data(0))
+    out["sft"] = gathered_vector(state.params)
+
+    batch = load_global(rollout_batch(), mesh)
+    opd = train.jit_step(
+        train.make_step(train.opd_objective(CONFIG, TEACHER, losses.opd_kl(0.5)), optimizer),
+        state_sharding=state_sh, batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
+        frozen_sharding=teacher_sh,
+    )  # fmt: skip
+    state, metrics = opd(state, batch, teacher)
+    out["opd_loss"] = float(metrics["loss"].addressable_data(0))
+    out["opd"] = gathered_vector(state.params)
+    return out
+
+
+def run_psum(mesh) -> dict:
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    rank = jax.process_index()
+    local = {"x": np.full((len(local_rows(mesh, 4)), 3), rank + 1, np.float32)}
+    x = sharding.global_batch_from_local(local, mesh)["x"]
+    psum = jax.shard_map(
+        lambda v: jax.lax.psum(jnp.sum(v), ("data", "fsdp")),
+        mesh=mesh, in_specs=P(("data", "fsdp")), out_specs=P(),
+    )(x)  # fmt: skip
+    total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(x)
+    return {"shape": list(x.shape), "psum": float(psum.addressable_data(0)),
+            "sum": float(total.addressable_data(0))}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", choices=("psum", "train"), required=True)
+    parser.add_argument("--mesh", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from jaxpost.distributed import maybe_initialize_distributed
+
+    info = maybe_initialize_distributed()
+    mesh = sharding.make_mesh(args.mesh)
+    result = run_psum(mesh) if args.scenario == "psum" else run_train(mesh)
+    rank = jax.process_index()
+    scalars = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+    meta = {**info, "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            **scalars}  # fmt: skip
+    np.savez(os.path.join(args.out, f"rank{rank}.npz"), meta=json.dumps(meta), **arrays)
+
+
+if __name__ == "__main__":
+    main()
