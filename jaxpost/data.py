@@ -1,0 +1,182 @@
+"""From text to arrays: tokenizing prompt/completion pairs, padding them, and reading sources.
+
+Prompt and completion are always encoded separately and concatenated, never encoded as one
+string: then the completion's tokens are the same whatever precedes them, which is what lets a
+teacher with privileged context and a student be compared position by position.
+
+Two layouts, matching what `jaxpost.train` consumes:
+
+  sft_batch   one right-padded sequence per example:
+              tokens_BxL, attention_mask_BxL, loss_mask_BxL (1 on completion tokens)
+  pair_batch  prompts left-padded and completions right-padded, so every completion starts at
+              the same column: prompt_tokens_BxP, prompt_mask_BxP, completion_BxM,
+              completion_mask_BxM (and teacher_prompt_tokens / teacher_prompt_mask)
+
+Sources: `read_jsonl` for local files, `tfds_examples` for a prepared TFDS `data_dir` (the tfds
+extra; imported lazily, never downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from jaxpost.tokenizers import Tokenizer
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def encode_pairs(
+    tokenizer: Tokenizer,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    add_bos: bool = True,
+    add_eos: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) per pair; bos opens the prompt, eos closes the completion."""
+    return [
+        (tokenizer.encode(p, add_bos=add_bos), tokenizer.encode(c, add_eos=add_eos))
+        for p, c in pairs
+    ]
+
+
+def right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """tokens_BxW and mask_BxW with each row at the start; raises if a row is longer than W."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {i} has {len(row)} tokens, more than the width {width}")
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return tokens, mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """tokens_BxW and mask_BxW with each row at the end; raises if a row is longer than W."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {i} has {len(row)} tokens, more than the width {width}")
+        tokens[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return tokens, mask
+
+
+def _width(rows: Sequence[Sequence[int]], width: int | None, multiple: int) -> int:
+    # Widths rounded up to a multiple keep the number of distinct jitted shapes small.
+    return width if width is not None else _round_up(max([1, *(len(r) for r in rows)]), multiple)
+
+
+def sft_batch(
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    *,
+    length: int | None = None,
+    pad_multiple: int = 16,
+) -> dict[str, np.ndarray]:
+    """Right-padded SFT arrays from (prompt ids, completion ids) pairs.
+
+    tokens[b] = prompt_b ++ completion_b ++ pad; attention_mask is 1 on real tokens; loss_mask is
+    1 exactly on completion tokens (completion-only SFT: the loss at position t predicts
+    tokens[t] from tokens[<t], so train uses logits[:, :-1] against tokens[:, 1:] and
+    loss_mask[:, 1:]). Width `length`, or the longest example rounded up to `pad_multiple`.
+    """
+    if not encoded:
+        raise ValueError("no examples")
+    seqs = [list(p) + list(c) for p, c in encoded]
+    tokens, attention = right_pad(seqs, _width(seqs, length, pad_multiple), pad_id)
+    loss = np.zeros_like(attention)
+    for i, (p, c) in enumerate(encoded):
+        loss[i, len(p) : len(p) + len(c)] = 1
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+
+
+def pair_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    teacher_prompts: Sequence[Sequence[int]] | None = None,
+    prompt_width: int | None = None,
+    completion_width: int | None = None,
+    pad_multiple: int = 16,
+) -> dict[str, np.ndarray]:
+    """Prompt / completion arrays for teacher forcing of fixed completions (OPD on a dataset,
+    evaluation of logprobs): prompts left-padded, completions right-padded, so completion
+    position j is column j of `completion` in every row and in both views of OPSD.
+
+    The teacher view, when given, is padded to its own width (it is longer by the privileged
+    context) and shares `completion`.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts and {len(completions)} completions")
+    p_tokens, p_mask = left_pad(prompts, _width(prompts, prompt_width, pad_multiple), pad_id)
+    c_tokens, c_mask = right_pad(
+        completions, _width(completions, completion_width, pad_multiple), pad_id
+    )
+    batch = {
+        "prompt_tokens": p_tokens,
+        "prompt_mask": p_mask,
+        "completion": c_tokens,
+        "completion_mask": c_mask,
+    }
+    if teacher_prompts is not None:
+        if len(teacher_prompts) != len(prompts):
+            raise ValueError(f"{len(teacher_prompts)} teacher prompts for {len(prompts)} prompts")
+        t_tokens, t_mask = left_pad(
+            teacher_prompts, _width(teacher_prompts, None, pad_multiple), pad_id
+        )
+        batch["teacher_prompt_tokens"], batch["teacher_prompt_mask"] = t_tokens, t_mask
+    return batch
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per non-empty line; a bad line raises ValueError naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+    return rows
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def tfds_examples(name: str, split: str, data_dir: str | None = None) -> list[dict]:
+    """All examples of a prepared TFDS dataset as Python dicts (bytes decoded as UTF-8).
+
+    Reads `data_dir` only (download=False): prepare the dataset once where there is network.
+    TensorFlow Datasets is imported here, not at module import, so jaxpost works without it.
+    """
+    os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probe on import
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError("reading TFDS needs the tfds extra: pip install jaxpost[tfds]") from e
+
+    dataset = tfds.load(name, split=split, data_dir=data_dir, download=False)
+
+    def plain(value):
+        if isinstance(value, bytes):
+            return value.decode("utf-8")
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            return [plain(v) for v in value.tolist()]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value.item() if isinstance(value, np.generic) else value
+
+    return [plain(example) for example in tfds.as_numpy(dataset)]
