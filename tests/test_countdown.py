@@ -143,7 +143,7 @@ def test_generation_deterministic_disjoint_and_rich():
 
 def test_difficulty_knobs():
     hard = cd.Countdown(num_numbers=(5, 5), number_range=(1, 20), target_range=(100, 200))
-    ps = hard.prompts("test", 3, seed=0)
+    ps = hard.prompts("train", 2, seed=0)
     assert all(len(p.numbers) == 5 and 100 <= p.target <= 200 for p in ps)
     with pytest.raises(ValueError):
         TASK.prompts("validation", 1, seed=0)

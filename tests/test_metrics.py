@@ -129,10 +129,10 @@ def test_retention():
 def test_sequence_kl_matches_exact_kl():
     """Sequences of length 1 from p; the MC estimate converges to sum p log(p/q)."""
     p, q = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6])
-    y = np.random.default_rng(0).choice(3, size=20000, p=p)
+    y = np.random.default_rng(0).choice(3, size=4000, p=p)
     est = M.sequence_kl(np.log(p[y])[:, None], np.log(q[y])[:, None], np.ones((y.size, 1)))
     exact = float((p * np.log(p / q)).sum())
-    assert est.lo < exact < est.hi and est.mean == pytest.approx(exact, abs=0.02)
+    assert est.lo < exact < est.hi and est.mean == pytest.approx(exact, abs=0.05)
 
 
 # ----------------------------------------------------------------------------- steerability

@@ -31,10 +31,8 @@ of generation, so they are disjoint for every seed and every n.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from typing import Literal, Protocol, TypeVar, runtime_checkable
-
-import numpy as np
 
 Split = Literal["train", "test"]
 Problem = TypeVar("Problem", bound=Hashable)
@@ -78,10 +76,3 @@ def check_split(split: str) -> Split:
     if split not in ("train", "test"):
         raise ValueError(f'split must be "train" or "test", got {split!r}')
     return split  # type: ignore[return-value]
-
-
-def sample_solutions(solutions: Sequence[str], count: int, rng: np.random.Generator) -> list[str]:
-    """`count` solutions drawn uniformly with replacement (the SFT "full distribution")."""
-    if not solutions:
-        return []
-    return [solutions[int(i)] for i in rng.integers(0, len(solutions), size=count)]
