@@ -29,7 +29,7 @@ if __name__ == "__main__":  # run as a script: make the repository importable
 
 from jaxpost import losses, models, sharding, train  # noqa: E402
 
-CONFIG = models.get_config("tiny", vocab_size=64)
+CONFIG = models.get_config("tiny", vocab_size=64, n_layers=1)
 TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
 OPTIM = train.OptimConfig(learning_rate=3e-3, warmup_steps=0)
 BATCH = 8
@@ -77,16 +77,41 @@ def gathered_vector(tree) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(full)])
 
 
+def host_params(config, seed: int) -> dict:
+    """Deterministic numpy parameters (normal(0.02) matrices, unit norm scales, zero biases):
+    the same on every process and layout, and no program to compile."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, x):
+        name = jax.tree_util.keystr(path)
+        if x.ndim == 1 and "bias" not in name:
+            return np.ones(x.shape, x.dtype)
+        return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, models.abstract_params(config))
+
+
+def put_global(tree, shardings):
+    """Place identical host values on a (multi-process) sharding, each process filling only its
+    own devices' shards."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )
+
+
 def run_train(mesh) -> dict:
     """One SFT step, then one OPD step, from the same initial parameters on every layout."""
     optimizer = train.make_optimizer(OPTIM)
     state_sh = train.state_shardings(CONFIG, mesh, optimizer)
-    init = jax.jit(lambda: train.init_state(models.init(CONFIG, 0), optimizer, seed=0),
-                   out_shardings=state_sh)  # fmt: skip
+    # AdamW's initial state is zeros (moments and counters), so the whole state is host data.
+    host_state = train.init_state(host_params(CONFIG, 0), optimizer, seed=0)
+    host_state = jax.tree.map(np.asarray, host_state)
+    state = put_global(host_state, state_sh)
     teacher_sh = sharding.param_shardings(TEACHER, mesh)
-    teacher = jax.jit(lambda: models.init(TEACHER, 9), out_shardings=teacher_sh)()
-    state = init()
-    out = {"init": gathered_vector(state.params)}
+    teacher = put_global(host_params(TEACHER, 9), teacher_sh)
+    out = {}
 
     batch = load_global(sft_batch(), mesh)
     sft = train.jit_step(
