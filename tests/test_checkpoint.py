@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import flax
 import jax
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpost.checkpoint import (
@@ -247,3 +249,44 @@ def test_preemption_guard_sigint_first_stops_second_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
     assert not sync_should_stop(False)
+
+
+KILL_MID_SAVE = """
+import os, signal, sys
+import jax, jax.numpy as jnp
+from jaxpost.checkpoint import Checkpointer
+
+def state(step):
+    # 32 MiB of parameters: large enough that the async write is still running when we die.
+    return {"w": jnp.full((2048, 4096), float(step)), "step": jnp.int32(step)}
+
+ckpt = Checkpointer(sys.argv[1])
+ckpt.save(1, state(1))
+ckpt.wait()
+ckpt.save(2, state(2))  # returns once the arrays are on the host; files are written after
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_during_async_save_leaves_a_restorable_directory(ckpt_dir):
+    # In practice the kill lands while step 2 is still "2.orbax-checkpoint-tmp"; the assertions
+    # hold for either outcome of the race, so the test cannot flake.
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_SAVE, str(ckpt_dir)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    with Checkpointer(ckpt_dir) as ckpt:
+        latest = ckpt.latest_step()
+        # Whichever way the race went, the latest finalized step restores intact.
+        assert latest in (1, 2)
+        device = SingleDeviceSharding(jax.devices()[0])
+        target = {
+            "w": jax.ShapeDtypeStruct((2048, 4096), jnp.float32, sharding=device),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device),
+        }
+        restored, _ = ckpt.restore(target)
+    assert int(restored["step"]) == latest
+    assert bool((restored["w"] == latest).all())
