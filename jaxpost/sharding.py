@@ -13,6 +13,13 @@ a model can be initialized directly into its shards:
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     params = init_sharded(config, mesh, seed=0)          # never materialized on one device
     batch = shard_batch({"tokens": tokens_BxL}, mesh)    # dim 0 over data x fsdp
+    with jax.set_mesh(mesh):                             # trace under the mesh, so the model
+        out = jitted_step(state, batch)                  # pins its activations (see below)
+
+Activations are constrained by logical names too (`with_logical_constraint`), but only when the
+program is traced under `jax.set_mesh(mesh)`: the model code has no other way to see the mesh.
+Without it XLA lets FSDP weights decide the activations' layout, which under FSDP means
+full-batch activations on every device (about 2x the memory of the tiny model's step on 1,8,1).
 
 Multi-host runs start JAX's multi-controller runtime first, with
 `jaxpost.distributed.maybe_initialize_distributed()`; everything here then works unchanged on
@@ -143,6 +150,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("layers", None, "layers run in sequence; no pipeline parallelism"),
     # Activations and decode state.
     Rule("batch", (DATA, FSDP), "examples are independent: both data-parallel axes split them"),
+    Rule("residual", None, "activations' width: whole, since fsdp splits their batch instead"),
     Rule("length", None, "attention mixes positions: no sequence parallelism"),
     Rule("cache_length", None, "decode writes one slot at a time anywhere in the cache"),
 )  # fmt: skip
@@ -221,6 +229,26 @@ def shardings_from_logical(abstract_tree, axes_tree, mesh: Mesh, rules=DEFAULT_R
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_tree, axes_tree)
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None],
+                            rules: Sequence[Rule] = DEFAULT_RULES) -> jax.Array:  # fmt: skip
+    """Constrain an activation inside a traced program to the rules' sharding of `logical_axes`,
+    on the mesh set by `jax.set_mesh(mesh)`; without one (or on one device) return `x` as is.
+
+    Why the model needs it: under FSDP a weight's embed dim and the batch are split over the same
+    fsdp axis, and XLA's propagation, left alone, lets the weights' layout win, so every device
+    would hold full-batch activations. The constraint pins the residual stream to batch-split
+    (data x fsdp); the weights are then all-gathered just before use, as FSDP intends. Dims that
+    do not divide stay whole (`logical_to_spec` with the shape), and a mesh without the jaxpost
+    axes (someone else's) is left alone. Only the layout changes; values agree up to the order
+    of floating-point reductions.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = logical_to_spec(logical_axes, mesh, rules, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Runs on the 8 simulated CPU devices of tests/conftest.py.
 """
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -227,8 +229,13 @@ def reference():
     return params, batch, float(loss), np.asarray(logits), jax.tree.map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES)
-def test_sharded_forward_and_grad_equal_one_device(mesh_shape, reference):
+@pytest.mark.parametrize(
+    "mesh_shape, under_mesh",
+    [(m, False) for m in MESHES] + [((1, 8, 1), True), ((2, 2, 2), True)],
+)
+def test_sharded_forward_and_grad_equal_one_device(mesh_shape, under_mesh, reference):
+    """With `under_mesh` the step is traced under `jax.set_mesh`, so the model's activation
+    constraints are active (batch-split residual stream under FSDP): same numbers."""
     params, batch, ref_loss, ref_logits, ref_grads = reference
     mesh = sharding.make_mesh(mesh_shape)
     shardings = sharding.param_shardings(CONFIG, mesh)
@@ -254,7 +261,8 @@ def test_sharded_forward_and_grad_equal_one_device(mesh_shape, reference):
         in_shardings=(shardings, batch_shardings),
         out_shardings=((sharding.replicated(mesh), logits_sharding), shardings),
     )
-    (loss, logits), grads = step(sharded_params, sharded_batch)
+    with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
+        (loss, logits), grads = step(sharded_params, sharded_batch)
 
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
     assert _relative(logits, ref_logits) <= 1e-5
@@ -262,6 +270,51 @@ def test_sharded_forward_and_grad_equal_one_device(mesh_shape, reference):
     for g, r, s in zip(flat_grads, flat_ref, jax.tree.leaves(shardings)):
         assert g.sharding.spec == s.spec
         assert _relative(g, r) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation constraints
+
+
+def test_with_logical_constraint_is_the_identity_without_a_mesh():
+    x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)
+    axes = ("batch", "residual")
+    assert sharding.with_logical_constraint(x, axes) is x
+    with jax.set_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+        assert sharding.with_logical_constraint(x, axes) is x
+    # Someone else's mesh (no jaxpost axes): left alone rather than an error.
+    other = jax.make_mesh((8,), ("x",), (jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(other):
+        assert sharding.with_logical_constraint(x, axes) is x
+
+
+def _hidden_sharding(mesh, batch_size):
+    tokens = jax.ShapeDtypeStruct((batch_size, 16), jnp.int32)
+    params = jax.eval_shape(lambda: models.init(CONFIG, 0))
+    f = jax.jit(
+        lambda p, t: models.hidden_states(CONFIG, p, t),
+        in_shardings=(sharding.param_shardings(CONFIG, mesh), sharding.batch_sharding(mesh, 2)
+                      if batch_size % sharding.data_parallel_size(mesh) == 0
+                      else sharding.replicated(mesh)),
+    )  # fmt: skip
+    with jax.set_mesh(mesh):
+        compiled = f.lower(params, tokens).compile()
+    return compiled.output_shardings
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, batch_size, spec",
+    [
+        ((1, 8, 1), 8, P((DATA, FSDP), None, None)),  # not the weights' P(None, None, FSDP)
+        ((2, 2, 2), 8, P((DATA, FSDP), None, None)),  # whole over tensor (Megatron residual)
+        ((2, 4, 1), 2, P(DATA, None, None)),  # 2 rows: fsdp does not divide, data does
+    ],
+)
+def test_model_pins_the_residual_stream_to_the_batch_axes(mesh_shape, batch_size, spec):
+    mesh = sharding.make_mesh(mesh_shape)
+    got = _hidden_sharding(mesh, batch_size)
+    # Equivalence, not spec equality: XLA drops size-1 axes from the specs it reports.
+    assert got.is_equivalent_to(NamedSharding(mesh, spec), 3), got
 
 
 def test_init_sharded_matches_init_and_is_sharded():

@@ -11,6 +11,10 @@ embeddings with float32 frequencies, softmax in float32.
 Attention masks are built from *slots* rather than positions: a query in slot i may attend a key
 in slot j when j <= i and slot j holds a real token. Positions (what rope sees) are counted per
 row from its first real token, so padding, left or right, never changes a real token's logits.
+
+Under `jax.set_mesh(mesh)` the residual stream and the logits are pinned to batch-split layouts
+(`jaxpost.sharding.with_logical_constraint`), so FSDP splits activations by examples rather than
+following the weights' embed-dim split; without a mesh, or on one device, these are identities.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ from jaxpost.models.configs import ModelConfig
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
 
 _init = nnx.initializers.normal(stddev=0.02)
+
+
+def _constrain(x, *logical_axes):
+    """Pin an activation's layout by logical axes under `jax.set_mesh`; identity without a mesh.
+    (`jaxpost.sharding` imports this package, hence the import at trace time.)"""
+    from jaxpost import sharding
+
+    return sharding.with_logical_constraint(x, logical_axes)
+
+
+_RESIDUAL = ("batch", "length", "residual")
 
 
 def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init=_init) -> nnx.Param:
@@ -174,8 +189,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
         h, new_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        x = _constrain(x + h, *_RESIDUAL)
+        x = _constrain(x + self.mlp(self.mlp_norm(x)), *_RESIDUAL)
         return x, new_cache
 
 
@@ -207,6 +222,8 @@ class Transformer(nnx.Module):
         """Final-normed hidden states [B, T, D] and the updated per-layer caches."""
         c = self.config
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.compute_dtype)
+        # Under FSDP the batch, not the weights' embed dim, decides the residual stream's layout.
+        x = _constrain(x, *_RESIDUAL)
         new_caches = []
         for i, layer in enumerate(self.layers):
             cache_i = None if kv_caches is None else kv_caches[i]
@@ -216,14 +233,15 @@ class Transformer(nnx.Module):
             else:
                 x, new_cache = layer(x, positions_BxT, mask_BxTxS, cache_i, cache_index)
             new_caches.append(new_cache)
-        return self.final_norm(x), new_caches
+        return _constrain(self.final_norm(x), *_RESIDUAL), new_caches
 
     def logits(self, hidden_BxTxD):
         """float32 logits [B, T, V]; the matmul accumulates in float32 whatever the dtype."""
         dt = self.config.compute_dtype
-        return jnp.einsum(
+        logits = jnp.einsum(
             "btd,dv->btv",
             hidden_BxTxD.astype(dt),
             self.head_weight().astype(dt),
             preferred_element_type=jnp.float32,
         )
+        return _constrain(logits, "batch", "length", "vocab")
