@@ -21,8 +21,15 @@ Terms (bytes per device):
   gradients     = params: one gradient per parameter, sharded like it.
   update        = params: the optimizer's update tree, live next to the old state (the step keeps
                 the old state until it knows the update is finite).
-  weight_copies P_local · b when compute and parameter dtypes differ (bf16 compute, f32 master
-                weights): the cast weights are kept for the backward pass.
+  gathered_weights  FSDP only: every weight split over fsdp is all-gathered (still split over
+                tensor) before its matmul, and the backward needs it again for the input's
+                gradient, so the forward's gathered copy stays live until then: Σ over fsdp-split
+                parameters of (their shard's bytes · fsdp). With remat the gather is recomputed
+                too, so only one block's weights (the largest) plus the non-block ones count.
+  weight_copies P_seen · b when compute and parameter dtypes differ (bf16 compute, f32 master
+                weights): the cast weights are kept for the backward pass. P_seen counts the
+                weights as the matmuls see them: local shards, fsdp-split ones gathered (the cast
+                follows the gather; XLA keeps both copies).
   activations   what the backward pass needs, per layer and token (remat="none"):
                   a = b·(5D + (2H + 3K)·E + H·E + 4F) + 8·H·L (+ b·H·L if b < 4)
                 i.e. residual stream, norms, q/k/v before and after rope, attention output,
@@ -49,7 +56,10 @@ Terms (bytes per device):
 The sampler and the train step do not run at once: the total is the persistent terms (params,
 optimizer, teacher) plus the larger of the two phases (sampling: KV cache; training: everything
 else). On XLA:CPU remat saves little (its scheduler hoists the recomputation), so the remat
-estimates describe GPU/TPU compilers; the measured agreement is for remat="none".
+estimates describe GPU/TPU compilers; the measured agreement is for remat="none". It also assumes
+the step is traced under `jax.set_mesh(mesh)`, which is what lets the model batch-split its
+activations under FSDP (`jaxpost.sharding`); traced without it, an FSDP step needs about twice
+the plan.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ _KNOBS = {
     "optimizer": "shard the optimizer state over more devices (a larger fsdp axis)",
     "gradients": "shard over more devices (a larger fsdp axis), or bfloat16 params",
     "update": "shard over more devices (a larger fsdp axis), or bfloat16 params",
+    "gathered_weights": 'remat="full" (one block gathered at a time), or more tensor parallelism',
     "weight_copies": "a larger fsdp axis, or the same compute and param dtype",
     "activations": 'remat="full", a smaller per-device batch (or grad_accum), or a shorter seq_len',
     "batch": "a smaller per-device batch",
@@ -200,6 +211,43 @@ def _tree_bytes(abstract_tree, shardings_tree) -> int:
     )
 
 
+def _fsdp_gathered(abstract_tree, shardings_tree, remat: str) -> tuple[int, int]:
+    """(elements, bytes) per device of the fsdp-split weights once all-gathered over fsdp,
+    minus the elements of their own shards (so `P_local + elements` is what matmuls see).
+
+    remat="none": every such weight (the forward's gathered copies live until the backward);
+    otherwise the non-block weights plus the largest block's, gathered one block at a time.
+    """
+    per_block: dict[object, list[int]] = {}
+    for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(abstract_tree)[0],
+        jax.tree.leaves(shardings_tree, is_leaf=lambda v: isinstance(v, NamedSharding)),
+        strict=True,
+    ):
+        fsdp = _axis_size_in_spec(s, sharding.FSDP)
+        if fsdp == 1:
+            continue
+        local = math.prod(s.shard_shape(x.shape))
+        gathered = local * fsdp
+        keys = [getattr(k, "key", None) for k in path]
+        block = keys[1] if remat != "none" and keys[0] == "layers" else None
+        counts = per_block.setdefault(block, [0, 0])
+        counts[0] += gathered - local
+        counts[1] += gathered * np.dtype(x.dtype).itemsize
+    outside = per_block.pop(None, [0, 0])
+    largest = max(per_block.values(), key=lambda c: c[1], default=[0, 0])
+    return outside[0] + largest[0], outside[1] + largest[1]
+
+
+def _axis_size_in_spec(s: NamedSharding, axis: str) -> int:
+    """The size of mesh `axis` if `s`'s spec splits some dim over it, else 1."""
+    for entry in s.spec:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        if axis in names:
+            return s.mesh.shape[axis]
+    return 1
+
+
 def _local(size: int, axes: str, mesh: AbstractMesh) -> int:
     """`size` on one device when the logical axis `axes` is split by the rules (if it divides)."""
     spec = sharding.logical_to_spec((axes,), mesh, shape=(size,))
@@ -317,6 +365,7 @@ def plan(
         math.prod(s.shard_shape(x.shape))
         for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(param_sh))
     )
+    gathered_extra, gathered_bytes = _fsdp_gathered(abstract, param_sh, remat)
 
     rows = batch // dp // grad_accum  # sequences per device per micro-batch
     tokens = rows * seq_len
@@ -326,7 +375,10 @@ def plan(
         "optimizer": opt,
         "gradients": params,
         "update": params,
-        "weight_copies": param_count * b if config.dtype != config.param_dtype else 0,
+        "gathered_weights": gathered_bytes,
+        "weight_copies": (param_count + gathered_extra) * b
+        if config.dtype != config.param_dtype
+        else 0,
         "activations": activations(config, mesh, tokens, seq_len, remat),
         "batch": 3 * tokens * 4,
     }

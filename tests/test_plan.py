@@ -19,20 +19,22 @@ TINY = models.get_config("tiny", vocab_size=64)
 
 def _compiled_bytes(config, mesh_shape, batch, seq_len):
     """Per-device bytes XLA assigns to the jitted SFT step: arguments + outputs that do not
-    alias a (donated) argument + temporaries."""
+    alias a (donated) argument + temporaries. The step is traced under `jax.set_mesh`, which is
+    what turns on the model's activation constraints (batch-split residual stream)."""
     optimizer = train.make_optimizer(train.OptimConfig())
     step = train.make_step(train.sft_objective(config), optimizer)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     batch_shapes = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
                     for k in ("tokens", "attention_mask", "loss_mask")}  # fmt: skip
     batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh, 2), batch_shapes)
-    state = jax.eval_shape(lambda: train.init_state(models.abstract_params(config), optimizer))
+    state = jax.eval_shape(lambda p: train.init_state(p, optimizer), models.abstract_params(config))
     jitted = train.jit_step(
         step,
         state_sharding=train.state_shardings(config, mesh, optimizer),
         batch_sharding=batch_sh,
     )
-    m = jitted.lower(state, batch_shapes).compile().memory_analysis()
+    with jax.set_mesh(mesh):
+        m = jitted.lower(state, batch_shapes).compile().memory_analysis()
     return (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
@@ -48,6 +50,11 @@ def _compiled_bytes(config, mesh_shape, batch, seq_len):
         ((4, 1, 2), 8, 64, "float32"),
         ((2, 1, 4), 8, 64, "float32"),
         ((8, 1, 1), 16, 64, "bfloat16"),  # bf16 compute, f32 master weights
+        # FSDP: the weights' embed dim and the batch share the fsdp axis; the planner's
+        # gathered_weights term and the model's batch-split activations are both tested here.
+        ((1, 8, 1), 16, 64, "float32"),
+        ((2, 2, 2), 8, 64, "float32"),
+        ((1, 8, 1), 16, 64, "bfloat16"),
     ],
 )
 def test_estimate_matches_compiled_memory_analysis(mesh_shape, batch, seq_len, dtype):
@@ -67,6 +74,28 @@ def test_param_and_optimizer_terms_are_exact_shard_bytes():
     # FSDP 8 splits every weight's embed dim (64 / 8); tensor 1 leaves the rest whole.
     sharded = plan.plan(TINY, (1, 8, 1), batch=8, seq_len=4)
     assert sharded.terms["params"] < p.terms["params"] / 4
+
+
+def test_fsdp_gathered_weights_term():
+    """Every fsdp-split weight once gathered (tensor split kept); one block's with remat."""
+    nofsdp = plan.plan(TINY, (8, 1, 1), batch=8, seq_len=4)
+    assert nofsdp.terms["gathered_weights"] == 0
+    fsdp = plan.plan(TINY, (1, 8, 1), batch=8, seq_len=4)
+    # Tiny: every weight but the q/k/v biases has an embed dim, so fsdp splits it.
+    biases = sum(4 * x.size for p, x in jax.tree_util.tree_flatten_with_path(
+        models.abstract_params(TINY))[0] if "bias" in jax.tree_util.keystr(p))  # fmt: skip
+    assert fsdp.terms["gathered_weights"] == TINY.num_params() * 4 - biases
+    # Tensor 2 halves what a device gathers.
+    both = plan.plan(TINY, (1, 4, 2), batch=8, seq_len=4)
+    assert both.terms["gathered_weights"] == pytest.approx(fsdp.terms["gathered_weights"] / 2,
+                                                           rel=0.02)  # fmt: skip
+    deep = TINY.replace(n_layers=8)
+    none = plan.plan(deep, (1, 8, 1), batch=8, seq_len=4).terms["gathered_weights"]
+    full = plan.plan(deep, (1, 8, 1), batch=8, seq_len=4, remat="full").terms["gathered_weights"]
+    assert full < none / 3
+    # Mixed precision: the bf16 casts are of the gathered weights.
+    mixed = plan.plan(TINY.replace(dtype="bfloat16"), (1, 8, 1), batch=8, seq_len=4)
+    assert mixed.terms["weight_copies"] == TINY.num_params() * 2
 
 
 def test_planner_honours_remat_and_mixed_precision():
