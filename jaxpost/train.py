@@ -106,6 +106,12 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """A fresh state that owns copies of `params`.
+
+    Steps donate the state, so its buffers are consumed by the next update; copying here keeps
+    the caller's `params` (a base model reused by several runs, say) alive and unchanged.
+    """
+    params = jax.tree.map(jnp.copy, params)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),

@@ -1,0 +1,156 @@
+"""The training loops: learning is real, bad input is refused, a killed run resumes bit-for-bit."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpost import data, loops, losses, models, sampler, train
+from jaxpost.tasks import countdown
+from jaxpost.tokenizers import CharTokenizer
+
+TOK = CharTokenizer()
+TASK = countdown.Countdown(num_numbers=(3, 3), number_range=(1, 9), target_range=(10, 40),
+                           min_solutions=2)  # fmt: skip
+PROBLEMS = TASK.prompts("train", 16, seed=0)
+PROMPTS = [TOK.encode(TASK.render_prompt(p), add_bos=True) for p in PROBLEMS]
+CONFIG = models.get_config("tiny", vocab_size=TOK.vocab_size)
+
+
+def _reward(i, completion):
+    return float(TASK.verify_answer(PROBLEMS[i], TOK.decode(completion)))
+
+
+SOURCE = loops.PromptSource(prompts=PROMPTS, reward=_reward, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+
+
+def _pass_rate(params, n=16):
+    r = sampler.generate(CONFIG, params, PROMPTS, max_new_tokens=32, temperature=1.0,
+                         eos_id=TOK.eos_id, seed=1, num_samples=n)  # fmt: skip
+    tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
+    return float(np.mean([_reward(i // n, tokens[i, : lengths[i]]) for i in range(len(tokens))]))
+
+
+def _sft(steps, params=None):
+    pairs = countdown.sft_pairs(TASK, PROBLEMS, style="first", seed=0)
+    optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=10, total_steps=steps)
+    loop = loops.LoopConfig(steps=steps, batch_size=16, progress=False)
+    params = models.init(CONFIG, seed=0) if params is None else params
+    return loops.run_sft(CONFIG, params, data.encode_pairs(TOK, pairs), optim, loop)
+
+
+@pytest.fixture(scope="module")
+def memorized():
+    return _sft(150)
+
+
+def test_sft_lifts_countdown_pass_rate_from_zero(memorized):
+    untrained = _pass_rate(models.init(CONFIG, seed=0))
+    trained = _pass_rate(memorized.state.params)
+    assert untrained == 0.0
+    assert trained >= 0.9, trained
+    assert memorized.history[-1]["loss"] < 0.05 * memorized.history[0]["loss"]
+    assert len(memorized.history) == 150 and memorized.history[-1]["step"] == 150
+
+
+def test_a_run_leaves_the_callers_params_untouched(memorized):
+    before = jax.tree.map(np.asarray, memorized.state.params)
+    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=2, max_new_tokens=8, progress=False)
+    optim = train.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=2)
+    loops.run_grpo(CONFIG, memorized.state.params, SOURCE, optim, loop)
+    after = jax.tree.map(np.asarray, memorized.state.params)  # not deleted by donation
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_opd_lowers_the_student_teacher_divergence(memorized):
+    # A fresh student distilled on its own samples towards the memorized teacher (reverse KL).
+    optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=30)
+    loop = loops.LoopConfig(steps=30, batch_size=8, group_size=4, progress=False)
+    result = loops.run_opd(CONFIG, models.init(CONFIG, seed=5), CONFIG, memorized.state.params,
+                           SOURCE, losses.opd_kl(1.0), optim, loop)  # fmt: skip
+    loss = [h["loss"] for h in result.history]
+    assert np.mean(loss[-5:]) < 0.85 * np.mean(loss[:5]), loss
+    assert all(np.isfinite(loss)) and result.history[-1]["skipped"] == 0
+
+
+def test_opsd_runs_with_privileged_teacher_prompts(memorized):
+    views = [
+        countdown.privileged_view(TASK, p, TASK.solutions(p)[0]) for p in PROBLEMS
+    ]
+    source = loops.PromptSource(
+        prompts=PROMPTS, reward=_reward, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+        teacher_prompts=[TOK.encode(v.teacher_prompt, add_bos=True) for v in views],
+    )  # fmt: skip
+    optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
+    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=2, progress=False)
+    params = memorized.state.params
+    result = loops.run_opd(CONFIG, params, CONFIG, params, source, losses.opd_kl(1.0), optim, loop)
+    assert len(result.history) == 2
+    assert all(np.isfinite(h["loss"]) and h["loss"] >= 0 for h in result.history)
+    assert "pass_rate" in result.history[0]
+
+
+def test_grpo_logs_reward_kl_and_entropy(memorized):
+    optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
+    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=4, progress=False)
+    params = memorized.state.params
+    result = loops.run_grpo(CONFIG, params, SOURCE, optim, loop, ref_params=params, kl_beta=0.1,
+                            reward_transform=lambda r, lp: np.asarray(
+                                losses.unlikeliness_rewards(r, lp, 4)))  # fmt: skip
+    row = result.history[0]
+    for key in ("loss", "reward", "pass_rate", "kl", "entropy", "tokens_per_s", "skipped"):
+        assert key in row and np.isfinite(row[key]), key
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+
+
+def test_bad_input_is_refused(memorized):
+    params = memorized.state.params
+    optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
+    loop = loops.LoopConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=4, progress=False)
+    nan_source = loops.PromptSource(prompts=PROMPTS, reward=lambda i, c: float("nan"),
+                                    eos_id=TOK.eos_id)  # fmt: skip
+    with pytest.raises(ValueError, match="non-finite reward"):
+        loops.run_grpo(CONFIG, params, nan_source, optim, loop)
+    with pytest.raises(ValueError, match="ref_params"):
+        loops.run_grpo(CONFIG, params, SOURCE, optim, loop, kl_beta=0.1)
+    with pytest.raises(ValueError, match="reward"):
+        loops.run_grpo(CONFIG, params, loops.PromptSource(prompts=PROMPTS), optim, loop)
+    with pytest.raises(ValueError, match="group_size"):
+        loops.LoopConfig(group_size=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        loops.run_sft(CONFIG, params, [([1] * 300, [3, 2])], optim, loop)
+
+
+def _worker(workdir, out, pause=0.0):
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "loop_worker.py"),
+           str(workdir), "12", str(out), str(pause)]  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_bitwise(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _worker(whole, tmp_path / "whole.npz")
+    victim = _worker(killed, tmp_path / "killed.npz", pause=0.4)
+    for line in victim.stdout:  # kill once step 7 is done (checkpoints exist for 2, 4, 6)
+        if line.strip() == "step 7":
+            break
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed.npz").exists()
+    ckpt = killed / "checkpoints"
+    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    assert steps and 2 <= steps[-1] <= 8, steps
+    resumed = _worker(killed, tmp_path / "killed.npz")
+    assert resumed.wait(timeout=300) == 0 and reference.wait(timeout=300) == 0
+    a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
