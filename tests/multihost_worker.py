@@ -5,13 +5,16 @@
         python tests/multihost_worker.py --scenario=train --mesh=1,2,2 --out=DIR
 
 Scenarios:
-  psum   a 4-row global batch from per-process rows; psum and a jitted sum over it.
-  train  one SFT step then one OPD step on the same global batch as a single process would see,
-         each process loading only the rows its devices hold; writes DIR/rank{R}.npz with the
-         gathered parameter vector after each step and the losses.
+  psum        a 4-row global batch from per-process rows; psum and a jitted sum over it.
+  train       one SFT step then one OPD step on the same global batch as a single process would
+              see, each process loading only the rows its devices hold; writes DIR/rank{R}.npz
+              with the gathered parameter vector after each step and the losses.
+  checkpoint  a sharded TrainState saved by every process into --ckpt_dir with
+              `jaxpost.checkpoint.Checkpointer`, then restored onto --mesh and onto --restore_mesh;
+              writes the gathered state vectors.
 
-The functions are importable, so the test computes the single-process reference with the very
-same code on one device.
+The functions are importable, so the tests compute single-process references with the very same
+code, and `run_local_processes` (the launcher) lives here for every multi-process test.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -70,7 +76,8 @@ def load_global(batch: dict, mesh) -> dict:
 
 
 def gathered_vector(tree) -> np.ndarray:
-    """All parameters as one float64 vector, gathered from every process."""
+    """Every leaf (parameters; or a whole state, counters and rng data too) as one float64
+    vector, gathered from every process."""
     from jax.experimental import multihost_utils
 
     full = multihost_utils.process_allgather(tree, tiled=True)
@@ -134,6 +141,56 @@ def run_train(mesh) -> dict:
     return out
 
 
+def host_train_state(seed: int = 0) -> train.TrainState:
+    """The worker's TrainState as numpy values, every float leaf (Adam's moments included) filled
+    with distinct non-zero numbers, so a restore that dropped or swapped a leaf would show."""
+    state = train.init_state(host_params(CONFIG, seed), train.make_optimizer(OPTIM), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+
+    def fill(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
+            return x
+        return (0.5 + np.abs(rng.standard_normal(x.shape))).astype(x.dtype)
+
+    state = jax.tree.map(fill, state)
+    return state.replace(step=np.int32(7), skipped=np.int32(2))
+
+
+def run_checkpoint(mesh, ckpt_dir: str, restore_mesh) -> dict:
+    """Save the sharded state from every process; restore it onto `mesh` and `restore_mesh`."""
+    from jaxpost.checkpoint import Checkpointer
+
+    optimizer = train.make_optimizer(OPTIM)
+    host = host_train_state()
+    state = put_global(host, train.state_shardings(CONFIG, mesh, optimizer))
+    # Which part of the embedding this process holds: under fsdp across processes, half of it,
+    # so the checkpoint is complete only if every process wrote its own shards.
+    embed = state.params["embed"]
+    every = {str(i) for i in embed.sharding.devices_indices_map(embed.shape).values()}
+    mine = {str(s.index) for s in embed.addressable_shards}
+    out = {"embed_part_held": len(mine) / len(every)}
+    with Checkpointer(ckpt_dir) as ckpt:
+        out["saved"] = bool(ckpt.save(int(host.step), state, extra={"note": "two processes"}))
+        ckpt.wait()
+        out["steps"] = ckpt.all_steps()
+        for name, target_mesh in (("same", mesh), ("other", restore_mesh)):
+            target_sh = train.state_shardings(CONFIG, target_mesh, optimizer)
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
+                host,
+                target_sh,
+            )
+            restored, extra = ckpt.restore(abstract)
+            out[f"{name}_extra"] = extra
+            out[f"{name}_placed"] = all(
+                r.sharding == s
+                for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(target_sh))
+            )
+            out[name] = gathered_vector(restored)
+    return out
+
+
 def run_psum(mesh) -> dict:
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -152,8 +209,10 @@ def run_psum(mesh) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", choices=("psum", "train"), required=True)
+    parser.add_argument("--scenario", choices=("psum", "train", "checkpoint"), required=True)
     parser.add_argument("--mesh", required=True)
+    parser.add_argument("--restore_mesh", default=None, help="checkpoint: the second layout")
+    parser.add_argument("--ckpt_dir", default=None, help="checkpoint: shared by all processes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -161,13 +220,68 @@ def main() -> None:
 
     info = maybe_initialize_distributed()
     mesh = sharding.make_mesh(args.mesh)
-    result = run_psum(mesh) if args.scenario == "psum" else run_train(mesh)
+    if args.scenario == "psum":
+        result = run_psum(mesh)
+    elif args.scenario == "train":
+        result = run_train(mesh)
+    else:
+        restore_mesh = sharding.make_mesh(args.restore_mesh or args.mesh)
+        result = run_checkpoint(mesh, args.ckpt_dir, restore_mesh)
     rank = jax.process_index()
     scalars = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
     arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
     meta = {**info, "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             **scalars}  # fmt: skip
     np.savez(os.path.join(args.out, f"rank{rank}.npz"), meta=json.dumps(meta), **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher (used by the tests, in the parent process)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local_processes(num_processes: int, local_devices: int, args, out_dir, timeout=240):
+    """Run this file as `num_processes` processes with `local_devices` CPU devices each, joined
+    on a free loopback port; return each rank's (meta, arrays)."""
+    port = _free_port()
+    procs = []
+    for rank in range(num_processes):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "JAX_PLATFORMS": "cpu",
+            # LLVM's -O0 halves the workers' compile time; numerics are XLA's either way.
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices} "
+            "--xla_backend_optimization_level=0",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": str(num_processes),
+            "JAX_PROCESS_ID": str(rank),
+        }
+        command = [sys.executable, os.path.abspath(__file__), *args, f"--out={out_dir}"]
+        procs.append(subprocess.Popen(command, env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results = []
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {rank} failed:\n{out[-3000:]}"
+        with np.load(Path(out_dir) / f"rank{rank}.npz") as f:
+            results.append((json.loads(str(f["meta"])), {k: f[k] for k in f.files if k != "meta"}))
+    return results
 
 
 if __name__ == "__main__":

@@ -5,22 +5,12 @@ processes (tests/multihost_worker.py) joined by `jax.distributed.initialize` on 
 CPU (gloo) collectives, and compare what they compute with one process on one device.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import multihost_worker
 import numpy as np
 import pytest
 
 from jaxpost import distributed, sharding
-
-REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
 
 # ---------------------------------------------------------------------------------------------
 # Environment -> jax.distributed.initialize arguments
@@ -133,52 +123,11 @@ def test_maybe_initialize_is_a_no_op_for_one_process_and_idempotent(monkeypatch)
 # Local multi-process runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_local_processes(num_processes: int, local_devices: int, args, out_dir, timeout=240):
-    """Run tests/multihost_worker.py as `num_processes` processes with `local_devices` CPU
-    devices each, joined on a free loopback port; return each rank's (meta, arrays)."""
-    port = _free_port()
-    procs = []
-    for rank in range(num_processes):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "JAX_PLATFORMS": "cpu",
-            # LLVM's -O0 halves the workers' compile time; numerics are XLA's either way.
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices} "
-            "--xla_backend_optimization_level=0",
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "JAX_NUM_PROCESSES": str(num_processes),
-            "JAX_PROCESS_ID": str(rank),
-        }
-        command = [sys.executable, str(WORKER), *args, f"--out={out_dir}"]
-        procs.append(subprocess.Popen(command, env=env, cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results = []
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {rank} failed:\n{out[-3000:]}"
-        with np.load(Path(out_dir) / f"rank{rank}.npz") as f:
-            results.append((json.loads(str(f["meta"])), {k: f[k] for k in f.files if k != "meta"}))
-    return results
-
-
 @pytest.mark.slow
 def test_two_local_processes_initialize_and_psum(tmp_path):
-    results = run_local_processes(2, 2, ["--scenario=psum", "--mesh=-1,1,1"], tmp_path)
+    results = multihost_worker.run_local_processes(
+        2, 2, ["--scenario=psum", "--mesh=-1,1,1"], tmp_path
+    )
     # Rows: two of ones (process 0) and two of twos (process 1), three columns each.
     for rank, (meta, _) in enumerate(results):
         assert meta["source"] == "explicit"
@@ -210,7 +159,7 @@ def test_processes_train_exactly_as_one_process(
     num_processes, local_devices, mesh, one_process, tmp_path
 ):
     args = ["--scenario=train", f"--mesh={mesh}"]
-    results = run_local_processes(num_processes, local_devices, args, tmp_path)
+    results = multihost_worker.run_local_processes(num_processes, local_devices, args, tmp_path)
     for rank, (meta, arrays) in enumerate(results):
         assert meta["process_index"] == rank and meta["process_count"] == num_processes
         assert meta["devices"] == 4 and meta["local_devices"] == local_devices
