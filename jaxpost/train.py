@@ -272,14 +272,35 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
     return step
 
 
+class _MeshStep:
+    """A jitted step that is traced and run under `jax.set_mesh(mesh)`, so the model's logical
+    activation constraints (batch over data and fsdp) see the mesh; inputs are built outside."""
+
+    def __init__(self, jitted, mesh):
+        self._jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(*args)
+
+
 def jit_step(step: Callable, *, state_sharding=None, batch_sharding=None, frozen_sharding=None):
-    """Compile `step` once, with explicit in/out shardings when given, donating the state."""
+    """Compile `step` once, with explicit in/out shardings when given, donating the state.
+
+    With shardings the step runs under their mesh (see `_MeshStep`)."""
     if state_sharding is None:
         return jax.jit(step, donate_argnums=0)
     in_sh = (state_sharding, batch_sharding)
     if frozen_sharding is not None:
         in_sh = (*in_sh, frozen_sharding)
-    return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sharding, None), donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(state_sharding, None),
+                     donate_argnums=0)  # fmt: skip
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    return _MeshStep(jitted, mesh)
 
 
 def step_rng(state: TrainState, purpose: int) -> jax.Array:
