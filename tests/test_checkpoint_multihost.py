@@ -29,23 +29,27 @@ def _abstract(host_state, shardings):
 
 
 @pytest.mark.slow
-def test_two_processes_save_and_restore_a_sharded_train_state(tmp_path):
+@pytest.mark.parametrize(
+    "processes,save_mesh,restore_mesh", [(2, "1,2,2", "2,1,2"), (4, "1,4,2", "2,2,2")]
+)
+def test_processes_save_and_restore_a_sharded_train_state(tmp_path, processes, save_mesh,
+                                                         restore_mesh):  # fmt: skip
     ckpt_dir = tmp_path / "checkpoints"
-    # Save: fsdp across the two processes, tensor inside each. Restore also onto data x tensor,
-    # where each process must read shards the other one wrote.
+    # Save: fsdp across the processes, tensor inside each. Restore also onto a mesh with data
+    # across processes, where each process must read shards others wrote.
     args = [
         "--scenario=checkpoint",
-        "--mesh=1,2,2",
-        "--restore_mesh=2,1,2",
+        f"--mesh={save_mesh}",
+        f"--restore_mesh={restore_mesh}",
         f"--ckpt_dir={ckpt_dir}",
     ]
-    results = multihost_worker.run_local_processes(2, 2, args, tmp_path)
+    results = multihost_worker.run_local_processes(processes, 2, args, tmp_path)
 
     host = multihost_worker.host_train_state()
     expected = _vector(host)
     for rank, (meta, arrays) in enumerate(results):
-        assert meta["process_index"] == rank and meta["process_count"] == 2
-        assert meta["embed_part_held"] == 0.5  # each process saved shards only it held
+        assert meta["process_index"] == rank and meta["process_count"] == processes
+        assert meta["embed_part_held"] == 1 / processes  # each saved only the shards it held
         assert meta["saved"] and meta["steps"] == [7]
         for name in ("same", "other"):
             assert meta[f"{name}_placed"], (rank, name)
