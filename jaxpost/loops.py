@@ -76,6 +76,7 @@ class RunResult:
     state: train.TrainState
     history: list[dict]
     preempted: bool = False
+    last_batch: dict | None = None  # host arrays of the final step's batch (state locality)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -101,6 +102,7 @@ class _Run:
                 )
                 self.state, _ = self.ckpt.restore(abstract)
         self.start = int(self.state.step)
+        self.last_batch: dict | None = None
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -146,7 +148,8 @@ class _Run:
             finally:
                 bar.close()
                 self.close()
-        return RunResult(state=self.state, history=self.history, preempted=preempted)
+        return RunResult(state=self.state, history=self.history, preempted=preempted,
+                         last_batch=self.last_batch)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +190,7 @@ def run_sft(
             perm = np.random.default_rng([loop.seed, epoch]).permutation(n)
             idx.append(int(perm[pos]))
         batch = data.sft_batch([examples[i] for i in idx], pad_id, length=width)
+        run.last_batch = batch
         start = time.perf_counter()
         run.state, metrics = step_fn(run.state, jax.tree.map(jnp.asarray, batch))
         metrics = jax.device_get(metrics)
@@ -313,6 +317,7 @@ def run_grpo(
             jnp.asarray(rewards), loop.group_size, scale=advantage_scale
         )
         batch.update(old_logp=old_logp, advantages=np.asarray(adv))
+        run.last_batch = batch
         batch = jax.tree.map(jnp.asarray, batch)
         if kl_beta > 0:
             batch["ref_logp"] = ref_logp_fn(ref_params, batch)
@@ -354,6 +359,7 @@ def run_opd(
     def body(step: int) -> dict:
         start = time.perf_counter()
         batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width)
+        run.last_batch = batch
         run.state, metrics = step_fn(run.state, jax.tree.map(jnp.asarray, batch), teacher_params)
         metrics = jax.device_get(metrics)
         roll = _rollout_metrics(rollouts)

@@ -87,15 +87,18 @@ def radar_values(arms: dict, axes: Sequence[str]) -> dict[str, list[float]]:
     out = {n: [] for n in arms}
     for j in range(len(axes)):
         col = np.asarray([raw[n][j] for n in arms], float)
-        lo, hi = np.nanmin(col), np.nanmax(col)
+        finite = col[np.isfinite(col)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
         for n, v in zip(arms, col):
             out[n].append(0.5 if hi - lo < 1e-12 or math.isnan(v) else float((v - lo) / (hi - lo)))
     return out
 
 
 def plot_radar(arms: dict, axes: Sequence[str], path: str) -> None:
-    """Six-axis radar: each arm's profile, axes normalised across arms (outer ring = best)."""
+    """Six-axis radar: each arm's profile, axes normalised across the base and the arms (outer
+    ring = best). The teacher is left out: it had a different budget and would set every scale."""
     plt = _plt()
+    arms = {n: a for n, a in arms.items() if n != "teacher"}
     values = radar_values(arms, axes)
     colors = _color_map(list(arms))
     angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
@@ -111,7 +114,8 @@ def plot_radar(arms: dict, axes: Sequence[str], path: str) -> None:
     ax.set_yticks([0.25, 0.5, 0.75, 1.0])
     ax.set_yticklabels(["", "", "", ""])
     ax.set_ylim(0, 1.05)
-    ax.set_title("Profiles (each axis min-max scaled across arms; outer = best)", fontsize=10)
+    ax.set_title("Profiles (each axis min-max scaled across base and arms; outer = best)",
+                 fontsize=10)  # fmt: skip
     ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")

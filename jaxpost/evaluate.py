@@ -1,0 +1,134 @@
+"""Evaluation glue: sample n completions per held-out problem, verify them, summarise.
+
+    samples = evaluate.sample(config, params, tokenizer, task, problems, n=64, max_new_tokens=32)
+    summary = evaluate.summarize(samples)   # pass@k and CoT-pass@k curves, pass@1, coverage, ...
+
+`Samples` keeps everything later metrics need (the verdicts, canonical solution of every correct
+sample, per-token logprobs under the sampling model), so one sampling pass per model serves
+pass@k, diversity, solution-set coverage and the likelihood-based metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpost import metrics, sampler
+from jaxpost.models import ModelConfig
+from jaxpost.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass
+class Samples:
+    """n samples for each of P problems; arrays are [P, S] unless stated.
+
+    Attributes:
+      problems: the P problems.
+      prompts: token ids of each prompt as the model saw it.
+      texts: [P][S] decoded completions (up to the stop token).
+      tokens, mask, logprobs: [P·S, M] completion tokens, validity mask and their per-token
+        logprob under the untempered sampling policy (rows of one problem are contiguous).
+      seq_logprob: sum of `logprobs` over each completion.
+      answer_ok: the final answer verifies. chain_ok: answer and chain verify (CoT-pass@k).
+      canonical: [P][S] canonical solution of a correct sample, None otherwise.
+    """
+
+    problems: list
+    prompts: list[list[int]]
+    texts: list[list[str]]
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    seq_logprob: np.ndarray
+    answer_ok: np.ndarray
+    chain_ok: np.ndarray
+    canonical: list[list[Any]]
+
+    @property
+    def n(self) -> int:
+        return self.answer_ok.shape[1]
+
+
+def sample(
+    config: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    task,
+    problems: Sequence,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    render: Callable[[Any], str] | None = None,
+    max_rows: int = 4096,
+    mesh=None,
+) -> Samples:
+    """Sample `n` completions per problem and verify each with the task.
+
+    Args:
+      render: problem -> prompt text (default `task.render_prompt`; e.g. a steering prompt).
+      max_rows: prompts are sampled in chunks of at most this many rows (prompts × n).
+    """
+    if n < 1 or not problems:
+        raise ValueError(f"need n >= 1 and at least one problem, got n={n}, {len(problems)} problems")
+    render = render or task.render_prompt
+    prompts = [tokenizer.encode(render(p), add_bos=True) for p in problems]
+    per_chunk = max(1, max_rows // n)
+    parts = []
+    for start in range(0, len(prompts), per_chunk):
+        r = sampler.generate(
+            config, params, prompts[start : start + per_chunk], max_new_tokens=max_new_tokens,
+            temperature=temperature, eos_id=tokenizer.eos_id, seed=seed + start, num_samples=n,
+            pad_id=tokenizer.pad_id, mesh=mesh,
+        )  # fmt: skip
+        parts.append((np.asarray(r.tokens), np.asarray(r.mask), np.asarray(r.logprobs),
+                      np.asarray(r.lengths)))  # fmt: skip
+    tokens, mask, logprobs, lengths = (np.concatenate(x) for x in zip(*parts))
+    P = len(problems)
+    texts = [[tokenizer.decode(tokens[i * n + s, : lengths[i * n + s]]) for s in range(n)]
+             for i in range(P)]  # fmt: skip
+    answer_ok = np.array([[task.verify_answer(p, t) for t in row] for p, row in zip(problems, texts)])
+    chain_ok = np.array([[bool(a) and task.verify_chain(p, t) for a, t in zip(ok, row)]
+                         for p, ok, row in zip(problems, answer_ok, texts)])  # fmt: skip
+    canonical = [[task.canonical(p, t) if a else None for a, t in zip(ok, row)]
+                 for p, ok, row in zip(problems, answer_ok, texts)]  # fmt: skip
+    seq = (logprobs * mask).sum(1).reshape(P, n)
+    return Samples(list(problems), prompts, texts, tokens, mask, logprobs, seq, answer_ok,
+                   chain_ok, canonical)  # fmt: skip
+
+
+def ks_for(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def summarize(samples: Samples, *, seed: int = 0) -> dict:
+    """pass@k and CoT-pass@k curves (k = 1, 2, 4, ..., n) with bootstrap 95% CIs, and scalars:
+    pass@1, pass@n, cot_pass@1, coverage, mean distinct correct solutions per problem."""
+    ks = ks_for(samples.n)
+    curves = {
+        "pass@k": metrics.pass_at_k_curve(samples.answer_ok, ks, seed=seed),
+        "cot_pass@k": metrics.pass_at_k_curve(samples.chain_ok, ks, seed=seed),
+    }
+
+    def point(curve: dict, i: int) -> dict:
+        return {"mean": curve["mean"][i], "lo": curve["lo"][i], "hi": curve["hi"][i]}
+
+    distinct = [len({c for c in row if c is not None}) for row in samples.canonical]
+    scalars = {
+        "pass@1": point(curves["pass@k"], 0),
+        f"pass@{samples.n}": point(curves["pass@k"], -1),
+        "cot_pass@1": point(curves["cot_pass@k"], 0),
+        "coverage": {"mean": metrics.coverage(samples.answer_ok.sum(1))},
+        "distinct_correct": dataclasses.asdict(metrics.mean_ci(np.asarray(distinct, float),
+                                                               seed=seed)),  # fmt: skip
+    }
+    return {"curves": curves, "scalars": scalars}
+
+
+__all__ = ["Samples", "ks_for", "sample", "summarize"]
