@@ -1,0 +1,394 @@
+"""Plumbing the experiment mains share: flags, models and tokenizers, the task, evaluation, saving.
+
+Every main is `app.run(common.main_of(run, default_config, name))` where `run(config) -> dict` is an
+ordinary function (the tests call it directly with a ConfigDict). The flags, defined once here:
+
+    --config=experiments/configs/<main>.py   the ConfigDict; --config.a.b=value overrides a field
+    --workdir=DIR                            overrides config.workdir
+    --model=DIR                              a local Hugging Face checkpoint instead of a preset
+    --init=DIR, --teacher=DIR                grpo/opd: the starting student and the OPD teacher
+
+Errors a user can fix (a missing directory, a preset that does not exist, a tokenizer larger than
+the model's vocabulary, prompts longer than the model accepts, a plan that does not fit in device
+memory) are `ExperimentError`s, `hf.CheckpointError`s or `MemoryError`s: the main prints the
+message on one line and exits with status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxpost import evaluate, loops, models, plan, train  # noqa: E402
+from jaxpost.models import ModelConfig, hf  # noqa: E402
+from jaxpost.tasks import addition, countdown  # noqa: E402
+from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer  # noqa: E402
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config (experiments/configs/*.py); --config.a.b=v overrides a field"
+)
+WORKDIR = flags.DEFINE_string("workdir", None, "run directory (overrides config.workdir)")
+MODEL = flags.DEFINE_string(
+    "model", None, "local Hugging Face checkpoint directory to start from instead of the preset"
+)
+INIT = flags.DEFINE_string("init", None, "grpo/opd: starting student, a Hugging Face directory")
+TEACHER = flags.DEFINE_string("teacher", None, "opd: the teacher, a Hugging Face directory")
+
+# A jaxpost-trained model with the character tokenizer says so in this file of its directory.
+TOKENIZER_MARKER = "jaxpost_tokenizer.json"
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ExperimentError(ValueError):
+    """A problem with the flags or the inputs they name, reported without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# flags -> config -> run
+
+
+def config_from_flags(default_config: Callable[[], ml_collections.ConfigDict],
+                      flag_fields: dict[str, str]) -> ml_collections.ConfigDict:  # fmt: skip
+    """The --config file (or `default_config()` without one) with the plain flags applied.
+
+    `flag_fields` maps the plain flags this main accepts ("workdir", "model", ...) to the config
+    field each sets; a plain flag the main does not use is an error rather than silently ignored.
+    """
+    config = CONFIG.value if CONFIG.value is not None else default_config()
+    config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
+    for name, holder in (("workdir", WORKDIR), ("model", MODEL), ("init", INIT),
+                         ("teacher", TEACHER)):  # fmt: skip
+        if holder.value is None:
+            continue
+        if name not in flag_fields:
+            raise ExperimentError(f"--{name} is not used by this experiment")
+        config[flag_fields[name]] = holder.value
+    return config
+
+
+def main_of(run: Callable[[ml_collections.ConfigDict], dict],
+            default_config: Callable[[], ml_collections.ConfigDict], name: str,
+            flag_fields: dict[str, str]) -> Callable[[Sequence[str]], None]:  # fmt: skip
+    """The absl main of an experiment: config from flags, `run(config)`, one-line user errors."""
+
+    def main(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+        try:
+            run(config_from_flags(default_config, flag_fields))
+        except (ExperimentError, hf.CheckpointError, MemoryError) as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    return main
+
+
+def require_workdir(config: ml_collections.ConfigDict) -> str:
+    if not config.workdir:
+        raise ExperimentError("a workdir is needed (--workdir=DIR): the model is saved there")
+    os.makedirs(config.workdir, exist_ok=True)
+    return config.workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# models and tokenizers
+
+
+@dataclasses.dataclass
+class Model:
+    """A model to train or evaluate: its config, parameters, tokenizer and where it came from."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    source: str
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{self.source} ({c.num_params() / 1e6:.2f}M parameters, {c.family}, "
+                f"d_model {c.d_model}, {c.n_layers} layers, vocab {c.vocab_size})")  # fmt: skip
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """ "d_model=96,n_layers=3" -> {"d_model": 96, "n_layers": 3}, typed like ModelConfig."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key in ("vocab_size", "rope_scaling"):
+            settable = sorted(set(fields) - {"vocab_size", "rope_scaling"})
+            raise ExperimentError(f"bad model override {item!r}: expected FIELD=VALUE with FIELD "
+                                  f"one of {settable} (vocab_size follows the tokenizer)")  # fmt: skip
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                out[key] = {"true": True, "false": False}[value.strip().lower()]
+            elif isinstance(default, int):
+                out[key] = int(value)
+            elif isinstance(default, float):
+                out[key] = float(value)
+            else:
+                out[key] = value.strip() or None
+        except (KeyError, ValueError):
+            raise ExperimentError(f"bad value in model override {item!r}") from None
+    return out
+
+
+def load_tokenizer(spec: str, model_dir: str | None) -> Tokenizer:
+    """ "char", a tokenizer directory, or "auto": the model directory's own tokenizer (its
+    Hugging Face files, or the character tokenizer when jaxpost's marker says so)."""
+    if spec == "char":
+        return CharTokenizer()
+    if spec != "auto":
+        if not os.path.isdir(spec):
+            raise ExperimentError(f"tokenizer directory not found: {spec}")
+        return HFTokenizer.from_dir(spec)
+    if model_dir is None:
+        return CharTokenizer()
+    if any(os.path.exists(os.path.join(model_dir, f)) for f in _HF_TOKENIZER_FILES):
+        return HFTokenizer.from_dir(model_dir)
+    marker = os.path.join(model_dir, TOKENIZER_MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            kind = json.load(f).get("kind")
+        if kind == "char":
+            return CharTokenizer()
+        raise ExperimentError(f"{marker} names an unknown tokenizer kind {kind!r}")
+    raise ExperimentError(
+        f"no tokenizer in {model_dir} (no tokenizer.json / tokenizer_config.json and no "
+        f"{TOKENIZER_MARKER}); pass --config.tokenizer=char or --config.tokenizer=DIR"
+    )
+
+
+def load_model(spec: str, *, tokenizer: str = "auto", overrides: str = "", dtype: str = "",
+               seed: int = 0) -> Model:  # fmt: skip
+    """A preset name (randomly initialised, vocabulary sized to the tokenizer) or a local Hugging
+    Face checkpoint directory, with its tokenizer; checks that the two agree."""
+    if spec in models.PRESETS:
+        tok = load_tokenizer(tokenizer, None)
+        changes = parse_overrides(overrides)
+        if dtype:
+            changes.update(dtype=dtype, param_dtype=dtype)
+        try:
+            config = models.get_config(spec, vocab_size=tok.vocab_size, **changes)
+        except ValueError as e:
+            raise ExperimentError(str(e)) from None
+        return Model(config, models.init(config, seed=seed), tok, spec)
+    if not os.path.isdir(spec):
+        raise ExperimentError(f"model not found: {spec!r} is neither a preset "
+                              f"({', '.join(models.PRESETS)}) nor a directory")  # fmt: skip
+    if overrides:
+        raise ExperimentError(
+            "model_overrides apply to presets only, not to a checkpoint directory"
+        )
+    config, params = hf.load_hf(spec, dtype=dtype or None)
+    tok = load_tokenizer(tokenizer, spec)
+    if tok.vocab_size > config.vocab_size:
+        raise ExperimentError(
+            f"vocabulary mismatch: the tokenizer has {tok.vocab_size} ids but the model in {spec} "
+            f"has an embedding table of {config.vocab_size} rows"
+        )
+    return Model(config, params, tok, spec)
+
+
+def save_model(path: str, model: Model, params) -> str:
+    """Write `params` as a Hugging Face directory with the model's tokenizer beside them."""
+    hf_tok = model.tokenizer.hf if isinstance(model.tokenizer, HFTokenizer) else None
+    hf.save_hf(path, model.config, params, tokenizer=hf_tok)
+    if isinstance(model.tokenizer, CharTokenizer):
+        with open(os.path.join(path, TOKENIZER_MARKER), "w") as f:
+            json.dump({"kind": "char", "vocab_size": model.tokenizer.vocab_size}, f)
+    return path
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer, sample_text: str) -> bool:
+    """Whether two tokenizers agree on size, special ids and the ids of `sample_text`."""
+    return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (
+        b.vocab_size,
+        b.pad_id,
+        b.bos_id,
+        b.eos_id,
+    ) and a.encode(sample_text) == b.encode(sample_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks and checks
+
+
+def countdown_task(c: ml_collections.ConfigDict) -> countdown.Countdown:
+    try:
+        return countdown.Countdown(
+            num_numbers=tuple(c.num_numbers), number_range=tuple(c.number_range),
+            target_range=tuple(c.target_range), min_solutions=c.min_solutions,
+            test_fraction=c.test_fraction,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise ExperimentError(f"bad task config: {e}") from None
+
+
+def problems(task, split: str, n: int, seed: int) -> list:
+    try:
+        return task.prompts(split, n, seed)
+    except ValueError as e:
+        raise ExperimentError(f"{task.name}: {e}") from None
+
+
+def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    try:
+        return [tokenizer.encode(t, add_bos=True) for t in texts]
+    except ValueError as e:
+        raise ExperimentError(f"the tokenizer cannot encode the task's text: {e}") from None
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  what: str) -> None:  # fmt: skip
+    """Prompts (padded to a multiple of 16, as the loops do) plus completions fit the model."""
+    longest = max(len(p) for p in prompts)
+    need = round_up(longest, 16) + max_new_tokens
+    if need > config.max_seq_len:
+        raise ExperimentError(
+            f"{what}: the longest prompt ({longest} tokens, padded to {round_up(longest, 16)}) "
+            f"plus max_new_tokens={max_new_tokens} is {need} tokens, more than the model's "
+            f"max_seq_len {config.max_seq_len}; use a smaller task or fewer new tokens"
+        )
+
+
+def device_memory_bytes() -> int | None:
+    """The first device's memory limit, or None where the backend does not report one (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_memory(config: ModelConfig, *, batch: int, seq_len: int, grad_accum: int = 1,
+                 teacher_config: ModelConfig | None = None, sample_batch: int | None = None,
+                 max_new_tokens: int | None = None, fused_kernel: bool = False) -> None:  # fmt: skip
+    """Fail before compiling anything when the run cannot fit on one device (jaxpost.plan)."""
+    try:
+        p = plan.plan(
+            config, "1,1,1", batch=batch, seq_len=min(seq_len, config.max_seq_len),
+            grad_accum=grad_accum, teacher_config=teacher_config, sample_batch=sample_batch,
+            max_new_tokens=max_new_tokens, fused_kernel=fused_kernel,
+            device_memory_bytes=device_memory_bytes(), devices=1,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ExperimentError(f"memory plan: {e}") from None
+    plan.check_fits(p)
+
+
+def optim_config(c: ml_collections.ConfigDict, total_steps: int) -> train.OptimConfig:
+    try:
+        return train.OptimConfig(
+            learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, total_steps=total_steps,
+            end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay,
+            clip_norm=c.clip_norm if c.clip_norm > 0 else None, grad_accum=c.grad_accum,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ExperimentError(f"bad optimizer config: {e}") from None
+
+
+def loop_config(c: ml_collections.ConfigDict, *, seed: int, workdir: str | None, desc: str,
+                **extra) -> loops.LoopConfig:  # fmt: skip
+    try:
+        return loops.LoopConfig(
+            steps=c.steps, batch_size=c.batch_size, seed=seed, workdir=workdir,
+            checkpoint_every=c.checkpoint_every, log_every=c.log_every, progress=c.progress,
+            desc=desc, **extra,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ExperimentError(f"bad loop config: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and reporting
+
+
+def eval_sets(config: ml_collections.ConfigDict, task) -> dict[str, tuple[Any, list]]:
+    """{task name: (task, held-out problems)}: Countdown, and addition when asked for."""
+    e = config.eval
+    sets = {}
+    if e.prompts > 0:
+        sets["countdown"] = (task, problems(task, "test", e.prompts, e.seed))
+    if e.addition_prompts > 0:
+        add = addition.Addition()
+        sets["addition"] = (add, problems(add, "test", e.addition_prompts, e.seed))
+    return sets
+
+
+def evaluate_model(label: str, config: ModelConfig, params, tokenizer: Tokenizer, sets: dict,
+                   e: ml_collections.ConfigDict, render: dict | None = None) -> dict:  # fmt: skip
+    """{task name: evaluate.summarize(...)} of one model; `render` maps a task name to a prompt
+    renderer (e.g. OPSD's privileged view)."""
+    out = {}
+    start = time.perf_counter()
+    for name, (task, probs) in sets.items():
+        check_lengths(config, encode_prompts(tokenizer, [task.render_prompt(p) for p in probs]),
+                      e.max_new_tokens, f"evaluation on {name}")  # fmt: skip
+        samples = evaluate.sample(
+            config, params, tokenizer, task, probs, n=e.samples, max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature, seed=e.seed, render=(render or {}).get(name),
+        )  # fmt: skip
+        out[name] = evaluate.summarize(samples, seed=e.seed)
+    if sets:
+        print(f"eval {label}: " + ", ".join(f"{name} {len(p)} problems x {e.samples}"
+                                            for name, (_, p) in sets.items())
+              + f" in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    return out
+
+
+def _ci(x: dict) -> str:
+    return f"{x['mean']:.3f} [{x['lo']:.3f},{x['hi']:.3f}]"
+
+
+def format_table(results: dict[str, dict], n: int) -> str:
+    """One line per (model, task): pass@1 and pass@n with 95% CIs, CoT-pass@1, coverage and the
+    mean number of distinct correct solutions per problem."""
+    head = (f"{'model':<26}{'task':<11}{'pass@1':<22}{f'pass@{n}':<22}{'cot_pass@1':>11}"
+            f"{'coverage':>10}{'distinct':>10}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for label, per_task in results.items():
+        for name, summary in per_task.items():
+            s = summary["scalars"]
+            lines.append(
+                f"{label:<26}{name:<11}{_ci(s['pass@1']):<22}{_ci(s[f'pass@{n}']):<22}"
+                f"{s['cot_pass@1']['mean']:>11.3f}{s['coverage']['mean']:>10.3f}"
+                f"{s['distinct_correct']['mean']:>10.2f}"
+            )
+    return "\n".join(lines)
+
+
+def report(workdir: str, results: dict[str, dict], e: ml_collections.ConfigDict,
+           start: float, model_dir: str) -> dict:  # fmt: skip
+    """Print the evaluation table and the wall time; write WORKDIR/eval.json."""
+    wall = time.perf_counter() - start
+    if results and any(results.values()):
+        print(format_table(results, e.samples))
+    path = os.path.join(workdir, "eval.json")
+    with open(path, "w") as f:
+        json.dump({"results": results, "wall_s": wall}, f, default=float)
+    print(f"wall time {wall:.0f} s; model saved to {model_dir}; evaluation in {path}")
+    return {"results": results, "wall_s": wall, "model_dir": model_dir}
+
+
+def scalars(result: dict, label: str, task: str = "countdown") -> dict[str, float]:
+    """{"pass@1": ..., "coverage": ...} means of one model's evaluation in a run's result."""
+    return {k: v["mean"] for k, v in result["results"][label][task]["scalars"].items()}
