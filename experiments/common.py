@@ -1,7 +1,12 @@
 """Plumbing the experiment mains share: flags, models and tokenizers, the task, evaluation, saving.
 
-Every main is `app.run(common.main_of(run, default_config, name))` where `run(config) -> dict` is an
-ordinary function (the tests call it directly with a ConfigDict). The flags, defined once here:
+A main is a `run(config) -> dict` function (the tests call it directly with a ConfigDict) and
+
+    if __name__ == "__main__":
+        common.run_main(run, default_config, "experiments.<name>", {"workdir": "workdir", ...})
+
+which defines the flags only when the module runs as a program, so importing several mains (or a
+main beside another absl program) never defines a flag twice:
 
     --config=experiments/configs/<main>.py   the ConfigDict; --config.a.b=value overrides a field
     --workdir=DIR                            overrides config.workdir
@@ -37,19 +42,16 @@ from jaxpost.models import ModelConfig, hf  # noqa: E402
 from jaxpost.tasks import addition, countdown  # noqa: E402
 from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer  # noqa: E402
 
-CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment config (experiments/configs/*.py); --config.a.b=v overrides a field"
-)
-WORKDIR = flags.DEFINE_string("workdir", None, "run directory (overrides config.workdir)")
-MODEL = flags.DEFINE_string(
-    "model", None, "local Hugging Face checkpoint directory to start from instead of the preset"
-)
-INIT = flags.DEFINE_string("init", None, "grpo/opd: starting student, a Hugging Face directory")
-TEACHER = flags.DEFINE_string("teacher", None, "opd: the teacher, a Hugging Face directory")
-
 # A jaxpost-trained model with the character tokenizer says so in this file of its directory.
 TOKENIZER_MARKER = "jaxpost_tokenizer.json"
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+_FLAG_HELP = {
+    "workdir": "run directory (overrides config.workdir)",
+    "model": "a local Hugging Face checkpoint directory to start from instead of the default",
+    "init": "the starting student, a Hugging Face directory (e.g. WORKDIR/model of experiments.sft)",
+    "teacher": "the OPD teacher, a Hugging Face directory",
+}
 
 
 class ExperimentError(ValueError):
@@ -60,29 +62,47 @@ class ExperimentError(ValueError):
 # flags -> config -> run
 
 
-def config_from_flags(default_config: Callable[[], ml_collections.ConfigDict],
-                      flag_fields: dict[str, str]) -> ml_collections.ConfigDict:  # fmt: skip
-    """The --config file (or `default_config()` without one) with the plain flags applied.
+def define_flags(plain: dict[str, str], *, flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: list[str] | None = None) -> dict[str, flags.FlagHolder]:  # fmt: skip
+    """Define --config and the plain string flags of one main.
 
-    `flag_fields` maps the plain flags this main accepts ("workdir", "model", ...) to the config
-    field each sets; a plain flag the main does not use is an error rather than silently ignored.
+    Args:
+      plain: flag name -> the config field it sets, e.g. {"workdir": "workdir", "model": "init"}.
+      flag_values, sys_argv: where to define them and the argv config_flags reads its
+        --config.* overrides from (defaults: absl's global FLAGS and sys.argv).
     """
-    config = CONFIG.value if CONFIG.value is not None else default_config()
-    config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-    for name, holder in (("workdir", WORKDIR), ("model", MODEL), ("init", INIT),
-                         ("teacher", TEACHER)):  # fmt: skip
-        if holder.value is None:
-            continue
-        if name not in flag_fields:
-            raise ExperimentError(f"--{name} is not used by this experiment")
-        config[flag_fields[name]] = holder.value
+    holders = {
+        "config": config_flags.DEFINE_config_file(
+            "config",
+            None,
+            "experiment config (experiments/configs/*.py); --config.a.b=v overrides one field",
+            flag_values=flag_values,
+            sys_argv=sys_argv,
+        )  # fmt: skip
+    }
+    for name in plain:
+        holders[name] = flags.DEFINE_string(name, None, _FLAG_HELP[name], flag_values=flag_values)
+    return holders
+
+
+def config_from_flags(holders: dict[str, flags.FlagHolder],
+                      default_config: Callable[[], ml_collections.ConfigDict],
+                      plain: dict[str, str]) -> ml_collections.ConfigDict:  # fmt: skip
+    """The --config file (or `default_config()` without one) with the plain flags applied."""
+    config = holders["config"].value
+    config = ml_collections.ConfigDict((config or default_config()).to_dict())  # unlocked copy
+    for name, field in plain.items():
+        if holders[name].value is not None:
+            config[field] = holders[name].value
     return config
 
 
-def main_of(run: Callable[[ml_collections.ConfigDict], dict],
-            default_config: Callable[[], ml_collections.ConfigDict], name: str,
-            flag_fields: dict[str, str]) -> Callable[[Sequence[str]], None]:  # fmt: skip
-    """The absl main of an experiment: config from flags, `run(config)`, one-line user errors."""
+def run_main(run: Callable[[ml_collections.ConfigDict], dict],
+             default_config: Callable[[], ml_collections.ConfigDict], name: str,
+             plain: dict[str, str]) -> None:  # fmt: skip
+    """Define the flags and `app.run` the main: config from flags, `run(config)`, and user
+    errors as one line on stderr with exit status 1."""
+    holders = define_flags(plain)
 
     def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
@@ -90,12 +110,12 @@ def main_of(run: Callable[[ml_collections.ConfigDict], dict],
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
         try:
-            run(config_from_flags(default_config, flag_fields))
+            run(config_from_flags(holders, default_config, plain))
         except (ExperimentError, hf.CheckpointError, MemoryError) as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             sys.exit(1)
 
-    return main
+    app.run(main)
 
 
 def require_workdir(config: ml_collections.ConfigDict) -> str:

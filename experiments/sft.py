@@ -13,7 +13,6 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import app
 
 from experiments import common
 from experiments.configs import sft as sft_config
@@ -144,8 +143,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return common.report(workdir, results, config.eval, start, model_dir)
 
 
-main = common.main_of(run, sft_config.get_config, "experiments.sft",
-                      {"workdir": "workdir", "model": "model"})  # fmt: skip
+# Plain flags -> the config field each sets.
+PLAIN_FLAGS = {"workdir": "workdir", "model": "model"}
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(run, sft_config.get_config, "experiments.sft", PLAIN_FLAGS)
