@@ -80,7 +80,7 @@ class Settings:
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     base_steps: int = 400
-    teacher_steps: int = 200
+    teacher_steps: int = 300
     # the arms' common budget
     arm_steps: int = 30
     prompts_per_step: int = 8
