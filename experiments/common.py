@@ -163,6 +163,8 @@ def parse_overrides(text: str) -> dict[str, Any]:
                 out[key] = int(value)
             elif isinstance(default, float):
                 out[key] = float(value)
+            elif default is None:  # the optional special-token ids
+                out[key] = int(value)
             else:
                 out[key] = value.strip() or None
         except (KeyError, ValueError):
