@@ -22,6 +22,18 @@ def countdown() -> ml_collections.ConfigDict:
     return c
 
 
+def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
+    """AdamW settings (jaxpost.train.OptimConfig fields; total_steps comes from the loop)."""
+    c = ml_collections.ConfigDict()
+    c.learning_rate = learning_rate  # peak AdamW learning rate
+    c.warmup_steps = warmup_steps  # linear warmup, then cosine decay to end_lr_ratio · peak
+    c.end_lr_ratio = 0.1
+    c.weight_decay = 0.0
+    c.clip_norm = 1.0  # global gradient-norm clip
+    c.grad_accum = 1  # micro-batches per update
+    return c
+
+
 def sft_stage(steps: int = 300) -> ml_collections.ConfigDict:
     """Model, data, optimizer and loop of one SFT run (sft.py's run; grpo/opd's built-in init).
 
@@ -43,13 +55,7 @@ def sft_stage(steps: int = 300) -> ml_collections.ConfigDict:
     c.data.addition_digits = (2, 3)  # digits of each addition operand
     c.data.privileged_fraction = 0.0  # share of examples whose prompt shows the solution (OPSD)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 3e-3  # peak AdamW learning rate
-    c.optim.warmup_steps = 20  # linear warmup, then cosine decay to end_lr_ratio · peak
-    c.optim.end_lr_ratio = 0.1
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0  # global gradient-norm clip
-    c.optim.grad_accum = 1  # micro-batches per update
+    c.optim = optimizer(learning_rate=3e-3, warmup_steps=20)
 
     c.loop = ml_collections.ConfigDict()
     c.loop.steps = steps  # optimizer updates

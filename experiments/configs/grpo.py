@@ -60,13 +60,8 @@ def get_config():
     c.grpo.advantage_scale = "group"  # divide by the group's std; "batch", "none" (Dr. GRPO)
     c.grpo.unlikeliness_beta = 0.0  # He et al.'s rank discount of likely correct samples (0: off)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-4  # tiny SFT models: lr >= 1e-3 wrecks them on Adam's first step
-    c.optim.warmup_steps = 10
-    c.optim.end_lr_ratio = 0.1
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-    c.optim.grad_accum = 1
+    # tiny SFT models: lr >= 1e-3 wrecks them on Adam's first step
+    c.optim = configs.optimizer(learning_rate=1e-4, warmup_steps=10)
 
     c.loop = ml_collections.ConfigDict()
     c.loop.steps = 100  # rollout rounds
