@@ -37,7 +37,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxpost import evaluate, loops, models, plan, train  # noqa: E402
+from jaxpost import data, evaluate, loops, models, plan, train  # noqa: E402
 from jaxpost.models import ModelConfig, hf  # noqa: E402
 from jaxpost.tasks import addition, countdown  # noqa: E402
 from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer  # noqa: E402
@@ -278,18 +278,14 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]
         raise ExperimentError(f"the tokenizer cannot encode the task's text: {e}") from None
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   what: str) -> None:  # fmt: skip
     """Prompts (padded to a multiple of 16, as the loops do) plus completions fit the model."""
     longest = max(len(p) for p in prompts)
-    need = round_up(longest, 16) + max_new_tokens
+    need = data.round_up(longest, 16) + max_new_tokens
     if need > config.max_seq_len:
         raise ExperimentError(
-            f"{what}: the longest prompt ({longest} tokens, padded to {round_up(longest, 16)}) "
+            f"{what}: the longest prompt ({longest} tokens, padded to {data.round_up(longest, 16)}) "
             f"plus max_new_tokens={max_new_tokens} is {need} tokens, more than the model's "
             f"max_seq_len {config.max_seq_len}; use a smaller task or fewer new tokens"
         )

@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments import common, sft
 from experiments.configs import grpo as grpo_config
-from jaxpost import loops, losses
+from jaxpost import data, loops, losses
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     source = loops.PromptSource(prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
     rows = L.batch_size * L.group_size
-    seq_len = common.round_up(max(map(len, prompts)), 16) + L.max_new_tokens
+    seq_len = data.round_up(max(map(len, prompts)), 16) + L.max_new_tokens
     common.check_memory(model.config, batch=rows, seq_len=seq_len,
                         grad_accum=config.optim.grad_accum, sample_batch=rows,
                         max_new_tokens=L.max_new_tokens)  # fmt: skip

@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments import common, sft
 from experiments.configs import opd as opd_config
-from jaxpost import loops, losses
+from jaxpost import data, loops, losses
 from jaxpost.tasks import countdown
 
 
@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
           f"{' with the reference solution in its prompt' if config.mode == 'opsd' else ''}",
           flush=True)  # fmt: skip
     rows = L.batch_size * L.group_size
-    seq_len = common.round_up(max(map(len, check_teacher)), 16) + L.max_new_tokens
+    seq_len = data.round_up(max(map(len, check_teacher)), 16) + L.max_new_tokens
     common.check_memory(student.config, batch=rows, seq_len=seq_len,
                         grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
                         sample_batch=rows, max_new_tokens=L.max_new_tokens,

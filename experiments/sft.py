@@ -61,7 +61,7 @@ def train_sft(stage: ml_collections.ConfigDict, task: countdown.Countdown, model
         examples = data.encode_pairs(model.tokenizer, pairs)
     except ValueError as e:
         raise common.ExperimentError(f"the tokenizer cannot encode the task's text: {e}") from None
-    width = common.round_up(max(len(p) + len(c) for p, c in examples), 16)
+    width = data.round_up(max(len(p) + len(c) for p, c in examples), 16)
     if width > model.config.max_seq_len:
         raise common.ExperimentError(f"the longest SFT example ({width} tokens, padded) exceeds "
                                      f"the model's max_seq_len {model.config.max_seq_len}")  # fmt: skip

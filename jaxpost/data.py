@@ -27,7 +27,8 @@ import numpy as np
 from jaxpost.tokenizers import Tokenizer
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple (padded widths keep the number of jitted shapes small)."""
     return -(-n // multiple) * multiple
 
 
@@ -71,7 +72,7 @@ def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np
 
 def _width(rows: Sequence[Sequence[int]], width: int | None, multiple: int) -> int:
     # Widths rounded up to a multiple keep the number of distinct jitted shapes small.
-    return width if width is not None else _round_up(max([1, *(len(r) for r in rows)]), multiple)
+    return width if width is not None else round_up(max([1, *(len(r) for r in rows)]), multiple)
 
 
 def sft_batch(

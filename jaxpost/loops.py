@@ -79,10 +79,6 @@ class RunResult:
     last_batch: dict | None = None  # host arrays of the final step's batch (state locality)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 class _Run:
     """Checkpoint resume, metric logging, preemption and the progress bar around a step loop."""
 
@@ -173,7 +169,7 @@ def run_sft(
     if not examples:
         raise ValueError("run_sft needs at least one example")
     n = len(examples)
-    width = _round_up(max(len(p) + len(c) for p, c in examples), 16)
+    width = data.round_up(max(len(p) + len(c) for p, c in examples), 16)
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
@@ -247,7 +243,7 @@ def rollout_batch(config, params, source: PromptSource, loop: LoopConfig, step: 
         "completion_mask": np.asarray(rollouts.mask),
     }
     if source.teacher_prompts is not None:
-        width = _round_up(max(len(p) for p in source.teacher_prompts), 16)
+        width = data.round_up(max(len(p) for p in source.teacher_prompts), 16)
         t, tm = data.left_pad([source.teacher_prompts[i] for i in rows], width, source.pad_id)
         batch["teacher_prompt_tokens"], batch["teacher_prompt_mask"] = t, tm
     return batch, rows, rollouts
@@ -296,7 +292,7 @@ def run_grpo(
     objective = train.grpo_objective(config, **loss_kwargs)
     step_fn = train.jit_step(train.make_step(objective, optimizer, grad_accum=optim.grad_accum))
     ref_logp_fn = jax.jit(lambda p, b: teacher_forced_logprobs(config, p, b))
-    width = _round_up(max(len(p) for p in source.prompts), 16)
+    width = data.round_up(max(len(p) for p in source.prompts), 16)
     run = _Run(loop, state)
 
     def body(step: int) -> dict:
@@ -353,7 +349,7 @@ def run_opd(
     state = train.init_state(params, optimizer, loop.seed)
     objective = train.opd_objective(config, teacher_config, loss_fn)
     step_fn = train.jit_step(train.make_step(objective, optimizer, grad_accum=optim.grad_accum))
-    width = _round_up(max(len(p) for p in source.prompts), 16)
+    width = data.round_up(max(len(p) for p in source.prompts), 16)
     run = _Run(loop, state)
 
     def body(step: int) -> dict:

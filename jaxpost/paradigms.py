@@ -25,6 +25,7 @@ latest checkpoint are reused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -304,10 +305,16 @@ def run_arm(w: _World, arm: str, config, base, teacher) -> loops.RunResult:
 # evaluation
 
 
+@functools.cache
+def _forced_logprobs_fn(config: ModelConfig):
+    # One jitted function per config, so every model and arm reuses its compiled programs.
+    return jax.jit(functools.partial(loops.teacher_forced_logprobs, config))
+
+
 def _forced_logprobs(config, params, prompts, tokens, mask, pad_id, chunk=1024) -> np.ndarray:
     """Per-token logprobs [N, M] of fixed completions under a model (teacher forcing)."""
-    fn = jax.jit(lambda p, b: loops.teacher_forced_logprobs(config, p, b))
-    width = -(-max(len(x) for x in prompts) // 16) * 16
+    fn = _forced_logprobs_fn(config)
+    width = data.round_up(max(len(x) for x in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
         pt, pm = data.left_pad(prompts[i : i + chunk], width, pad_id)
