@@ -6,6 +6,15 @@ logging and checkpointing. The arithmetic is in the jitted steps of `jaxpost.tra
 Determinism: the prompts of step t, the sampler's seed at step t and the SFT batch at step t are
 functions of (seed, t) alone, so a run restarted from its step-t checkpoint replays steps t+1...
 exactly as the uninterrupted run would have.
+
+Scale: every loop takes an optional `mesh` (`sharding.make_mesh`). With it the train state is
+sharded by the logical rules of `jaxpost.sharding` (FSDP/tensor parallel), each step's batch is
+split over the mesh's data axes, a teacher is sharded like a student, the sampler shards its rows
+the same way, and the step runs under the mesh so the model's activation constraints apply. The
+arithmetic is the one-device arithmetic (tests/test_loops.py checks the two agree); the batch
+(SFT examples, or prompts × group size) must divide by the data-parallel size. This is the
+single-controller path (one process driving all local devices: a GPU node, a TPU VM); multi-host
+runs build global batches with `sharding.global_batch_from_local` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpost import data, losses, sampler, train
+from jaxpost import data, losses, sampler, sharding, train
 from jaxpost.checkpoint import Checkpointer, PreemptionGuard, sync_should_stop
 from jaxpost.metrics_log import MetricsWriter
 from jaxpost.models import ModelConfig
@@ -148,6 +157,45 @@ class _Run:
                          last_batch=self.last_batch)  # fmt: skip
 
 
+class _Compiled:
+    """The jitted step of a loop, on one device or sharded over a mesh.
+
+    On a mesh the state is placed by `train.state_shardings` before the checkpoint restore (so a
+    restored state lands on the same shardings), the frozen model (teacher) by its own parameter
+    shardings, and each batch over the data axes; the step is compiled on the first batch, when
+    the batch's keys are known.
+    """
+
+    def __init__(self, step, config: ModelConfig, optimizer, mesh=None):
+        self.step, self.config, self.optimizer, self.mesh = step, config, optimizer, mesh
+        self._fn = None if mesh is not None else train.jit_step(step)
+        self._frozen_sh = None
+
+    def place_state(self, state: train.TrainState) -> train.TrainState:
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, train.state_shardings(self.config, self.mesh, self.optimizer))
+
+    def place_frozen(self, config: ModelConfig, params):
+        """Shard the frozen third argument of the step (OPD's teacher)."""
+        if self.mesh is None:
+            return params
+        self._frozen_sh = sharding.param_shardings(config, self.mesh)
+        return sharding.shard_params(params, self._frozen_sh)
+
+    def __call__(self, state, batch: dict, *frozen):
+        if self.mesh is None:
+            return self._fn(state, jax.tree.map(jnp.asarray, batch), *frozen)
+        batch = sharding.shard_batch(batch, self.mesh)
+        if self._fn is None:
+            self._fn = train.jit_step(
+                self.step, state_sharding=jax.tree.map(lambda x: x.sharding, state),
+                batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
+                frozen_sharding=self._frozen_sh,
+            )  # fmt: skip
+        return self._fn(state, batch, *frozen)
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT
 
@@ -160,6 +208,7 @@ def run_sft(
     loop: LoopConfig,
     *,
     pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """Supervised fine-tuning on fixed (prompt, completion) token pairs, completion-only loss.
 
@@ -173,11 +222,11 @@ def run_sft(
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
-    state = train.init_state(params, optimizer, loop.seed)
-    step_fn = train.jit_step(
-        train.make_step(train.sft_objective(config), optimizer, grad_accum=optim.grad_accum)
-    )
-    run = _Run(loop, state)
+    step_fn = _Compiled(
+        train.make_step(train.sft_objective(config), optimizer, grad_accum=optim.grad_accum),
+        config, optimizer, mesh,
+    )  # fmt: skip
+    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
 
     def body(step: int) -> dict:
         idx = []
@@ -188,7 +237,7 @@ def run_sft(
         batch = data.sft_batch([examples[i] for i in idx], pad_id, length=width)
         run.last_batch = batch
         start = time.perf_counter()
-        run.state, metrics = step_fn(run.state, jax.tree.map(jnp.asarray, batch))
+        run.state, metrics = step_fn(run.state, batch)
         metrics = jax.device_get(metrics)
         tokens = int(batch["loss_mask"].sum())
         return {**metrics, "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
@@ -225,14 +274,15 @@ def _step_prompts(source: PromptSource, loop: LoopConfig, step: int) -> list[int
 
 
 def rollout_batch(config, params, source: PromptSource, loop: LoopConfig, step: int,
-                  prompt_width: int) -> tuple[dict, list[int], sampler.Rollouts]:  # fmt: skip
+                  prompt_width: int, mesh: jax.sharding.Mesh | None = None,
+                  ) -> tuple[dict, list[int], sampler.Rollouts]:  # fmt: skip
     """Sample `group_size` completions of this step's prompts; arrays at a fixed run-wide width."""
     idx = _step_prompts(source, loop, step)
     rollouts = sampler.generate(
         config, params, [source.prompts[i] for i in idx], max_new_tokens=loop.max_new_tokens,
         temperature=loop.temperature, top_k=loop.top_k, top_p=loop.top_p, eos_id=source.eos_id,
         seed=(loop.seed * 1_000_003 + step) % (2**31), num_samples=loop.group_size,
-        pad_id=source.pad_id, with_entropy=True,
+        pad_id=source.pad_id, with_entropy=True, mesh=mesh,
     )  # fmt: skip
     rows = [i for i in idx for _ in range(loop.group_size)]
     prompt, prompt_mask = data.left_pad([source.prompts[i] for i in rows], prompt_width, source.pad_id)
@@ -269,6 +319,7 @@ def run_grpo(
     num_iterations: int = 1,
     reward_transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     advantage_scale: str = "group",
+    mesh: jax.sharding.Mesh | None = None,
     **loss_kwargs: Any,
 ) -> RunResult:
     """GRPO / RLVR: sample groups, verify, group-normalised advantages, clipped policy gradient.
@@ -288,16 +339,19 @@ def run_grpo(
     if kl_beta > 0 and ref_params is None:
         raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
     optimizer = train.make_optimizer(optim)
-    state = train.init_state(params, optimizer, loop.seed)
     objective = train.grpo_objective(config, **loss_kwargs)
-    step_fn = train.jit_step(train.make_step(objective, optimizer, grad_accum=optim.grad_accum))
+    step_fn = _Compiled(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
+                        config, optimizer, mesh)  # fmt: skip
     ref_logp_fn = jax.jit(lambda p, b: teacher_forced_logprobs(config, p, b))
+    if ref_params is not None and mesh is not None:
+        ref_params = sharding.shard_params(ref_params, sharding.param_shardings(config, mesh))
     width = data.round_up(max(len(p) for p in source.prompts), 16)
-    run = _Run(loop, state)
+    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
 
     def body(step: int) -> dict:
         start = time.perf_counter()
-        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width)
+        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width,
+                                              mesh)  # fmt: skip
         completions = [
             np.asarray(rollouts.tokens[r, : int(rollouts.lengths[r])]).tolist()
             for r in range(len(rows))
@@ -314,9 +368,9 @@ def run_grpo(
         )
         batch.update(old_logp=old_logp, advantages=np.asarray(adv))
         run.last_batch = batch
-        batch = jax.tree.map(jnp.asarray, batch)
         if kl_beta > 0:
-            batch["ref_logp"] = ref_logp_fn(ref_params, batch)
+            batch = {**batch, "ref_logp": np.asarray(
+                ref_logp_fn(ref_params, jax.tree.map(jnp.asarray, batch)))}  # fmt: skip
         for _ in range(num_iterations):
             run.state, metrics = step_fn(run.state, batch)
         metrics = jax.device_get(metrics)
@@ -339,6 +393,8 @@ def run_opd(
     loss_fn,
     optim: train.OptimConfig,
     loop: LoopConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
@@ -346,17 +402,19 @@ def run_opd(
     is OPSD: the teacher (typically the frozen initial student) sees a privileged prompt.
     """
     optimizer = train.make_optimizer(optim)
-    state = train.init_state(params, optimizer, loop.seed)
     objective = train.opd_objective(config, teacher_config, loss_fn)
-    step_fn = train.jit_step(train.make_step(objective, optimizer, grad_accum=optim.grad_accum))
+    step_fn = _Compiled(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
+                        config, optimizer, mesh)  # fmt: skip
+    teacher_params = step_fn.place_frozen(teacher_config, teacher_params)
     width = data.round_up(max(len(p) for p in source.prompts), 16)
-    run = _Run(loop, state)
+    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
 
     def body(step: int) -> dict:
         start = time.perf_counter()
-        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width)
+        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width,
+                                              mesh)  # fmt: skip
         run.last_batch = batch
-        run.state, metrics = step_fn(run.state, jax.tree.map(jnp.asarray, batch), teacher_params)
+        run.state, metrics = step_fn(run.state, batch, teacher_params)
         metrics = jax.device_get(metrics)
         roll = _rollout_metrics(rollouts)
         extra = {}

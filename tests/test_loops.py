@@ -1,5 +1,6 @@
 """The training loops: learning is real, bad input is refused, a killed run resumes bit-for-bit."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpost import data, loops, losses, models, sampler, train
+from jaxpost import data, loops, losses, models, sampler, sharding, train
 from jaxpost.tasks import countdown
 from jaxpost.tokenizers import CharTokenizer
 
@@ -123,6 +124,45 @@ def test_bad_input_is_refused(memorized):
         loops.LoopConfig(group_size=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         loops.run_sft(CONFIG, params, [([1] * 300, [3, 2])], optim, loop)
+
+
+@pytest.mark.parametrize("paradigm", ["sft", "grpo", "opd"])
+def test_loops_on_a_mesh_match_one_device(memorized, paradigm):
+    # FSDP x tensor x data on 8 simulated devices: sharded state, batch, teacher and sampler.
+    params = memorized.state.params
+    teacher = _sft(3).state.params
+    # A large Adam eps: with the default 1e-8 a near-zero gradient entry becomes a ±lr update whose
+    # sign is reduction-order noise, which would hide a real sharding error behind a loose atol.
+    optim = train.OptimConfig(learning_rate=3e-4, warmup_steps=0, total_steps=2, eps=1e-2)
+    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=4, max_new_tokens=16, seed=3,
+                            progress=False)  # fmt: skip
+
+    def run(mesh):
+        if paradigm == "sft":
+            pairs = countdown.sft_pairs(TASK, PROBLEMS, style="all", seed=1)
+            return loops.run_sft(CONFIG, params, data.encode_pairs(TOK, pairs), optim,
+                                 dataclasses.replace(loop, batch_size=16), mesh=mesh)  # fmt: skip
+        if paradigm == "grpo":
+            return loops.run_grpo(CONFIG, params, SOURCE, optim, loop, ref_params=params,
+                                  kl_beta=0.05, mesh=mesh)  # fmt: skip
+        return loops.run_opd(CONFIG, params, CONFIG, teacher, SOURCE, losses.opd_kl(0.5), optim,
+                             loop, mesh=mesh)  # fmt: skip
+
+    one, sharded = run(None), run(sharding.make_mesh((2, 2, 2)))
+    leaf = jax.tree.leaves(sharded.state.params)[0]
+    assert len(leaf.sharding.device_set) == 8
+    for a, b in zip(one.history, sharded.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 one.state.params, jax.device_get(sharded.state.params))  # fmt: skip
+
+
+def test_a_batch_that_does_not_divide_over_the_mesh_is_refused(memorized):
+    optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=1)
+    loop = loops.LoopConfig(steps=1, batch_size=3, group_size=2, max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        loops.run_opd(CONFIG, memorized.state.params, CONFIG, memorized.state.params, SOURCE,
+                      losses.opd_kl(1.0), optim, loop, mesh=sharding.make_mesh((4, 1, 2)))
 
 
 def _worker(workdir, out, pause=0.0):
