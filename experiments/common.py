@@ -37,14 +37,12 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxpost import data, evaluate, loops, models, plan, train  # noqa: E402
+from jaxpost import data, evaluate, loops, models, plan, tokenizers, train  # noqa: E402
 from jaxpost.models import ModelConfig, hf  # noqa: E402
 from jaxpost.tasks import addition, countdown  # noqa: E402
 from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer  # noqa: E402
 
-# A jaxpost-trained model with the character tokenizer says so in this file of its directory.
-TOKENIZER_MARKER = "jaxpost_tokenizer.json"
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_MARKER = tokenizers.TOKENIZER_MARKER
 
 _FLAG_HELP = {
     "workdir": "run directory (overrides config.workdir)",
@@ -183,19 +181,12 @@ def load_tokenizer(spec: str, model_dir: str | None) -> Tokenizer:
         return HFTokenizer.from_dir(spec)
     if model_dir is None:
         return CharTokenizer()
-    if any(os.path.exists(os.path.join(model_dir, f)) for f in _HF_TOKENIZER_FILES):
-        return HFTokenizer.from_dir(model_dir)
-    marker = os.path.join(model_dir, TOKENIZER_MARKER)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            kind = json.load(f).get("kind")
-        if kind == "char":
-            return CharTokenizer()
-        raise ExperimentError(f"{marker} names an unknown tokenizer kind {kind!r}")
-    raise ExperimentError(
-        f"no tokenizer in {model_dir} (no tokenizer.json / tokenizer_config.json and no "
-        f"{TOKENIZER_MARKER}); pass --config.tokenizer=char or --config.tokenizer=DIR"
-    )
+    try:
+        return tokenizers.from_model_dir(model_dir)
+    except ValueError as e:
+        raise ExperimentError(
+            f"{e}; pass --config.tokenizer=char or --config.tokenizer=DIR"
+        ) from None
 
 
 def load_model(spec: str, *, tokenizer: str = "auto", overrides: str = "", dtype: str = "",
@@ -231,11 +222,8 @@ def load_model(spec: str, *, tokenizer: str = "auto", overrides: str = "", dtype
 
 def save_model(path: str, model: Model, params) -> str:
     """Write `params` as a Hugging Face directory with the model's tokenizer beside them."""
-    hf_tok = model.tokenizer.hf if isinstance(model.tokenizer, HFTokenizer) else None
-    hf.save_hf(path, model.config, params, tokenizer=hf_tok)
-    if isinstance(model.tokenizer, CharTokenizer):
-        with open(os.path.join(path, TOKENIZER_MARKER), "w") as f:
-            json.dump({"kind": "char", "vocab_size": model.tokenizer.vocab_size}, f)
+    hf.save_hf(path, model.config, params)
+    tokenizers.save_beside(path, model.tokenizer)
     return path
 
 

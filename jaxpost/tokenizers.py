@@ -14,6 +14,8 @@ trained today decodes the same tomorrow: ids 0, 1, 2 are pad, bos and eos, then 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -123,6 +125,40 @@ class HFTokenizer:
             if i not in self._special and 0 <= i < self.vocab_size:
                 kept.append(i)
         return self.hf.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# A jaxpost-trained model with the character tokenizer says so in this file of its directory.
+TOKENIZER_MARKER = "jaxpost_tokenizer.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def from_model_dir(model_dir: str) -> Tokenizer:
+    """The tokenizer saved beside a checkpoint: its Hugging Face files, or the character
+    tokenizer when jaxpost's marker (`save_marker`) says so. Raises ValueError if there is none."""
+    if any(os.path.exists(os.path.join(model_dir, f)) for f in HF_TOKENIZER_FILES):
+        return HFTokenizer.from_dir(model_dir)
+    marker = os.path.join(model_dir, TOKENIZER_MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            kind = json.load(f).get("kind")
+        if kind == "char":
+            return CharTokenizer()
+        raise ValueError(f"{marker} names an unknown tokenizer kind {kind!r}")
+    raise ValueError(
+        f"no tokenizer in {model_dir} (no tokenizer.json / tokenizer_config.json and no "
+        f"{TOKENIZER_MARKER})"
+    )
+
+
+def save_beside(model_dir: str, tok: Tokenizer) -> None:
+    """Save `tok` into a checkpoint directory so `from_model_dir` finds it again."""
+    if isinstance(tok, HFTokenizer):
+        tok.hf.save_pretrained(model_dir)
+    elif isinstance(tok, CharTokenizer):
+        with open(os.path.join(model_dir, TOKENIZER_MARKER), "w") as f:
+            json.dump({"kind": "char", "vocab_size": tok.vocab_size}, f)
+    else:
+        raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

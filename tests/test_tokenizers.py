@@ -76,3 +76,22 @@ def test_load_tokenizer_char_and_missing_dir(tmp_path):
     assert isinstance(tokenizers.load_tokenizer("char"), tokenizers.CharTokenizer)
     with pytest.raises(OSError):
         tokenizers.load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_the_tokenizer_saved_beside_a_checkpoint_is_found_again(tmp_path):
+    pytest.importorskip("transformers")
+    char_dir, hf_dir, bare = tmp_path / "char", tmp_path / "hf", tmp_path / "bare"
+    for d in (char_dir, hf_dir, bare):
+        d.mkdir()
+    tokenizers.save_beside(str(char_dir), tokenizers.CharTokenizer())
+    assert isinstance(tokenizers.from_model_dir(str(char_dir)), tokenizers.CharTokenizer)
+    _save_local_hf_tokenizer(tmp_path / "tok")
+    tokenizers.save_beside(str(hf_dir), tokenizers.load_tokenizer(str(tmp_path / "tok")))
+    again = tokenizers.from_model_dir(str(hf_dir))
+    assert isinstance(again, tokenizers.HFTokenizer) and again.encode(TEXTS[0]) == (
+        tokenizers.load_tokenizer(str(tmp_path / "tok")).encode(TEXTS[0]))  # fmt: skip
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        tokenizers.from_model_dir(str(bare))
+    (bare / tokenizers.TOKENIZER_MARKER).write_text('{"kind": "sentencepiece"}')
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        tokenizers.from_model_dir(str(bare))
