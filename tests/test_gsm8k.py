@@ -102,3 +102,17 @@ def test_tfds_source_with_mock_data(tmp_path):
     for p in task.test:
         assert task.verify_chain(p, task.render_completion(p, p.answer))
     np.testing.assert_equal(len(examples), 3)
+
+
+def test_reasoning_path_and_privileged_view(tmp_path):
+    task = _task(tmp_path)
+    p = next(q for q in (*task.train, *task.test) if q.answer == "72")
+    reference = task.render_completion(p, "72")
+    assert g.reasoning_path(reference) == "24;72|72"
+    # the same steps in other words are one path; other steps or a bare answer are another
+    assert g.reasoning_path("Half of 48 is 48/2 = 24; 48+24 = 72.\n#### 72") == "24;72|72"
+    assert g.reasoning_path("24 + 48 = 72\n#### 72") == "72|72"
+    assert g.reasoning_path("#### 72") == "|72"
+    view = g.privileged_view(task, p)
+    assert view.teacher_prompt == view.prefix + view.student_prompt
+    assert view.student_prompt == task.render_prompt(p) and reference in view.prefix

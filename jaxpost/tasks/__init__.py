@@ -30,6 +30,7 @@ of generation, so they are disjoint for every seed and every n.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Hashable
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -57,6 +58,19 @@ class Task(Protocol[Problem]):
     def canonical(self, problem: Problem, completion: str) -> str | None: ...
 
     def solutions(self, problem: Problem) -> list[str]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivilegedView:
+    """The two views of one prompt for on-policy self-distillation (OPSD).
+
+    teacher_prompt == prefix + student_prompt; the completion text is shared, so encoding prompt
+    and completion separately gives identical completion tokens in both views (data.pair_batch).
+    """
+
+    teacher_prompt: str
+    student_prompt: str
+    prefix: str
 
 
 def split_of(key: str, test_fraction: float) -> Split:

@@ -29,7 +29,7 @@ from collections import Counter
 
 import numpy as np
 
-from jaxpost.tasks import Split, check_split, split_of
+from jaxpost.tasks import PrivilegedView, Split, check_split, split_of
 
 OPS = "+-*/"
 _TOKEN = re.compile(r"\d+|[-+*/()]")
@@ -373,19 +373,6 @@ def sft_pairs(
         for i in rng.integers(0, len(chosen), size=per_problem):
             pairs.append((task.render_prompt(p), task.render_completion(p, chosen[int(i)])))
     return pairs
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivilegedView:
-    """The two views of one prompt for on-policy self-distillation (OPSD).
-
-    teacher_prompt == prefix + student_prompt; the completion text is shared, so encoding prompt
-    and completion separately gives identical completion tokens in both views (data.pair_batch).
-    """
-
-    teacher_prompt: str
-    student_prompt: str
-    prefix: str
 
 
 def privileged_view(task: Countdown, problem: CountdownProblem, solution: str) -> PrivilegedView:

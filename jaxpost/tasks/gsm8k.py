@@ -24,7 +24,7 @@ from fractions import Fraction
 import numpy as np
 
 from jaxpost import data
-from jaxpost.tasks import Split, check_split
+from jaxpost.tasks import PrivilegedView, Split, check_split
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _ANSWER_RE = re.compile(_NUMBER + r"(?:/\d+)?")  # a final answer may be a fraction "3/4"
@@ -229,3 +229,21 @@ class GSM8K:
 
     def solutions(self, problem: GSM8KProblem) -> list[str]:
         return [problem.answer]
+
+
+def reasoning_path(completion: str) -> str:
+    """The identity of a completion's reasoning, for diversity on a one-answer task: the set of
+    intermediate values its stated equations claim, then the final answer ("24;72|72"). Two
+    correct completions with the same path differ only in wording or step order; "|72" is a
+    bare answer."""
+    claims = {parse_number(claim) for _, claim in stated_equations(completion)} - {None}
+    steps = ";".join(format_number(c) for c in sorted(claims))
+    answer = final_answer(completion)
+    return f"{steps}|{format_number(answer) if answer is not None else ''}"
+
+
+def privileged_view(task: GSM8K, problem: GSM8KProblem) -> PrivilegedView:
+    """Teacher view with the reference worked solution in context (for OPSD)."""
+    student = task.render_prompt(problem)
+    prefix = f"Reference solution:{task.render_completion(problem, problem.answer)}\n"
+    return PrivilegedView(prefix + student, student, prefix)
