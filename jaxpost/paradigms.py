@@ -20,6 +20,15 @@
 
 Interrupted runs pick up where they stopped: cached models, arms with an `eval.json` and an arm's
 latest checkpoint are reused.
+
+Scale. `Settings(model=DIR)` starts from a pretrained Hugging Face checkpoint (its tokenizer
+beside it) instead of the built-in character-level base, `teacher=DIR` names the OPD teacher
+(same tokenizer and vocabulary; otherwise the teacher is the base SFT-trained `teacher_steps`
+more), `task="gsm8k"` (with `gsm8k_dir` or `tfds_data_dir`) runs the protocol on GSM8K, `mesh`
+shards every arm's state, batches and rollouts over the devices (`jaxpost.sharding`) and
+`loss_impl` sends the OPD losses through the fused Pallas kernels. The protocol is the same; on
+GSM8K, diversity counts distinct reasoning paths (`gsm8k.reasoning_path`) since every problem
+has one answer, and steerability (a Countdown probe) is not measured.
 """
 
 from __future__ import annotations
@@ -36,10 +45,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, evaluate, loops, losses, metrics, models, report, train
+from jaxpost import (
+    data,
+    evaluate,
+    loops,
+    losses,
+    metrics,
+    models,
+    report,
+    sharding,
+    tokenizers,
+    train,
+)
 from jaxpost.metrics_log import read_metrics
 from jaxpost.models import ModelConfig, hf
-from jaxpost.tasks import addition, countdown, steer
+from jaxpost.tasks import addition, countdown, gsm8k, steer
 from jaxpost.tokenizers import CharTokenizer
 
 ARMS = ("sft", "grpo", "grpo_unlikely", "opd_fkl", "opd_jsd", "opd_rkl", "opd_entropy",
@@ -56,15 +76,36 @@ ARM_HELP = {
     "opsd": "OPSD: teacher = frozen base seeing a reference solution in its prompt",
 }
 RADAR_AXES = ("pass@1", "pass@large_k", "diversity", "retention", "steerability", "efficiency")
+TASKS = ("countdown", "gsm8k")
+# Defaults that depend on where the base comes from (a field left at None takes these): the
+# built-in character-level student trains from scratch; a pretrained checkpoint is used as it is
+# and fine-tuned at the small learning rates full fine-tuning of a real model needs.
+BUILT_IN_DEFAULTS = {"base_steps": 400, "pretrain_lr": 3e-3, "arm_lr": 1e-4}
+PRETRAINED_DEFAULTS = {"base_steps": 0, "pretrain_lr": 1e-5, "arm_lr": 1e-6}
+NEW_TOKENS = {"countdown": 32, "gsm8k": 256}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that defines a run. Defaults finish in about ten minutes on a 2-core CPU."""
+    """Everything that defines a run. Defaults finish in about ten minutes on a 2-core CPU.
+
+    Fields left at None take `BUILT_IN_DEFAULTS` / `PRETRAINED_DEFAULTS` (by whether `model` is
+    set) or `NEW_TOKENS[task]`; after construction they hold the resolved values.
+    """
 
     workdir: str
     arms: tuple[str, ...] = ARMS
     seed: int = 0
+    task: str = "countdown"
+    # GSM8K: a directory with train.jsonl / test.jsonl in the GSM8K format, or a prepared TFDS dir
+    gsm8k_dir: str = ""
+    tfds_data_dir: str = ""
+    # a pretrained base / teacher (Hugging Face directories, tokenizer beside the weights)
+    model: str = ""
+    teacher: str = ""
+    dtype: str = ""  # load checkpoints in this dtype ("bfloat16"); "" keeps the checkpoint's
+    mesh: str = ""  # e.g. "1,8,1" or "fsdp=4,tensor=2": shard the arms over the local devices
+    loss_impl: str = ""  # a `kernels.IMPLS` name: the OPD losses run through the fused kernel
     # Countdown: three numbers in number_range, targets with >= min_solutions solutions.
     number_range: tuple[int, int] = (1, 12)
     target_range: tuple[int, int] = (10, 60)
@@ -72,22 +113,22 @@ class Settings:
     train_problems: int = 600
     base_style: str = "first_op:+"
     addition_digits: tuple[int, int] = (2, 2)
-    # the student architecture (the "small" preset with these fields replaced)
+    # the built-in student architecture (the "small" preset with these fields replaced)
     d_model: int = 96
     n_layers: int = 3
     head_dim: int = 24
     mlp_dim: int = 256
     # base and teacher SFT
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
-    base_steps: int = 400
+    pretrain_lr: float | None = None
+    base_steps: int | None = None
     teacher_steps: int = 300
     # the arms' common budget
     arm_steps: int = 30
     prompts_per_step: int = 8
     group_size: int = 8
-    arm_lr: float = 1e-4
-    max_new_tokens: int = 32
+    arm_lr: float | None = None
+    max_new_tokens: int | None = None
     beta_rank: float = 0.25
     prefix_len: int = 8
     # evaluation
@@ -100,17 +141,30 @@ class Settings:
     progress: bool = True
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        defaults = PRETRAINED_DEFAULTS if self.model else BUILT_IN_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", NEW_TOKENS[self.task])
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms repeat: {self.arms}")
-        for name in ("train_problems", "base_steps", "teacher_steps", "arm_steps",
-                     "prompts_per_step", "eval_problems", "retention_problems",
-                     "steer_problems", "retention_samples", "steer_samples", "pretrain_batch",
-                     "max_new_tokens", "prefix_len"):  # fmt: skip
+        for name in ("train_problems", "arm_steps", "prompts_per_step", "eval_problems",
+                     "retention_problems", "steer_problems", "retention_samples",
+                     "steer_samples", "pretrain_batch", "max_new_tokens", "prefix_len"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.base_steps < (0 if self.model else 1):
+            raise ValueError(f"base_steps must be >= {0 if self.model else 1}, got "
+                             f"{self.base_steps}")  # fmt: skip
+        if self.teacher_steps < (0 if self.teacher else 1):
+            raise ValueError(f"teacher_steps must be >= 1 without a --teacher, got "
+                             f"{self.teacher_steps}")  # fmt: skip
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
         if self.eval_samples < 2:
@@ -118,13 +172,47 @@ class Settings:
         if not (self.pretrain_lr > 0 and self.arm_lr > 0):
             raise ValueError("learning rates must be > 0")
         countdown.select_solutions([], self.base_style)  # raises on an unknown style
+        for name in ("model", "teacher"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"{name} directory not found or not a Hugging Face checkpoint "
+                                 f"(no config.json): {path}")  # fmt: skip
+        if self.task == "gsm8k":
+            if not self.model:
+                raise ValueError("task gsm8k needs a pretrained --model=DIR (the built-in base is "
+                                 "a character-level Countdown model)")  # fmt: skip
+            if bool(self.gsm8k_dir) == bool(self.tfds_data_dir):
+                raise ValueError("task gsm8k needs exactly one of gsm8k_dir (train.jsonl and "
+                                 "test.jsonl) or tfds_data_dir (a prepared TFDS gsm8k)")  # fmt: skip
+            for split in ("train", "test"):
+                path = os.path.join(self.gsm8k_dir, f"{split}.jsonl")
+                if self.gsm8k_dir and not os.path.isfile(path):
+                    raise ValueError(f"GSM8K file not found: {path}")
+        if self.mesh:
+            sharding.parse_mesh_shape(self.mesh)  # raises on a malformed shape
+        if self.loss_impl:
+            import kernels
+
+            if self.loss_impl not in kernels.IMPLS:
+                raise ValueError(f"unknown loss_impl {self.loss_impl!r}; choose from "
+                                 f"{', '.join(kernels.IMPLS)}")  # fmt: skip
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.model)
 
     def model_key(self) -> str:
         """Hash of the fields the base and teacher depend on (the model cache's key)."""
-        fields = ("seed", "number_range", "target_range", "min_solutions", "train_problems",
-                  "base_style", "addition_digits", "d_model", "n_layers", "head_dim", "mlp_dim", "pretrain_batch",
-                  "pretrain_lr", "base_steps", "teacher_steps")  # fmt: skip
-        blob = json.dumps({f: getattr(self, f) for f in fields}, sort_keys=True)
+        fields = ("seed", "task", "gsm8k_dir", "tfds_data_dir", "model", "teacher", "dtype",
+                  "number_range", "target_range", "min_solutions", "train_problems",
+                  "base_style", "addition_digits", "d_model", "n_layers", "head_dim", "mlp_dim",
+                  "pretrain_batch", "pretrain_lr", "base_steps", "teacher_steps")  # fmt: skip
+        values = {f: getattr(self, f) for f in fields}
+        if not self.model:  # keep the built-in protocol's cache key as it was
+            values = {f: v for f, v in values.items()
+                      if f not in ("task", "gsm8k_dir", "tfds_data_dir", "model", "teacher",
+                                   "dtype")}  # fmt: skip
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def arm_key(self) -> str:
@@ -141,6 +229,8 @@ def miniature(workdir: str, **overrides) -> Settings:
                  prompts_per_step=2, group_size=2, max_new_tokens=24, eval_problems=4,
                  eval_samples=4, retention_problems=4, retention_samples=2, steer_problems=3,
                  steer_samples=2, progress=False)  # fmt: skip
+    if overrides.get("model"):  # a checkpoint base is used as it is unless asked otherwise
+        del small["base_steps"]
     return Settings(workdir=workdir, **(small | overrides))
 
 
@@ -153,49 +243,82 @@ class _World:
     """The tasks, tokenizer and problem sets shared by every stage of a run."""
 
     settings: Settings
-    tok: CharTokenizer
-    cd: countdown.Countdown
+    tok: tokenizers.Tokenizer
+    task: countdown.Countdown | gsm8k.GSM8K
     add: addition.Addition
-    steer: steer.Steer
+    steer: steer.Steer | None  # the steering probe (Countdown only)
     train: list
     test: list
     add_test: list
     steer_test: list
+    mesh: jax.sharding.Mesh | None = None
 
 
-def _world(s: Settings) -> _World:
-    cd = countdown.Countdown(num_numbers=(3, 3), number_range=s.number_range,
-                             target_range=s.target_range, min_solutions=s.min_solutions)  # fmt: skip
+def _task(s: Settings):
+    if s.task == "countdown":
+        return countdown.Countdown(num_numbers=(3, 3), number_range=s.number_range,
+                                   target_range=s.target_range, min_solutions=s.min_solutions)  # fmt: skip
+    if s.gsm8k_dir:
+        return gsm8k.GSM8K.from_jsonl(os.path.join(s.gsm8k_dir, "train.jsonl"),
+                                      os.path.join(s.gsm8k_dir, "test.jsonl"))  # fmt: skip
+    return gsm8k.GSM8K.from_tfds(s.tfds_data_dir)
+
+
+def _world(s: Settings, tok: tokenizers.Tokenizer) -> _World:
+    task = _task(s)
     add = addition.Addition(digits=s.addition_digits)
-    st = steer.Steer(countdown=cd)
+    st = steer.Steer(countdown=task) if isinstance(task, countdown.Countdown) else None
+    try:
+        train_set, test_set = task.prompts("train", s.train_problems, s.seed), task.prompts(
+            "test", s.eval_problems, s.seed)  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{task.name}: {e}") from None
     return _World(
-        settings=s, tok=CharTokenizer(), cd=cd, add=add, steer=st,
-        train=cd.prompts("train", s.train_problems, s.seed),
-        test=cd.prompts("test", s.eval_problems, s.seed),
+        settings=s, tok=tok, task=task, add=add, steer=st, train=train_set, test=test_set,
         add_test=add.prompts("test", s.retention_problems, s.seed),
-        steer_test=st.prompts("test", s.steer_problems, s.seed),
+        steer_test=st.prompts("test", s.steer_problems, s.seed) if st else [],
+        mesh=sharding.make_mesh(s.mesh) if s.mesh else None,
     )  # fmt: skip
 
 
+def _task_pairs(w: _World, style: str, per_problem: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) texts of reference solutions of the training problems."""
+    if isinstance(w.task, countdown.Countdown):
+        return countdown.sft_pairs(w.task, w.train, style=style, per_problem=per_problem,
+                                   seed=seed)  # fmt: skip
+    return [(w.task.render_prompt(p), w.task.render_completion(p, p.answer)) for p in w.train]
+
+
+def _privileged_pair(w: _World, problem, rng: np.random.Generator) -> tuple[str, str]:
+    """(teacher prompt with a reference solution in context, that solution's completion)."""
+    if isinstance(w.task, countdown.Countdown):
+        sols = w.task.solutions(problem)
+        solution = sols[int(rng.integers(len(sols)))]
+        view = countdown.privileged_view(w.task, problem, solution)
+        return view.teacher_prompt, w.task.render_completion(problem, solution)
+    view = gsm8k.privileged_view(w.task, problem)
+    return view.teacher_prompt, w.task.render_completion(problem, problem.answer)
+
+
 def _mixture(w: _World, style: str, seed: int) -> list[tuple[str, str]]:
-    """Countdown solutions of `style` plus addition, steering and privileged-context examples."""
+    """Task solutions of `style` plus addition, steering and privileged-context examples."""
     rng = np.random.default_rng([seed, 11])
-    pairs = countdown.sft_pairs(w.cd, w.train, style=style, per_problem=2, seed=seed)
+    pairs = _task_pairs(w, style, 2, seed)
     n = max(len(pairs) // 2, 8)
     for p in w.add.prompts("train", n, seed):
         pairs.append((w.add.render_prompt(p), w.add.render_completion(p, w.add.solutions(p)[0])))
-    for p in w.steer.prompts("train", max(n // 2, 4), seed):
-        sols = w.steer.compliant_solutions(p)
-        pairs.append((w.steer.render_prompt(p), w.steer.render_completion(p, sols[rng.integers(len(sols))])))
+    if w.steer is not None:
+        for p in w.steer.prompts("train", max(n // 2, 4), seed):
+            sols = w.steer.compliant_solutions(p)
+            pairs.append((w.steer.render_prompt(p),
+                          w.steer.render_completion(p, sols[rng.integers(len(sols))])))  # fmt: skip
     for p in w.train[: max(n // 2, 4)]:
-        sols = w.cd.solutions(p)
-        solution = sols[int(rng.integers(len(sols)))]
-        view = countdown.privileged_view(w.cd, p, solution)
-        pairs.append((view.teacher_prompt, w.cd.render_completion(p, solution)))
+        pairs.append(_privileged_pair(w, p, rng))
     return pairs
 
 
 def student_config(s: Settings) -> ModelConfig:
+    """The built-in student (used when no pretrained `model` is given)."""
     return models.get_config("small", vocab_size=CharTokenizer.vocab_size, d_model=s.d_model,
                              n_layers=s.n_layers, head_dim=s.head_dim, mlp_dim=s.mlp_dim)  # fmt: skip
 
@@ -207,42 +330,110 @@ def _pretrain(w: _World, config, params, style: str, steps: int, desc: str, seed
                               total_steps=steps)  # fmt: skip
     loop = loops.LoopConfig(steps=steps, batch_size=s.pretrain_batch, seed=seed,
                             progress=s.progress, desc=desc)  # fmt: skip
-    return loops.run_sft(config, params, examples, optim, loop, pad_id=w.tok.pad_id)
+    return loops.run_sft(config, params, examples, optim, loop, pad_id=w.tok.pad_id, mesh=w.mesh)
 
 
-def _cached_model(path: str, build: Callable[[], tuple[ModelConfig, dict, list]], log):
+def _cached_model(path: str, build: Callable[[], tuple[ModelConfig, dict, list]], log,
+                  tok: tokenizers.Tokenizer, dtype: str = ""):  # fmt: skip
     if os.path.exists(os.path.join(path, "config.json")):
         log(f"reusing {path}")
-        config, params = hf.load_hf(path)
+        config, params = hf.load_hf(path, dtype=dtype or None)
         with open(os.path.join(path, "history.json")) as f:
             return config, params, json.load(f)
     config, params, history = build()
     hf.save_hf(path, config, params)
+    tokenizers.save_beside(path, tok)
     with open(os.path.join(path, "history.json"), "w") as f:
         json.dump(history, f)
     return config, params, history
 
 
-def base_and_teacher(w: _World, log=print):
-    """(config, base params, teacher params, {name: history}), trained once per model_key."""
+@dataclasses.dataclass
+class Models:
+    """The base student and the teacher of a run (the teacher may have another architecture)."""
+
+    config: ModelConfig
+    base: dict
+    teacher_config: ModelConfig
+    teacher: dict
+    history: dict  # {"base"/"teacher": SFT curve}, empty for a checkpoint used as it is
+    describe: dict  # {"student"/"base"/"teacher": one line for the report}
+
+
+def tokenizer_for(s: Settings) -> tokenizers.Tokenizer:
+    """The built-in character tokenizer, or the one saved beside the pretrained `model`."""
+    return tokenizers.from_model_dir(s.model) if s.model else CharTokenizer()
+
+
+def _check_teacher(s: Settings, tok, config: ModelConfig, teacher_config: ModelConfig) -> None:
+    sample = "Question: 12 + 30 = ? Answer: 42\n"
+    other = tokenizers.from_model_dir(s.teacher)
+    same = (other.vocab_size, other.eos_id, other.pad_id) == (tok.vocab_size, tok.eos_id,
+                                                              tok.pad_id)  # fmt: skip
+    if teacher_config.vocab_size != config.vocab_size or not same or (
+            other.encode(sample) != tok.encode(sample)):  # fmt: skip
+        raise ValueError(
+            f"teacher {s.teacher} (vocab {teacher_config.vocab_size}) and student "
+            f"{s.model or 'built-in'} (vocab {config.vocab_size}) must share one tokenizer and "
+            f"vocabulary for token-level distillation"
+        )
+
+
+def base_and_teacher(w: _World, log=print) -> Models:
+    """The base and teacher, trained once per model_key (or loaded from the given checkpoints)."""
     s = w.settings
     root = os.path.join(s.workdir, "models", s.model_key())
-    config = student_config(s)
+    if s.model:
+        config, start = hf.load_hf(s.model, dtype=s.dtype or None)
+        if w.tok.vocab_size > config.vocab_size:
+            raise ValueError(f"vocabulary mismatch: the tokenizer in {s.model} has "
+                             f"{w.tok.vocab_size} ids but the model's embedding table has "
+                             f"{config.vocab_size} rows")  # fmt: skip
+        origin = f"{s.model} ({config.family})"
+    else:
+        config = student_config(s)
+        start = models.init(config, seed=s.seed)
+        origin = f"built-in {config.family}-style decoder"
 
     def build_base():
-        r = _pretrain(w, config, models.init(config, seed=s.seed), s.base_style, s.base_steps,
+        r = _pretrain(w, config, start, s.base_style, s.base_steps,
                       "base (SFT, narrow slice)", s.seed)  # fmt: skip
         return config, r.state.params, r.history
 
-    cfg, base, base_hist = _cached_model(os.path.join(root, "base"), build_base, log)
+    if s.base_steps > 0:
+        config, base, base_hist = _cached_model(os.path.join(root, "base"), build_base, log, w.tok,
+                                                s.dtype)  # fmt: skip
+    else:
+        base, base_hist = start, []
+    if s.teacher:
+        t_config, teacher = hf.load_hf(s.teacher, dtype=s.dtype or None)
+        _check_teacher(s, w.tok, config, t_config)
+        teacher_hist, teacher_line = [], f"{s.teacher} ({t_config.num_params():,} parameters)"
+    else:
 
-    def build_teacher():
-        r = _pretrain(w, cfg, base, "all", s.teacher_steps, "teacher (SFT, all solutions)",
-                      s.seed + 1)  # fmt: skip
-        return cfg, r.state.params, r.history
+        def build_teacher():
+            r = _pretrain(w, config, base, "all", s.teacher_steps, "teacher (SFT, all solutions)",
+                          s.seed + 1)  # fmt: skip
+            return config, r.state.params, r.history
 
-    _, teacher, teacher_hist = _cached_model(os.path.join(root, "teacher"), build_teacher, log)
-    return cfg, base, teacher, {"base": base_hist, "teacher": teacher_hist}
+        t_config, teacher, teacher_hist = _cached_model(os.path.join(root, "teacher"),
+                                                        build_teacher, log, w.tok, s.dtype)  # fmt: skip
+        teacher_line = f"the base trained {s.teacher_steps} more steps with all solutions"
+    if w.mesh is not None:  # every model lives on the mesh, so loops and sampling agree on devices
+        base = sharding.shard_params(base, sharding.param_shardings(config, w.mesh))
+        teacher = sharding.shard_params(teacher, sharding.param_shardings(t_config, w.mesh))
+    slice_ = (f"Countdown slice '{s.base_style}'" if s.task == "countdown" else "GSM8K train")
+    base_line = (f"SFT {s.base_steps} steps × {s.pretrain_batch} on {slice_} + addition"
+                 + (" + steering" if w.steer else "") + " + privileged-context examples")
+    if s.base_steps == 0:
+        base_line = f"the checkpoint {s.model} as it is"
+    return Models(
+        config=config, base=base, teacher_config=t_config, teacher=teacher,
+        history={"base": base_hist, "teacher": teacher_hist},
+        describe={"student": f"{origin}, d_model={config.d_model}, {config.n_layers} layers "
+                             f"({config.num_params():,} parameters)",
+                  "base": base_line, "teacher": teacher_line},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +442,26 @@ def base_and_teacher(w: _World, log=print):
 
 def _reward(w: _World):
     def reward(i: int, completion: Sequence[int]) -> float:
-        return float(w.cd.verify_answer(w.train[i], w.tok.decode(completion)))
+        return float(w.task.verify_answer(w.train[i], w.tok.decode(completion)))
 
     return reward
 
 
-def run_arm(w: _World, arm: str, config, base, teacher) -> loops.RunResult:
+def _encode(w: _World, texts: Sequence[str], what: str, config: ModelConfig) -> list[list[int]]:
+    """Token ids of prompts, checked to leave room for max_new_tokens in the model's context."""
+    ids = [w.tok.encode(t, add_bos=True) for t in texts]
+    longest = max(len(x) for x in ids)
+    need = data.round_up(longest, 16) + w.settings.max_new_tokens
+    if need > config.max_seq_len:
+        raise ValueError(
+            f"{what}: the longest prompt ({longest} tokens, padded to "
+            f"{data.round_up(longest, 16)}) plus max_new_tokens={w.settings.max_new_tokens} is "
+            f"{need} tokens, more than the model's max_seq_len {config.max_seq_len}"
+        )
+    return ids
+
+
+def run_arm(w: _World, arm: str, m: Models) -> loops.RunResult:
     """Train one arm from the base with the shared budget; resumes from its checkpoints."""
     s = w.settings
     rows = s.prompts_per_step * s.group_size
@@ -267,38 +472,39 @@ def run_arm(w: _World, arm: str, config, base, teacher) -> loops.RunResult:
         max_new_tokens=s.max_new_tokens, seed=s.seed + 100, progress=s.progress, desc=arm,
         workdir=os.path.join(s.workdir, "arms", arm), checkpoint_every=max(1, s.arm_steps // 3),
     )  # fmt: skip
-    prompts = [w.tok.encode(w.cd.render_prompt(p), add_bos=True) for p in w.train]
+    prompts = _encode(w, [w.task.render_prompt(p) for p in w.train], "training prompts", m.config)
     source = loops.PromptSource(prompts=prompts, reward=_reward(w), eos_id=w.tok.eos_id,
                                 pad_id=w.tok.pad_id)  # fmt: skip
     if arm == "sft":
-        pairs = countdown.sft_pairs(w.cd, w.train, style="all", per_problem=4, seed=s.seed + 7)
+        pairs = _task_pairs(w, "all", 4, s.seed + 7)
         sft_loop = dataclasses.replace(loop, batch_size=rows)
-        return loops.run_sft(config, base, data.encode_pairs(w.tok, pairs), optim, sft_loop,
-                             pad_id=w.tok.pad_id)  # fmt: skip
+        return loops.run_sft(m.config, m.base, data.encode_pairs(w.tok, pairs), optim, sft_loop,
+                             pad_id=w.tok.pad_id, mesh=w.mesh)  # fmt: skip
     if arm in ("grpo", "grpo_unlikely"):
         transform = None
         if arm == "grpo_unlikely":
             def transform(r, seq_logp):
                 return np.asarray(losses.unlikeliness_rewards(
                     jnp.asarray(r), jnp.asarray(seq_logp), s.group_size, beta_rank=s.beta_rank))
-        return loops.run_grpo(config, base, source, optim, loop, reward_transform=transform)
+        return loops.run_grpo(m.config, m.base, source, optim, loop, reward_transform=transform,
+                              mesh=w.mesh)  # fmt: skip
+    impl = s.loss_impl or None
     if arm == "opsd":
         rng = np.random.default_rng([s.seed, 23])
-        views = []
-        for p in w.train:
-            sols = w.cd.solutions(p)
-            views.append(countdown.privileged_view(w.cd, p, sols[int(rng.integers(len(sols)))]))
-        source = dataclasses.replace(source, teacher_prompts=[
-            w.tok.encode(v.teacher_prompt, add_bos=True) for v in views])  # fmt: skip
-        return loops.run_opd(config, base, config, base, source, losses.opd_kl(1.0), optim, loop)
+        views = [_privileged_pair(w, p, rng)[0] for p in w.train]
+        source = dataclasses.replace(
+            source, teacher_prompts=_encode(w, views, "OPSD teacher prompts", m.config))
+        return loops.run_opd(m.config, m.base, m.config, m.base, source,
+                             losses.opd_kl(1.0, impl=impl), optim, loop, mesh=w.mesh)  # fmt: skip
     loss_fn = {
-        "opd_fkl": lambda: losses.opd_kl(0.0),
-        "opd_jsd": lambda: losses.opd_kl(0.5),
-        "opd_rkl": lambda: losses.opd_kl(1.0),
+        "opd_fkl": lambda: losses.opd_kl(0.0, impl=impl),
+        "opd_jsd": lambda: losses.opd_kl(0.5, impl=impl),
+        "opd_rkl": lambda: losses.opd_kl(1.0, impl=impl),
         "opd_entropy": lambda: losses.entropy_aware_opd_kl(),
-        "opd_prefix": lambda: losses.prefix_opd(losses.opd_kl(1.0), s.prefix_len),
+        "opd_prefix": lambda: losses.prefix_opd(losses.opd_kl(1.0, impl=impl), s.prefix_len),
     }[arm]()
-    return loops.run_opd(config, base, config, teacher, source, loss_fn, optim, loop)
+    return loops.run_opd(m.config, m.base, m.teacher_config, m.teacher, source, loss_fn, optim,
+                         loop, mesh=w.mesh)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,60 +566,72 @@ def _est(values) -> dict:
     return metrics.mean_ci(np.asarray(values, float)).as_dict()
 
 
+def _paths(w: _World, samples: evaluate.Samples) -> list[list]:
+    """Per sample, the identity diversity counts (None for a wrong one): the canonical solution
+    on Countdown, the reasoning path on GSM8K (whose problems have one answer each)."""
+    if isinstance(w.task, countdown.Countdown):
+        return samples.canonical
+    return [[gsm8k.reasoning_path(t) if ok else None for t, ok in zip(row, oks)]
+            for row, oks in zip(samples.texts, samples.answer_ok)]  # fmt: skip
+
+
 def evaluate_model(w: _World, config, params, *, base: Evaluation | None = None,
-                   base_params=None, seed: int = 0) -> Evaluation:  # fmt: skip
+                   base_params=None, base_config=None, seed: int = 0) -> Evaluation:  # fmt: skip
     """Every metric of the report for one model (the base's evaluation pairs with the others)."""
     s = w.settings
-    cd_samples = evaluate.sample(config, params, w.tok, w.cd, w.test, n=s.eval_samples,
-                                 max_new_tokens=s.max_new_tokens, seed=seed)  # fmt: skip
-    summary = evaluate.summarize(cd_samples)
+    main = evaluate.sample(config, params, w.tok, w.task, w.test, n=s.eval_samples,
+                           max_new_tokens=s.max_new_tokens, seed=seed, mesh=w.mesh)  # fmt: skip
+    summary = evaluate.summarize(main)
     n = s.eval_samples
-    correct = cd_samples.answer_ok
+    correct = main.answer_ok
+    paths = _paths(w, main)
     per_problem = {
         "pass@1": metrics.pass_at_k(n, correct.sum(1), 1).tolist(),
         "pass@large_k": metrics.pass_at_k(n, correct.sum(1), n).tolist(),
         "num_correct": correct.sum(1).tolist(),
-        "diversity": [metrics.solution_entropy(row) for row in cd_samples.canonical],
+        "diversity": [metrics.solution_entropy(row) for row in paths],
     }
     scalars = dict(summary["scalars"])
     scalars["pass@large_k"] = scalars.pop(f"pass@{n}")
     scalars["diversity"] = _est(per_problem["diversity"])
-    scalars["collision_rate"] = _est([metrics.collision_rate(r) for r in cd_samples.canonical])
+    scalars["collision_rate"] = _est([metrics.collision_rate(r) for r in paths])
     scalars["solution_set_coverage"] = _est(metrics.solution_set_coverage(
-        cd_samples.canonical, [w.cd.solutions(p) for p in w.test]))  # fmt: skip
+        main.canonical, [w.task.solutions(p) for p in w.test]))  # fmt: skip
 
     add = evaluate.sample(config, params, w.tok, w.add, w.add_test, n=s.retention_samples,
-                          max_new_tokens=40, seed=seed + 1)  # fmt: skip
+                          max_new_tokens=40, seed=seed + 1, mesh=w.mesh)  # fmt: skip
     per_problem["retention"] = add.answer_ok.mean(1).tolist()
     scalars["retention"] = _est(per_problem["retention"])
 
-    st = evaluate.sample(config, params, w.tok, w.steer, w.steer_test, n=s.steer_samples,
-                         max_new_tokens=s.max_new_tokens, seed=seed + 2)  # fmt: skip
-    comply = [[w.steer.complies(p, t) for t in row] for p, row in zip(w.steer_test, st.texts)]
-    per_problem["steerability"] = np.mean(comply, axis=1).tolist()
-    scalars["steerability"] = _est(per_problem["steerability"])
-    scalars["steer_tv"] = _est([
-        metrics.steer_distance([w.steer.compliant_canonical(p, t) for t in row],
-                               w.steer.requested_distribution(p))["tv"]
-        for p, row in zip(w.steer_test, st.texts)
-    ])  # fmt: skip
+    if w.steer is not None:
+        st = evaluate.sample(config, params, w.tok, w.steer, w.steer_test, n=s.steer_samples,
+                             max_new_tokens=s.max_new_tokens, seed=seed + 2, mesh=w.mesh)  # fmt: skip
+        comply = [[w.steer.complies(p, t) for t in row] for p, row in zip(w.steer_test, st.texts)]
+        per_problem["steerability"] = np.mean(comply, axis=1).tolist()
+        scalars["steerability"] = _est(per_problem["steerability"])
+        scalars["steer_tv"] = _est([
+            metrics.steer_distance([w.steer.compliant_canonical(p, t) for t in row],
+                                   w.steer.requested_distribution(p))["tv"]
+            for p, row in zip(w.steer_test, st.texts)
+        ])  # fmt: skip
 
     if base is not None and base_params is not None:
+        base_config = base_config or config
         scalars.update({f"support_{k}": {"mean": v} for k, v in metrics.support_change(
             np.asarray(base.per_problem["num_correct"]), correct.sum(1)).items()})  # fmt: skip
         # rank bias: base logprob of this model's correct samples against its change
-        rows = _rows(cd_samples)
-        base_lp = _forced_logprobs(config, base_params, rows, cd_samples.tokens, cd_samples.mask,
+        rows = _rows(main)
+        base_lp = _forced_logprobs(base_config, base_params, rows, main.tokens, main.mask,
                                    w.tok.pad_id).sum(1)  # fmt: skip
         ok = correct.reshape(-1)
         groups = np.repeat(np.arange(len(w.test)), n)
-        rb = metrics.rank_bias(base_lp[ok], cd_samples.seq_logprob.reshape(-1)[ok], groups[ok])
+        rb = metrics.rank_bias(base_lp[ok], main.seq_logprob.reshape(-1)[ok], groups[ok])
         scalars["rank_bias"] = {"mean": rb}
         # KL(base || model) on the base's own samples
         bs = base.samples
         lp = _forced_logprobs(config, params, _rows(bs), bs.tokens, bs.mask, w.tok.pad_id)
         scalars["kl_from_base"] = metrics.sequence_kl(bs.logprobs * bs.mask, lp, bs.mask).as_dict()
-    return Evaluation(summary["curves"], scalars, per_problem, cd_samples)
+    return Evaluation(summary["curves"], scalars, per_problem, main)
 
 
 def _paired(a, b) -> metrics.Estimate:
@@ -513,6 +731,7 @@ def _load_eval(path: str, key: str) -> Evaluation | None:
 
 
 def _save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"key": key, **ev.to_json(), **(extra or {})}, f, default=float)
@@ -524,8 +743,10 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     the report; returns the metrics dictionary the report was rendered from."""
     start = time.perf_counter()
     os.makedirs(s.workdir, exist_ok=True)
-    w = _world(s)
-    config, base, teacher, pre_hist = base_and_teacher(w, log)
+    w = _world(s, tokenizer_for(s))
+    m = base_and_teacher(w, log)
+    config, base = m.config, m.base
+    _encode(w, [w.task.render_prompt(p) for p in w.test], "evaluation prompts", m.teacher_config)
     log(f"models ready ({time.perf_counter() - start:.0f} s)")
     key = s.arm_key()
     evals: dict[str, Evaluation] = {}
@@ -536,8 +757,8 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     log("evaluating teacher")
     evals["teacher"] = _load_eval(os.path.join(s.workdir, "models", "teacher_eval.json"), key)
     if evals["teacher"] is None:
-        evals["teacher"] = evaluate_model(w, config, teacher, base=evals["base"],
-                                          base_params=base, seed=s.seed)  # fmt: skip
+        evals["teacher"] = evaluate_model(w, m.teacher_config, m.teacher, base=evals["base"],
+                                          base_params=base, base_config=config, seed=s.seed)  # fmt: skip
         _save_eval(os.path.join(s.workdir, "models", "teacher_eval.json"), key, evals["teacher"])
     for arm in s.arms:
         arm_dir = os.path.join(s.workdir, "arms", arm)
@@ -550,7 +771,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
                 extras[arm] = json.load(f)["extra"]
             continue
         t0 = time.perf_counter()
-        result = run_arm(w, arm, config, base, teacher)
+        result = run_arm(w, arm, m)
         if result.preempted:
             raise SystemExit(f"preempted during arm {arm}; rerun the same command to resume")
         train_s = time.perf_counter() - t0
@@ -561,13 +782,13 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
         tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
         extra = {"tokens": tokens, "train_seconds": train_s}
         if result.last_batch is not None:
-            lp, m = _batch_nll(config, result.state.params, result.last_batch, w.tok.pad_id)
+            lp, mask = _batch_nll(config, result.state.params, result.last_batch, w.tok.pad_id)
             own = ev.samples
-            extra["state_locality"] = metrics.state_locality(lp, m, own.logprobs * own.mask,
+            extra["state_locality"] = metrics.state_locality(lp, mask, own.logprobs * own.mask,
                                                               own.mask)  # fmt: skip
         _save_eval(eval_path, key, ev, {"extra": extra})
         evals[arm], extras[arm] = ev, extra
-    metrics_dict = assemble(s, evals, extras, pre_hist)
+    metrics_dict = assemble(s, evals, extras, m.history, m.describe)
     metrics_dict["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     paths = report.write_report(s.workdir, metrics_dict)
     log(f"report: {paths['report']}")
@@ -575,7 +796,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
 
 
 def assemble(s: Settings, evals: dict[str, Evaluation], extras: dict[str, dict],
-             pre_hist: dict) -> dict:  # fmt: skip
+             pre_hist: dict, describe: dict) -> dict:  # fmt: skip
     """The report's metrics dictionary from the evaluations (see `jaxpost.report`)."""
     base_p1 = evals["base"].scalars["pass@1"]["mean"]
     arms = {}
@@ -595,43 +816,53 @@ def assemble(s: Settings, evals: dict[str, Evaluation], extras: dict[str, dict],
             "scalars": scalars,
             "history": _history(arm_dir) if name not in ("base", "teacher") else [],
         }
+    countdown_task = s.task == "countdown"
+    if countdown_task:
+        task = (f"Countdown, 3 numbers in {list(s.number_range)}, targets in "
+                f"{list(s.target_range)}, >= {s.min_solutions} solutions")  # fmt: skip
+    else:
+        task = f"GSM8K ({s.gsm8k_dir or 'TFDS gsm8k in ' + s.tfds_data_dir})"
+    steering = (f"; steering: {s.steer_problems} prompts × {s.steer_samples}" if countdown_task
+                else "; steerability not measured (a Countdown probe)")  # fmt: skip
     settings = {
-        "task": f"Countdown, 3 numbers in {list(s.number_range)}, targets in "
-                f"{list(s.target_range)}, >= {s.min_solutions} solutions",
-        "student": f"qwen2-style decoder d_model={s.d_model}, {s.n_layers} layers "
-                   f"({student_config(s).num_params():,} parameters)",
-        "base": f"SFT {s.base_steps} steps × {s.pretrain_batch} on Countdown slice "
-                f"'{s.base_style}' + addition + steering + privileged-context examples",
-        "teacher": f"the base trained {s.teacher_steps} more steps with all solutions",
+        "task": task,
+        "student": describe["student"],
+        "base": describe["base"],
+        "teacher": describe["teacher"],
         "budget per arm": f"{s.arm_steps} steps × {s.prompts_per_step} prompts × "
-                          f"{s.group_size} samples, lr {s.arm_lr}",
+                          f"{s.group_size} samples, lr {s.arm_lr}, ≤ {s.max_new_tokens} new tokens",
         "evaluation": f"{s.eval_problems} held-out problems × {s.eval_samples} samples at "
                       f"temperature 1; retention: {s.retention_problems} addition problems × "
-                      f"{s.retention_samples}; steering: {s.steer_problems} prompts × "
-                      f"{s.steer_samples}",
+                      f"{s.retention_samples}{steering}",
         "arms": ", ".join(f"{a} ({ARM_HELP[a]})" for a in s.arms),
         "efficiency": "pass@1 gained over the base per 1k sampled (on-policy) or trained (SFT) "
                       "tokens",
         "seed": s.seed,
     }
+    if s.mesh or s.loss_impl:
+        settings["devices"] = f"mesh {s.mesh or 'none'}; OPD loss {s.loss_impl or 'dense jnp'}"
+    solutions = ("distinct correct solutions" if countdown_task else
+                 "distinct reasoning paths of correct samples (gsm8k.reasoning_path)")  # fmt: skip
     notes = [
         "pass@large_k is pass@k at k = the number of samples per problem; diversity is the "
-        "entropy (nats) of the empirical distribution of distinct correct solutions per problem.",
+        f"entropy (nats) of the empirical distribution of {solutions} per problem.",
         "state_locality: per-token NLL of the final policy on its last training batch minus on "
         "its own samples (≈0 for on-policy training).",
         "rank_bias: Spearman correlation, within each problem, between the base's sequence "
         "logprob of a correct sample and its change under the arm (He et al.).",
-        "Pretraining curves (loss) of base/teacher: final loss "
-        + ", ".join(f"{k} {v[-1]['loss']:.3f}" for k, v in pre_hist.items() if v),
     ]
+    if any(pre_hist.values()):
+        notes.append("Pretraining curves (loss) of base/teacher: final loss "
+                     + ", ".join(f"{k} {v[-1]['loss']:.3f}" for k, v in pre_hist.items() if v))
+    axes = [a for a in RADAR_AXES if countdown_task or a != "steerability"]
     return {
         "arms": arms,
-        "radar_axes": list(RADAR_AXES),
+        "radar_axes": axes,
         "claims": claims(evals),
         "settings": settings,
         "notes": notes,
     }
 
 
-__all__ = ["ARMS", "Evaluation", "Settings", "assemble", "base_and_teacher", "claims",
-           "evaluate_model", "miniature", "run", "run_arm"]  # fmt: skip
+__all__ = ["ARMS", "TASKS", "Evaluation", "Models", "Settings", "assemble", "base_and_teacher",
+           "claims", "evaluate_model", "miniature", "run", "run_arm", "tokenizer_for"]  # fmt: skip

@@ -115,3 +115,24 @@ def test_claim_verdicts_follow_the_paired_interval():
     (claim,) = paradigms.claims(flipped)
     assert claim["verdict"] == "not reproduced"  # GRPO is ahead at large k
     assert "base−GRPO -0.300" in claim["evidence"]
+
+
+def test_flags_become_settings(tmp_path):
+    from absl import flags
+
+    from experiments import paradigms as main
+
+    fv = flags.FlagValues()
+    main.define_flags(fv)
+    fv(["prog", f"--workdir={tmp_path}", "--arms=grpo,opd_rkl", "--arm_steps=45",
+        "--mesh=1,8,1", "--loss_impl=xla"])  # fmt: skip
+    s = main.settings_from_flags(fv)
+    assert (s.arms, s.arm_steps, s.mesh, s.loss_impl) == (("grpo", "opd_rkl"), 45, "1,8,1", "xla")
+    assert (s.base_steps, s.arm_lr) == (paradigms.BUILT_IN_DEFAULTS["base_steps"],
+                                        paradigms.BUILT_IN_DEFAULTS["arm_lr"])  # fmt: skip
+    fv = flags.FlagValues()
+    main.define_flags(fv)
+    fv(["prog", f"--workdir={tmp_path}", "--mini", "--arm_steps=3", "--seed=2"])
+    s = main.settings_from_flags(fv)
+    mini = paradigms.miniature(str(tmp_path))
+    assert (s.arm_steps, s.seed, s.eval_samples) == (3, 2, mini.eval_samples)
