@@ -746,7 +746,8 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     w = _world(s, tokenizer_for(s))
     m = base_and_teacher(w, log)
     config, base = m.config, m.base
-    _encode(w, [w.task.render_prompt(p) for p in w.test], "evaluation prompts", m.teacher_config)
+    for cfg in (m.config, m.teacher_config):  # both models sample the held-out prompts
+        _encode(w, [w.task.render_prompt(p) for p in w.test], "evaluation prompts", cfg)
     log(f"models ready ({time.perf_counter() - start:.0f} s)")
     key = s.arm_key()
     evals: dict[str, Evaluation] = {}
