@@ -116,11 +116,55 @@ def run_main(run: Callable[[ml_collections.ConfigDict], dict],
     app.run(main)
 
 
+RUN_CONFIG = "run_config.json"
+# Settings a rerun may change without changing what is trained: where and how often it reports,
+# and the evaluation (run again on the resumed model).
+_RESUMABLE_CHANGES = ("workdir", "eval", "checkpoint_every", "log_every", "progress")
+
+
 def require_workdir(config: ml_collections.ConfigDict) -> str:
+    """Create the workdir, or check that the run it holds was started with these settings.
+
+    The first run writes WORKDIR/run_config.json; once it has written anything else there, a
+    rerun resumes only if the settings that shape training are unchanged, and otherwise stops
+    with the fields that differ (resuming a checkpoint under other settings would silently mix
+    two runs). A workdir from before this file existed is used as it is.
+    """
     if not config.workdir:
         raise ExperimentError("a workdir is needed (--workdir=DIR): the model is saved there")
     os.makedirs(config.workdir, exist_ok=True)
+    now = _training_settings(config.to_dict())
+    path = os.path.join(config.workdir, RUN_CONFIG)
+    started = any(name != RUN_CONFIG for name in os.listdir(config.workdir))
+    if started and os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = sorted(set(before) ^ set(now) | {k for k in now if before.get(k) != now[k]})
+        if changed:
+            shown = "; ".join(f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+                              for k in changed[:6])  # fmt: skip
+            raise ExperimentError(
+                f"{config.workdir} holds a run started with other settings ({shown}"
+                f"{'; ...' if len(changed) > 6 else ''}); rerun with the same flags to resume "
+                f"it, or pass a new --workdir"
+            )
+    elif not started:  # a run that stopped before writing anything may change its flags
+        with open(path, "w") as f:
+            json.dump(now, f, indent=1, sort_keys=True)
     return config.workdir
+
+
+def _training_settings(tree: dict, prefix: str = "") -> dict:
+    """The config flattened to dotted keys (JSON values), without `_RESUMABLE_CHANGES`."""
+    out = {}
+    for key, value in tree.items():
+        if key in _RESUMABLE_CHANGES:
+            continue
+        if isinstance(value, dict):
+            out |= _training_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

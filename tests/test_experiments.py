@@ -257,3 +257,17 @@ def test_bad_overrides_and_settings(tmp_path):
     c.workdir = ""
     with pytest.raises(common.ExperimentError, match="a workdir is needed"):
         sft.run(c)
+
+
+def test_a_workdir_resumes_only_the_run_it_holds(tmp_path):
+    c = _shrink(sft_config.get_config(), tmp_path / "run")
+    common.require_workdir(c)
+    c.loop.steps = 5  # nothing written yet besides the settings: a corrected rerun is fine
+    common.require_workdir(c)
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # the run has started
+    c.eval.samples, c.loop.progress = 8, True  # evaluation and reporting may change
+    common.require_workdir(c)
+    c.loop.steps, c.optim.learning_rate = 6, 1e-3
+    with pytest.raises(common.ExperimentError,
+                       match=r"other settings \(loop.steps: 5 -> 6; optim.learning_rate"):  # fmt: skip
+        common.require_workdir(c)
