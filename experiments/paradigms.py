@@ -21,7 +21,9 @@ and vocabulary), shards every arm over the local devices and runs the OPD losses
 fused kernel. Budget flags left unset take the defaults for a pretrained base
 (`paradigms.PRETRAINED_DEFAULTS`: the checkpoint as it is, lr 1e-6).
 
-Flags are defined only when this module runs as a program, so importing it defines none.
+Flags are defined only when this module runs as a program, so importing it defines none. Bad
+flags and bad inputs (`paradigms.InputError`, `hf.CheckpointError`) end with a one-line error and
+status 1; anything else keeps its traceback.
 """
 
 import os
@@ -33,6 +35,7 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from jaxpost import paradigms  # noqa: E402
+from jaxpost.models import hf  # noqa: E402
 
 _D = paradigms.Settings(workdir="")
 # flag -> (kind, default, help); a None default leaves the Settings default (which may depend on
@@ -92,7 +95,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     try:
         result = paradigms.run(settings)
-    except ValueError as e:  # bad inputs found while loading: vocabularies, prompt lengths
+    except (paradigms.InputError, hf.CheckpointError) as e:  # found while loading inputs
         print(f"experiments.paradigms: error: {e}", file=sys.stderr)
         sys.exit(1)
     axes = [a for a in ("pass@1", "pass@large_k", "diversity", "retention", "steerability")

@@ -85,6 +85,12 @@ PRETRAINED_DEFAULTS = {"base_steps": 0, "pretrain_lr": 1e-5, "arm_lr": 1e-6}
 NEW_TOKENS = {"countdown": 32, "gsm8k": 256}
 
 
+class InputError(ValueError):
+    """A problem with the inputs a run names, found once it loads them (checkpoints, tokenizers,
+    data files, vocabularies, prompt lengths, the mesh). Programs report it without a traceback;
+    any other ValueError is a bug and keeps its traceback."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything that defines a run. Defaults finish in about ten minutes on a 2-core CPU.
@@ -212,14 +218,27 @@ class Settings:
             values = {f: v for f, v in values.items()
                       if f not in ("task", "gsm8k_dir", "tfds_data_dir", "model", "teacher",
                                    "dtype")}  # fmt: skip
+        else:  # a checkpoint rewritten at the same path is a different base
+            values["model_files"] = checkpoint_fingerprint(self.model)
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def arm_key(self) -> str:
-        """Hash of everything an arm's result depends on."""
-        blob = json.dumps(dataclasses.asdict(self) | {"workdir": "", "arms": [], "progress": 0},
-                          sort_keys=True, default=list)  # fmt: skip
+        """Hash of everything an arm's result depends on (checkpoints by their files, too)."""
+        values = dataclasses.asdict(self) | {"workdir": "", "arms": [], "progress": 0}
+        for name in ("model", "teacher"):
+            if getattr(self, name):
+                values[f"{name}_files"] = checkpoint_fingerprint(getattr(self, name))
+        blob = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """Names, sizes and modification times of the files in a checkpoint directory, hashed: it
+    changes when the checkpoint is rewritten in place, so caches keyed on it are not reused."""
+    entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                     for e in os.scandir(path) if e.is_file())  # fmt: skip
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def miniature(workdir: str, **overrides) -> Settings:
@@ -255,6 +274,13 @@ class _World:
 
 
 def _task(s: Settings):
+    try:
+        return _load_task(s)
+    except (ValueError, OSError) as e:
+        raise InputError(f"loading task {s.task}: {e}") from None
+
+
+def _load_task(s: Settings):
     if s.task == "countdown":
         return countdown.Countdown(num_numbers=(3, 3), number_range=s.number_range,
                                    target_range=s.target_range, min_solutions=s.min_solutions)  # fmt: skip
@@ -262,6 +288,15 @@ def _task(s: Settings):
         return gsm8k.GSM8K.from_jsonl(os.path.join(s.gsm8k_dir, "train.jsonl"),
                                       os.path.join(s.gsm8k_dir, "test.jsonl"))  # fmt: skip
     return gsm8k.GSM8K.from_tfds(s.tfds_data_dir)
+
+
+def _mesh(s: Settings):
+    if not s.mesh:
+        return None
+    try:
+        return sharding.make_mesh(s.mesh)
+    except ValueError as e:
+        raise InputError(f"mesh {s.mesh!r} on {jax.device_count()} devices: {e}") from None
 
 
 def _world(s: Settings, tok: tokenizers.Tokenizer) -> _World:
@@ -272,12 +307,12 @@ def _world(s: Settings, tok: tokenizers.Tokenizer) -> _World:
         train_set, test_set = task.prompts("train", s.train_problems, s.seed), task.prompts(
             "test", s.eval_problems, s.seed)  # fmt: skip
     except ValueError as e:
-        raise ValueError(f"{task.name}: {e}") from None
+        raise InputError(f"{task.name}: {e}") from None
     return _World(
         settings=s, tok=tok, task=task, add=add, steer=st, train=train_set, test=test_set,
         add_test=add.prompts("test", s.retention_problems, s.seed),
         steer_test=st.prompts("test", s.steer_problems, s.seed) if st else [],
-        mesh=sharding.make_mesh(s.mesh) if s.mesh else None,
+        mesh=_mesh(s),
     )  # fmt: skip
 
 
@@ -362,17 +397,25 @@ class Models:
 
 def tokenizer_for(s: Settings) -> tokenizers.Tokenizer:
     """The built-in character tokenizer, or the one saved beside the pretrained `model`."""
-    return tokenizers.from_model_dir(s.model) if s.model else CharTokenizer()
+    if not s.model:
+        return CharTokenizer()
+    try:
+        return tokenizers.from_model_dir(s.model)
+    except (ValueError, OSError) as e:
+        raise InputError(f"tokenizer of {s.model}: {e}") from None
 
 
 def _check_teacher(s: Settings, tok, config: ModelConfig, teacher_config: ModelConfig) -> None:
     sample = "Question: 12 + 30 = ? Answer: 42\n"
-    other = tokenizers.from_model_dir(s.teacher)
+    try:
+        other = tokenizers.from_model_dir(s.teacher)
+    except (ValueError, OSError) as e:
+        raise InputError(f"tokenizer of {s.teacher}: {e}") from None
     same = (other.vocab_size, other.eos_id, other.pad_id) == (tok.vocab_size, tok.eos_id,
                                                               tok.pad_id)  # fmt: skip
     if teacher_config.vocab_size != config.vocab_size or not same or (
             other.encode(sample) != tok.encode(sample)):  # fmt: skip
-        raise ValueError(
+        raise InputError(
             f"teacher {s.teacher} (vocab {teacher_config.vocab_size}) and student "
             f"{s.model or 'built-in'} (vocab {config.vocab_size}) must share one tokenizer and "
             f"vocabulary for token-level distillation"
@@ -386,7 +429,7 @@ def base_and_teacher(w: _World, log=print) -> Models:
     if s.model:
         config, start = hf.load_hf(s.model, dtype=s.dtype or None)
         if w.tok.vocab_size > config.vocab_size:
-            raise ValueError(f"vocabulary mismatch: the tokenizer in {s.model} has "
+            raise InputError(f"vocabulary mismatch: the tokenizer in {s.model} has "
                              f"{w.tok.vocab_size} ids but the model's embedding table has "
                              f"{config.vocab_size} rows")  # fmt: skip
         origin = f"{s.model} ({config.family})"
@@ -453,7 +496,7 @@ def _encode(w: _World, texts: Sequence[str], what: str, config: ModelConfig) -> 
     longest = max(len(x) for x in ids)
     need = data.round_up(longest, 16) + w.settings.max_new_tokens
     if need > config.max_seq_len:
-        raise ValueError(
+        raise InputError(
             f"{what}: the longest prompt ({longest} tokens, padded to "
             f"{data.round_up(longest, 16)}) plus max_new_tokens={w.settings.max_new_tokens} is "
             f"{need} tokens, more than the model's max_seq_len {config.max_seq_len}"

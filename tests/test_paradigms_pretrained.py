@@ -9,6 +9,9 @@ tokenizer check rightly refuses) saved with transformers, and GSM8K-format JSONL
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,10 +156,51 @@ def test_bad_scale_settings_name_the_problem(assets, tmp_path):
     # a teacher whose vocabulary differs from the student's
     other = _tokenizer(tmp_path / "tok2", ["completely different text 123"] * 4)
     odd = _checkpoint(tmp_path / "odd", other, "qwen2", seed=3)
-    with pytest.raises(ValueError, match="must share one tokenizer and vocabulary"):
+    with pytest.raises(paradigms.InputError, match="must share one tokenizer and vocabulary"):
         paradigms.run(_mini(tmp_path / "a", model=assets["student"], teacher=odd))
     # prompts plus completions longer than the model's context
-    with pytest.raises(ValueError, match="max_seq_len 256"):
+    with pytest.raises(paradigms.InputError, match="max_seq_len 256"):
         paradigms.run(paradigms.miniature(str(tmp_path / "b"), task="gsm8k",
                                           gsm8k_dir=assets["gsm8k"], model=assets["student"],
                                           teacher=assets["teacher"], max_new_tokens=250))  # fmt: skip
+
+
+def test_inputs_found_bad_at_run_time_are_input_errors(assets, tmp_path):
+    bare = tmp_path / "bare"  # a checkpoint directory without its tokenizer
+    bare.mkdir()
+    shutil.copy(os.path.join(assets["student"], "config.json"), bare / "config.json")
+    with pytest.raises(paradigms.InputError, match=f"tokenizer of {bare}"):
+        paradigms.run(_mini(tmp_path / "a", model=str(bare)))
+    with pytest.raises(paradigms.InputError, match="mesh '4,4,4' on 8 devices"):
+        paradigms.run(paradigms.miniature(str(tmp_path / "b"), mesh="4,4,4"))
+
+
+def test_the_program_reports_bad_inputs_in_one_line(tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.paradigms", f"--workdir={tmp_path / 'w'}",
+         f"--model={bare}", "--mini"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"experiments.paradigms: error: tokenizer of {bare}"), lines
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_rewritten_in_place_is_not_served_from_the_cache(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    s = paradigms.Settings(workdir=str(tmp_path / "w"), model=str(ckpt), teacher=str(ckpt))
+    keys = (s.model_key(), s.arm_key())
+    assert (s.model_key(), s.arm_key()) == keys  # stable while the files are unchanged
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # rewritten: a new modification time
+    assert s.model_key() != keys[0] and s.arm_key() != keys[1]
+    # the built-in protocol's keys do not depend on any file
+    builtin = paradigms.Settings(workdir=str(tmp_path / "w"))
+    assert builtin.model_key() == paradigms.Settings(workdir="elsewhere").model_key()
