@@ -38,6 +38,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 
@@ -781,6 +782,24 @@ def _save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -
     os.replace(tmp, path)
 
 
+ARM_KEY_FILE = "arm_key"
+
+
+def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
+    """Make `arm_dir` hold only this run's training: checkpoints and curves another arm_key left
+    there (other settings, e.g. a new learning rate) would otherwise be resumed as this run's."""
+    marker = os.path.join(arm_dir, ARM_KEY_FILE)
+    if os.path.isdir(arm_dir):
+        old = open(marker).read().strip() if os.path.exists(marker) else None
+        if old == key:
+            return  # the same run, interrupted: resume it
+        log(f"{arm}: {arm_dir} holds a run with other settings; starting this arm over")
+        shutil.rmtree(arm_dir)
+    os.makedirs(arm_dir)
+    with open(marker, "w") as f:
+        f.write(key)
+
+
 def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     """Run the protocol (reusing whatever an earlier run of the same settings left) and write
     the report; returns the metrics dictionary the report was rendered from."""
@@ -814,6 +833,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
             with open(eval_path) as f:
                 extras[arm] = json.load(f)["extra"]
             continue
+        _claim_arm_dir(arm_dir, key, arm, log)
         t0 = time.perf_counter()
         result = run_arm(w, arm, m)
         if result.preempted:

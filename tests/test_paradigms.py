@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,24 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(mini):
     assert not any("grpo: reusing" in line for line in lines)
     a, b = first["arms"]["grpo"]["scalars"], again["arms"]["grpo"]["scalars"]
     assert a["pass@1"] == b["pass@1"] and a["kl_from_base"] == b["kl_from_base"]
+
+
+@pytest.mark.slow
+def test_an_arm_trained_under_other_settings_is_started_over(mini, tmp_path):
+    workdir, first, _ = mini
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    s = paradigms.miniature(copy, arms=("opd_rkl",), arm_lr=1e-2)
+    lines = []
+    again = paradigms.run(s, log=lines.append)
+    # its checkpoints (trained at the old lr, finished) must not be resumed as this run's
+    assert any("opd_rkl:" in line and "starting this arm over" in line for line in lines), lines
+    with open(os.path.join(copy, "arms", "opd_rkl", paradigms.ARM_KEY_FILE)) as f:
+        assert f.read() == s.arm_key() != paradigms.miniature(workdir).arm_key()
+    old, new = first["arms"]["opd_rkl"]["scalars"], again["arms"]["opd_rkl"]["scalars"]
+    # trained again (at 100x the learning rate), so its samples and their log-ratio to the base
+    # differ; resumed old parameters would have reproduced them exactly (sampling is seeded)
+    assert new["kl_from_base"]["mean"] != old["kl_from_base"]["mean"]
 
 
 @pytest.mark.slow
