@@ -804,6 +804,9 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     """Run the protocol (reusing whatever an earlier run of the same settings left) and write
     the report; returns the metrics dictionary the report was rendered from."""
     start = time.perf_counter()
+    if jax.process_count() > 1:  # caches, reports and arm directories assume one writer
+        raise InputError(f"the head-to-head runs in one process (a mesh over its local devices); "
+                         f"this job has {jax.process_count()} processes")  # fmt: skip
     os.makedirs(s.workdir, exist_ok=True)
     w = _world(s, tokenizer_for(s))
     m = base_and_teacher(w, log)

@@ -175,6 +175,13 @@ def test_inputs_found_bad_at_run_time_are_input_errors(assets, tmp_path):
         paradigms.run(paradigms.miniature(str(tmp_path / "b"), mesh="4,4,4"))
 
 
+def test_a_multi_process_job_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(paradigms.jax, "process_count", lambda: 4)
+    with pytest.raises(paradigms.InputError, match="runs in one process.*4 processes"):
+        paradigms.run(paradigms.miniature(str(tmp_path)))
+    assert not os.path.exists(tmp_path / "models")
+
+
 def test_the_program_reports_bad_inputs_in_one_line(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
