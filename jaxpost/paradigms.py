@@ -790,7 +790,10 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
     there (other settings, e.g. a new learning rate) would otherwise be resumed as this run's."""
     marker = os.path.join(arm_dir, ARM_KEY_FILE)
     if os.path.isdir(arm_dir):
-        old = open(marker).read().strip() if os.path.exists(marker) else None
+        old = None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                old = f.read().strip()
         if old == key:
             return  # the same run, interrupted: resume it
         log(f"{arm}: {arm_dir} holds a run with other settings; starting this arm over")
