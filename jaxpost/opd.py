@@ -205,15 +205,44 @@ def _kernel_divergence(student_BxLxV, teacher_BxLxV, mask_BxL, alpha, temperatur
     import kernels
 
     b, l, v = student_BxLxV.shape
-    div_N = kernels.generalized_jsd(
+
+    def divergence(student_NxV, teacher_NxV, mask_N):
+        return kernels.generalized_jsd(student_NxV, teacher_NxV, alpha=alpha,
+                                       temperature=temperature, mask=mask_N, impl=impl)  # fmt: skip
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if impl.startswith("pallas") and not mesh.empty and mesh.size > 1:
+        divergence = _rowwise_shard_map(divergence, mesh, b * l)
+    div_N = divergence(
         student_BxLxV.reshape(b * l, v),
         jax.lax.stop_gradient(teacher_BxLxV).reshape(b * l, v),
-        alpha=alpha,
-        temperature=temperature,
-        mask=mask_BxL.reshape(b * l),
-        impl=impl,
+        mask_BxL.reshape(b * l),
     )
     return div_N.reshape(b, l)
+
+
+def _rowwise_shard_map(divergence, mesh, rows: int):
+    """Run a Pallas divergence on each device's own rows, under `jax.shard_map`.
+
+    A Pallas kernel is an opaque custom call: XLA's SPMD partitioner cannot split it, and a
+    Mosaic (TPU) kernel in a multi-device program is an error unless every mesh axis is manual.
+    Rows are independent, so each device takes a contiguous block of rows: the mesh axes are
+    used in order (data, fsdp, tensor) while their product divides `rows` (the batch axes always
+    do: loops refuse a batch that does not split over them); an axis left out holds the same
+    rows on each of its devices. The vocabulary is whole inside a shard: where the logits were
+    split by vocabulary (tensor > 1) they are gathered first, so each device holds
+    [rows / shards, V] logits, the layout of the model's own logits without tensor parallelism.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    axes, size = [], 1
+    for name in mesh.axis_names:
+        if mesh.shape[name] > 1 and rows % (size * mesh.shape[name]) == 0:
+            axes.append(name)
+            size *= mesh.shape[name]
+    split = tuple(axes) or None
+    return jax.shard_map(divergence, mesh=mesh, in_specs=(P(split, None), P(split, None), P(split)),
+                         out_specs=P(split), check_vma=False)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,6 +155,49 @@ def test_kernel_dispatch_matches_dense(alpha):
     np.testing.assert_allclose(kernel_grad, dense_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_kernels_run_per_device_on_a_mesh(impl):
+    # A Pallas kernel cannot be split by XLA (Mosaic refuses a multi-device program outright), so
+    # under a mesh opd_kl runs it inside shard_map on each device's rows. The logits arrive laid
+    # out as the model leaves them: batch over (data, fsdp), vocabulary over tensor.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpost import sharding
+
+    rng = np.random.default_rng(5)
+    b, l, v = 8, 3, 256  # 24 rows: 3 per device on (2, 2, 2)
+    student = jnp.asarray(rng.normal(size=(b, l, v)) * 2, jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(b, l, v)) * 2, jnp.float32)
+    mask = jnp.asarray(rng.random((b, l)) < 0.8, jnp.float32)
+    fn = losses.opd_kl(1.0, impl=impl)
+
+    def loss(s, t, m):
+        return fn(s, t, m)[0]
+
+    dense_loss, dense_grad = jax.value_and_grad(lambda s: losses.opd_kl(1.0)(s, teacher, mask)[0])(
+        student)  # fmt: skip
+    mesh = sharding.make_mesh("2,2,2")
+    logits = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+    args = (jax.device_put(student, logits), jax.device_put(teacher, logits),
+            jax.device_put(mask, NamedSharding(mesh, P(("data", "fsdp"), None))))  # fmt: skip
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(loss))
+        assert "shard_map" in str(jax.make_jaxpr(step)(*args))
+        value, grad = step(*args)
+    np.testing.assert_allclose(value, dense_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-4, atol=1e-7)
+    # every mesh axis splits the rows when they divide: (data, fsdp, tensor) here
+    jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(student, teacher, mask))
+    assert "shard_map" not in jaxpr  # no mesh: the kernel is called directly
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(student, teacher, mask))
+    assert "P(('data', 'fsdp', 'tensor'), None)" in jaxpr
+    with jax.set_mesh(mesh):  # 12 rows do not split 8 ways: tensor devices repeat their rows
+        jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(student[:4], teacher[:4], mask[:4]))
+    assert "P(('data', 'fsdp'), None)" in jaxpr and "newly_manual_axes" in jaxpr
+
+
 # ---------------------------------------------------------------------------------------------
 # variants
 
