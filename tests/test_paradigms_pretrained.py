@@ -1,5 +1,6 @@
 """The head-to-head from Hugging Face checkpoints (--model / --teacher) on GSM8K and Countdown,
-sharded over a mesh with the fused OPD loss, and the errors a user gets for bad scale settings.
+sharded over a mesh with the fused OPD loss (the Pallas GPU kernel, interpreted on CPU, run
+per device inside shard_map), and the errors a user gets for bad scale settings.
 
 Everything is built here: a byte-level BPE tokenizer, tiny random Qwen2 checkpoints (a student
 and a differently shaped teacher; one family, because transformers picks the tokenizer class by
@@ -88,7 +89,7 @@ def _mini(workdir, **overrides):
 @pytest.mark.slow
 def test_gsm8k_from_checkpoints_on_a_mesh_with_the_fused_loss(assets, tmp_path):
     s = _mini(tmp_path / "run", task="gsm8k", gsm8k_dir=assets["gsm8k"], model=assets["student"],
-              teacher=assets["teacher"], mesh="2,2,2", loss_impl="xla",
+              teacher=assets["teacher"], mesh="2,2,2", loss_impl="pallas_gpu",
               arms=("sft", "grpo", "opd_rkl", "opsd"))  # fmt: skip
     assert s.base_steps == 0 and s.arm_lr == paradigms.PRETRAINED_DEFAULTS["arm_lr"]
     lines = []
