@@ -53,7 +53,7 @@ _FLAGS = {
     "dtype": ("string", "", "load checkpoints in this dtype, e.g. bfloat16"),
     "mesh": ("string", "", "device mesh for the arms, e.g. 1,8,1 or fsdp=-1 (default: one device)"),
     "loss_impl": ("string", "", "fused OPD loss: xla, pallas_gpu or pallas_tpu (default: dense)"),
-    "base_steps": ("integer", None, "SFT steps of the base (default 400; 0 with --model)"),
+    "base_steps": ("integer", None, "SFT steps of the base (default 800; 0 with --model)"),
     "teacher_steps": ("integer", _D.teacher_steps, "extra SFT steps of a built teacher"),
     "pretrain_lr": ("float", None, "learning rate of base/teacher SFT"),
     "arm_steps": ("integer", _D.arm_steps, "updates per arm (the budget)"),

@@ -81,7 +81,7 @@ TASKS = ("countdown", "gsm8k")
 # Defaults that depend on where the base comes from (a field left at None takes these): the
 # built-in character-level student trains from scratch; a pretrained checkpoint is used as it is
 # and fine-tuned at the small learning rates full fine-tuning of a real model needs.
-BUILT_IN_DEFAULTS = {"base_steps": 400, "pretrain_lr": 3e-3, "arm_lr": 1e-4}
+BUILT_IN_DEFAULTS = {"base_steps": 800, "pretrain_lr": 3e-3, "arm_lr": 1e-4}
 PRETRAINED_DEFAULTS = {"base_steps": 0, "pretrain_lr": 1e-5, "arm_lr": 1e-6}
 NEW_TOKENS = {"countdown": 32, "gsm8k": 256}
 
