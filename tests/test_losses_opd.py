@@ -193,9 +193,15 @@ def test_pallas_kernels_run_per_device_on_a_mesh(impl):
     with jax.set_mesh(mesh):
         jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(student, teacher, mask))
     assert "P(('data', 'fsdp', 'tensor'), None)" in jaxpr
+    few = (student[:4], teacher[:4], mask[:4])
     with jax.set_mesh(mesh):  # 12 rows do not split 8 ways: tensor devices repeat their rows
-        jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(student[:4], teacher[:4], mask[:4]))
+        jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a)[0])(*few))
+        value, grad = jax.jit(jax.value_and_grad(loss))(*few)
     assert "P(('data', 'fsdp'), None)" in jaxpr and "newly_manual_axes" in jaxpr
+    # the repeated rows count once, in the value and in the gradient
+    dense_loss, dense_grad = jax.value_and_grad(lambda s: losses.opd_kl(1.0)(s, *few[1:])[0])(few[0])
+    np.testing.assert_allclose(value, dense_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
