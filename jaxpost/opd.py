@@ -212,7 +212,13 @@ def _kernel_divergence(student_BxLxV, teacher_BxLxV, mask_BxL, alpha, temperatur
 
     mesh = jax.sharding.get_abstract_mesh()
     if impl.startswith("pallas") and not mesh.empty and mesh.size > 1:
-        divergence = _rowwise_shard_map(divergence, mesh, b * l)
+        if mesh.explicit_axes:
+            raise ValueError(
+                f"the Pallas OPD kernels run per device under a mesh with Auto axes (jaxpost's "
+                f"`sharding.make_mesh`); this mesh has Explicit axes {mesh.explicit_axes}"
+            )
+        if not mesh.are_all_axes_manual:  # inside a caller's shard_map nothing is left to split
+            divergence = _rowwise_shard_map(divergence, mesh, b * l)
     div_N = divergence(
         student_BxLxV.reshape(b * l, v),
         jax.lax.stop_gradient(teacher_BxLxV).reshape(b * l, v),
@@ -226,8 +232,9 @@ def _rowwise_shard_map(divergence, mesh, rows: int):
 
     A Pallas kernel is an opaque custom call: XLA's SPMD partitioner cannot split it, and a
     Mosaic (TPU) kernel in a multi-device program is an error unless every mesh axis is manual.
-    Rows are independent, so each device takes a contiguous block of rows: the mesh axes are
-    used in order (data, fsdp, tensor) while their product divides `rows` (the batch axes always
+    Rows are independent, so each device takes a contiguous block of rows: the mesh axes (those
+    not already manual, when called inside a caller's shard_map) are used in order (data, fsdp,
+    tensor) while their product divides `rows` (the batch axes always
     do: loops refuse a batch that does not split over them); an axis left out holds the same
     rows on each of its devices. The vocabulary is whole inside a shard: where the logits were
     split by vocabulary (tensor > 1) they are gathered first, so each device holds
@@ -235,14 +242,15 @@ def _rowwise_shard_map(divergence, mesh, rows: int):
     """
     from jax.sharding import PartitionSpec as P
 
+    free = [name for name in mesh.axis_names if name not in mesh.manual_axes]
     axes, size = [], 1
-    for name in mesh.axis_names:
+    for name in free:
         if mesh.shape[name] > 1 and rows % (size * mesh.shape[name]) == 0:
             axes.append(name)
             size *= mesh.shape[name]
     split = tuple(axes) or None
     return jax.shard_map(divergence, mesh=mesh, in_specs=(P(split, None), P(split, None), P(split)),
-                         out_specs=P(split), check_vma=False)  # fmt: skip
+                         out_specs=P(split), axis_names=frozenset(free), check_vma=False)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

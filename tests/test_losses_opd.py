@@ -202,6 +202,21 @@ def test_pallas_kernels_run_per_device_on_a_mesh(impl):
     dense_loss, dense_grad = jax.value_and_grad(lambda s: losses.opd_kl(1.0)(s, *few[1:])[0])(few[0])
     np.testing.assert_allclose(value, dense_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad, dense_grad, rtol=1e-4, atol=1e-7)
+    # Inside a caller's shard_map over data, the kernel splits only the axes still free. (GPU
+    # kernel only: the TPU interpreter nested in a partly manual shard_map aborts XLA:CPU's
+    # compiler in jax 0.10.2, a crash of the interpreter, not a wrong value.)
+    if impl == "pallas_gpu":
+        ones = jnp.ones_like(mask)  # equal rows per data shard: the mean of shard means is the mean
+        with jax.set_mesh(mesh):
+            outer = jax.shard_map(lambda s, t, m: jax.lax.pmean(fn(s, t, m)[0], "data"),
+                                  in_specs=(P("data"),) * 3, out_specs=P(), axis_names={"data"},
+                                  check_vma=False)  # fmt: skip
+            grad = jax.jit(jax.grad(outer))(student, teacher, ones)
+        dense_grad = jax.grad(lambda s: losses.opd_kl(1.0)(s, teacher, ones)[0])(student)
+        np.testing.assert_allclose(grad, dense_grad, rtol=1e-4, atol=1e-7)
+    explicit = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, (jax.sharding.AxisType.Explicit,) * 3)
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match="Explicit axes"):
+        fn(student, teacher, mask)
 
 
 # ---------------------------------------------------------------------------------------------
