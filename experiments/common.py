@@ -120,22 +120,26 @@ RUN_CONFIG = "run_config.json"
 # Settings a rerun may change without changing what is trained: where and how often it reports,
 # and the evaluation (run again on the resumed model).
 _RESUMABLE_CHANGES = ("workdir", "eval", "checkpoint_every", "log_every", "progress")
+# What the mains write into a workdir once training starts (other files, a log the user tees
+# there, say, do not make it a started run).
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "sft_init", "teacher", "eval.json")
 
 
 def require_workdir(config: ml_collections.ConfigDict) -> str:
     """Create the workdir, or check that the run it holds was started with these settings.
 
-    The first run writes WORKDIR/run_config.json; once it has written anything else there, a
-    rerun resumes only if the settings that shape training are unchanged, and otherwise stops
-    with the fields that differ (resuming a checkpoint under other settings would silently mix
-    two runs). A workdir from before this file existed is used as it is.
+    The first run writes WORKDIR/run_config.json; once training has written its outputs there
+    (`_RUN_OUTPUTS`), a rerun resumes only if the settings that shape training are unchanged,
+    and otherwise stops with the fields that differ (resuming a checkpoint under other settings
+    would silently mix two runs). A started workdir without the file (from before it existed)
+    is used as it is.
     """
     if not config.workdir:
         raise ExperimentError("a workdir is needed (--workdir=DIR): the model is saved there")
     os.makedirs(config.workdir, exist_ok=True)
     now = _training_settings(config.to_dict())
     path = os.path.join(config.workdir, RUN_CONFIG)
-    started = any(name != RUN_CONFIG for name in os.listdir(config.workdir))
+    started = any(os.path.exists(os.path.join(config.workdir, name)) for name in _RUN_OUTPUTS)
     if started and os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
@@ -148,7 +152,7 @@ def require_workdir(config: ml_collections.ConfigDict) -> str:
                 f"{'; ...' if len(changed) > 6 else ''}); rerun with the same flags to resume "
                 f"it, or pass a new --workdir"
             )
-    elif not started:  # a run that stopped before writing anything may change its flags
+    elif not started:  # a run that stopped before training may change its flags
         with open(path, "w") as f:
             json.dump(now, f, indent=1, sort_keys=True)
     return config.workdir

@@ -195,6 +195,8 @@ class Settings:
                 path = os.path.join(self.gsm8k_dir, f"{split}.jsonl")
                 if self.gsm8k_dir and not os.path.isfile(path):
                     raise ValueError(f"GSM8K file not found: {path}")
+        if self.dtype and self.dtype not in hf.DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(hf.DTYPES)}")
         if self.mesh:
             sharding.parse_mesh_shape(self.mesh)  # raises on a malformed shape
         if self.loss_impl:
@@ -234,12 +236,25 @@ class Settings:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def checkpoint_fingerprint(path: str) -> str:
-    """Names, sizes and modification times of the files in a checkpoint directory, hashed: it
-    changes when the checkpoint is rewritten in place, so caches keyed on it are not reused."""
-    entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
-                     for e in os.scandir(path) if e.is_file())  # fmt: skip
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
+    """A hash of a checkpoint directory's contents: each file's name, size and its first and last
+    `sample` bytes (all of a small file). It changes when the checkpoint is rewritten in place, so
+    caches keyed on it are not reused, and not when the directory is copied or moved (unlike
+    modification times); reading 2 MiB per file keeps it cheap for multi-GB weights."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        size = entry.stat().st_size
+        digest.update(f"{entry.name}\0{size}\0".encode())
+        with open(entry.path, "rb") as f:
+            digest.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+                digest.update(f.read(sample))
+            elif size > sample:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def miniature(workdir: str, **overrides) -> Settings:
@@ -275,20 +290,16 @@ class _World:
 
 
 def _task(s: Settings):
-    try:
-        return _load_task(s)
-    except (ValueError, OSError) as e:
-        raise InputError(f"loading task {s.task}: {e}") from None
-
-
-def _load_task(s: Settings):
     if s.task == "countdown":
         return countdown.Countdown(num_numbers=(3, 3), number_range=s.number_range,
                                    target_range=s.target_range, min_solutions=s.min_solutions)  # fmt: skip
-    if s.gsm8k_dir:
-        return gsm8k.GSM8K.from_jsonl(os.path.join(s.gsm8k_dir, "train.jsonl"),
-                                      os.path.join(s.gsm8k_dir, "test.jsonl"))  # fmt: skip
-    return gsm8k.GSM8K.from_tfds(s.tfds_data_dir)
+    try:  # the files a user named: unreadable or malformed data is an input error
+        if s.gsm8k_dir:
+            return gsm8k.GSM8K.from_jsonl(os.path.join(s.gsm8k_dir, "train.jsonl"),
+                                          os.path.join(s.gsm8k_dir, "test.jsonl"))  # fmt: skip
+        return gsm8k.GSM8K.from_tfds(s.tfds_data_dir)
+    except (ValueError, OSError) as e:
+        raise InputError(f"loading GSM8K: {e}") from e
 
 
 def _mesh(s: Settings):
@@ -787,7 +798,8 @@ ARM_KEY_FILE = "arm_key"
 
 def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
     """Make `arm_dir` hold only this run's training: checkpoints and curves another arm_key left
-    there (other settings, e.g. a new learning rate) would otherwise be resumed as this run's."""
+    there (other settings, e.g. a new learning rate) would otherwise be resumed as this run's.
+    They are moved aside to `<arm_dir>.stale-<their key>`, not deleted."""
     marker = os.path.join(arm_dir, ARM_KEY_FILE)
     if os.path.isdir(arm_dir):
         old = None
@@ -796,8 +808,12 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
                 old = f.read().strip()
         if old == key:
             return  # the same run, interrupted: resume it
-        log(f"{arm}: {arm_dir} holds a run with other settings; starting this arm over")
-        shutil.rmtree(arm_dir)
+        stale = f"{arm_dir}.stale-{old or 'unmarked'}"
+        log(f"{arm}: {arm_dir} holds a run with other settings; moved it to {stale} and "
+            f"starting this arm over")  # fmt: skip
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+        os.replace(arm_dir, stale)
     os.makedirs(arm_dir)
     with open(marker, "w") as f:
         f.write(key)

@@ -261,8 +261,10 @@ def test_bad_overrides_and_settings(tmp_path):
 
 def test_a_workdir_resumes_only_the_run_it_holds(tmp_path):
     c = _shrink(sft_config.get_config(), tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").write_text("")  # a log teed there first is not a run
     common.require_workdir(c)
-    c.loop.steps = 5  # nothing written yet besides the settings: a corrected rerun is fine
+    c.loop.steps = 5  # nothing trained yet: a corrected rerun is fine
     common.require_workdir(c)
     (tmp_path / "run" / "metrics.jsonl").write_text("")  # the run has started
     c.eval.samples, c.loop.progress = 8, True  # evaluation and reporting may change

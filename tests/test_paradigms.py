@@ -87,6 +87,8 @@ def test_an_arm_trained_under_other_settings_is_started_over(mini, tmp_path):
         assert any(f"{arm}: " in line and "starting this arm over" in line for line in lines)
         with open(os.path.join(copy, "arms", arm, paradigms.ARM_KEY_FILE)) as f:
             assert f.read() == s.arm_key() != paradigms.miniature(workdir).arm_key()
+        stale = os.path.join(copy, "arms", f"{arm}.stale-{paradigms.miniature(workdir).arm_key()}")
+        assert os.path.isdir(os.path.join(stale, "checkpoints"))  # moved aside, not deleted
         new, old = again["arms"][arm]["scalars"], first["arms"][arm]["scalars"]
         for name in ("pass@1", "pass@large_k", "diversity", "retention", "steerability"):
             assert new[name]["mean"] == base[name]["mean"] or (

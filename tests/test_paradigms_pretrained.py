@@ -148,6 +148,8 @@ def test_bad_scale_settings_name_the_problem(assets, tmp_path):
         paradigms.Settings(workdir=w, model=os.path.join(w, "missing"))
     with pytest.raises(ValueError, match="teacher directory not found"):
         paradigms.Settings(workdir=w, teacher=w)
+    with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
+        paradigms.Settings(workdir=w, model=assets["student"], dtype="bf16")
     with pytest.raises(ValueError, match="unknown loss_impl"):
         paradigms.Settings(workdir=w, loss_impl="cuda")
     with pytest.raises(ValueError, match="mesh"):
@@ -206,8 +208,9 @@ def test_a_checkpoint_rewritten_in_place_is_not_served_from_the_cache(tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"weights")
     s = paradigms.Settings(workdir=str(tmp_path / "w"), model=str(ckpt), teacher=str(ckpt))
     keys = (s.model_key(), s.arm_key())
-    assert (s.model_key(), s.arm_key()) == keys  # stable while the files are unchanged
-    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # rewritten: a new modification time
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # touched (or copied): contents unchanged
+    assert (s.model_key(), s.arm_key()) == keys
+    (ckpt / "model.safetensors").write_bytes(b"Weights")  # rewritten in place, same size
     assert s.model_key() != keys[0] and s.arm_key() != keys[1]
     # the built-in protocol's keys do not depend on any file
     builtin = paradigms.Settings(workdir=str(tmp_path / "w"))
