@@ -143,9 +143,11 @@ def require_workdir(config: ml_collections.ConfigDict) -> str:
     if started and os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = sorted(set(before) ^ set(now) | {k for k in now if before.get(k) != now[k]})
+        unset = "(unset)"
+        changed = sorted(k for k in before.keys() | now.keys()
+                         if before.get(k, unset) != now.get(k, unset))  # fmt: skip
         if changed:
-            shown = "; ".join(f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+            shown = "; ".join(f"{k}: {before.get(k, unset)!r} -> {now.get(k, unset)!r}"
                               for k in changed[:6])  # fmt: skip
             raise ExperimentError(
                 f"{config.workdir} holds a run started with other settings ({shown}"

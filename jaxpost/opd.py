@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 OPDLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, Any]]]
 
@@ -234,14 +235,11 @@ def _rowwise_shard_map(divergence, mesh, rows: int):
     Mosaic (TPU) kernel in a multi-device program is an error unless every mesh axis is manual.
     Rows are independent, so each device takes a contiguous block of rows: the mesh axes (those
     not already manual, when called inside a caller's shard_map) are used in order (data, fsdp,
-    tensor) while their product divides `rows` (the batch axes always
-    do: loops refuse a batch that does not split over them); an axis left out holds the same
-    rows on each of its devices. The vocabulary is whole inside a shard: where the logits were
+    tensor) while their product divides `rows` (the batch axes always do: loops refuse a batch
+    that does not split over them); an axis left out holds the same rows on each of its devices. The vocabulary is whole inside a shard: where the logits were
     split by vocabulary (tensor > 1) they are gathered first, so each device holds
     [rows / shards, V] logits, the layout of the model's own logits without tensor parallelism.
     """
-    from jax.sharding import PartitionSpec as P
-
     free = [name for name in mesh.axis_names if name not in mesh.manual_axes]
     axes, size = [], 1
     for name in free:

@@ -409,20 +409,19 @@ class Models:
 
 def tokenizer_for(s: Settings) -> tokenizers.Tokenizer:
     """The built-in character tokenizer, or the one saved beside the pretrained `model`."""
-    if not s.model:
-        return CharTokenizer()
+    return _tokenizer_beside(s.model) if s.model else CharTokenizer()
+
+
+def _tokenizer_beside(model_dir: str) -> tokenizers.Tokenizer:
     try:
-        return tokenizers.from_model_dir(s.model)
+        return tokenizers.from_model_dir(model_dir)
     except (ValueError, OSError) as e:
-        raise InputError(f"tokenizer of {s.model}: {e}") from None
+        raise InputError(f"tokenizer of {model_dir}: {e}") from None
 
 
 def _check_teacher(s: Settings, tok, config: ModelConfig, teacher_config: ModelConfig) -> None:
     sample = "Question: 12 + 30 = ? Answer: 42\n"
-    try:
-        other = tokenizers.from_model_dir(s.teacher)
-    except (ValueError, OSError) as e:
-        raise InputError(f"tokenizer of {s.teacher}: {e}") from None
+    other = _tokenizer_beside(s.teacher)
     same = (other.vocab_size, other.eos_id, other.pad_id) == (tok.vocab_size, tok.eos_id,
                                                               tok.pad_id)  # fmt: skip
     if teacher_config.vocab_size != config.vocab_size or not same or (
