@@ -92,15 +92,11 @@ def _prepare(student_BxLxV, teacher_BxLxV, mask_BxL):
 
 
 def _kl_from_logprobs(logp_a: jax.Array, logp_b: jax.Array) -> jax.Array:
-    """KL(a ‖ b) = Σ_v a_v (log a_v − log b_v) over the last axis, with 0·log 0 = 0.
+    """KL(a ‖ b) over the last axis with 0·log 0 = 0, "double where" guarded: the helper of the
+    one dense D_α (`kernels.jsd.kl_from_logprobs`), reused by the entropy-aware variant."""
+    from kernels import jsd
 
-    Terms with a_v = 0 are dropped. Their inputs are replaced by 0 *before* the arithmetic
-    ("double where"), so no −inf − (−inf) = NaN appears in the backward pass either.
-    """
-    support = logp_a > -jnp.inf
-    safe_a = jnp.where(support, logp_a, 0)
-    safe_b = jnp.where(support, logp_b, 0)
-    return jnp.where(support, jnp.exp(safe_a) * (safe_a - safe_b), 0).sum(-1)
+    return jsd.kl_from_logprobs(logp_a, logp_b)
 
 
 def _entropy_from_logprobs(logp: jax.Array) -> jax.Array:
@@ -121,29 +117,20 @@ def generalized_jsd(
 
     D_α(p_T, p_S) = α·KL(p_T ‖ M) + (1 − α)·KL(p_S ‖ M),  M = α·p_T + (1 − α)·p_S,
     with the limits D_0 = KL(p_T ‖ p_S) and D_1 = KL(p_S ‖ p_T) (see the module docstring).
-    log M = logaddexp(log α + log p_T, log(1 − α) + log p_S), which never forms p_T or p_S in
-    linear space. Gradients flow into both arguments; callers detach the teacher.
+    This is `kernels.generalized_jsd_reference`, the code base's one dense implementation:
+    any leading dims, −inf guarded, gradients into both arguments (callers detach the teacher).
 
     Returns:
       divergences with the logits' shape minus the last axis, in float32 (float64 for f64 input).
     """
+    # Imported here, as in `_kernel_divergence`: jaxpost.opd imports without the kernels package.
+    from kernels import jsd
+
     _check_alpha(alpha)
     _check_temperature(temperature)
-    dtype = _compute_dtype(student_logits)
-    logp_s = jax.nn.log_softmax(student_logits.astype(dtype) / temperature, axis=-1)
-    logp_t = jax.nn.log_softmax(teacher_logits.astype(dtype) / temperature, axis=-1)
-    if alpha == 0:
-        return _kl_from_logprobs(logp_t, logp_s)
-    if alpha == 1:
-        return _kl_from_logprobs(logp_s, logp_t)
-    # Where both models give an entry zero mass, M is zero too and both KL terms drop it; feed
-    # logaddexp finite stand-ins there, since its gradient at (−inf, −inf) is NaN.
-    neither = (logp_t == -jnp.inf) & (logp_s == -jnp.inf)
-    log_m = jnp.logaddexp(
-        jnp.where(neither, 0, logp_t + jnp.log(alpha)),
-        jnp.where(neither, 0, logp_s + jnp.log1p(-alpha)),
+    return jsd.generalized_jsd_reference(
+        student_logits, teacher_logits, alpha=alpha, temperature=temperature
     )
-    return alpha * _kl_from_logprobs(logp_t, log_m) + (1 - alpha) * _kl_from_logprobs(logp_s, log_m)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -209,7 +196,8 @@ def _kernel_divergence(student_BxLxV, teacher_BxLxV, mask_BxL, alpha, temperatur
 
     def divergence(student_NxV, teacher_NxV, mask_N):
         return kernels.generalized_jsd(student_NxV, teacher_NxV, alpha=alpha,
-                                       temperature=temperature, mask=mask_N, impl=impl)  # fmt: skip
+                                       temperature=temperature, mask=mask_N, impl=impl,
+                                       interpret=_interpret_pallas(impl))  # fmt: skip
 
     mesh = jax.sharding.get_abstract_mesh()
     if impl.startswith("pallas") and not mesh.empty and mesh.size > 1:
@@ -226,6 +214,14 @@ def _kernel_divergence(student_BxLxV, teacher_BxLxV, mask_BxL, alpha, temperatur
         mask_BxL.reshape(b * l),
     )
     return div_N.reshape(b, l)
+
+
+def _interpret_pallas(impl: str) -> bool:
+    """Whether a Pallas OPD loss runs in the Pallas interpreter: jaxpost's choice is yes on a
+    CPU, where no Pallas kernel compiles (so tests and CPU runs still exercise the kernel's own
+    code), and compiled everywhere else (a kernel foreign to the backend is then a clear error).
+    The kernels leave this choice to their caller."""
+    return impl.startswith("pallas") and jax.default_backend() == "cpu"
 
 
 def _rowwise_shard_map(divergence, mesh, rows: int):

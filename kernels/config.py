@@ -60,6 +60,8 @@ DEFAULT_BLOCK_SIZES = {
 class Static:
     """Everything the traced program depends on besides the arrays (hashable: a jit cache key).
 
+    interpret: run the Pallas kernels in the Pallas interpreter instead of compiling them (the
+      caller's ``interpret=`` argument; always False for xla).
     poison: fill output buffers with NaN before the kernels write them (tests), so a tile the
       kernel forgets to write shows up as NaN instead of as stale zeros.
     """

@@ -87,8 +87,9 @@ def _forward_kernel(s_ref, t_ref, out_ref, *, cfg: Static, vocab: int, width: in
     out_ref[...] = tile
 
 
-def _interpret(cfg: Static):
-    return True if cfg.interpret else False
+def _interpret(cfg: Static) -> bool:
+    # Triton kernels interpret with a plain flag (the TPU interpreter takes InterpretParams).
+    return bool(cfg.interpret)
 
 
 def forward(student, teacher, cfg: Static):

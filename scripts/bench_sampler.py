@@ -1,19 +1,23 @@
 """Sampler throughput: jaxpost's jitted KV-cached decode against transformers' `generate`.
 
     python scripts/bench_sampler.py [--layers 4 --width 256 --batch 16 --prompt 32 --new 128]
+    python scripts/bench_sampler.py --size large --out sampler.jsonl     # a GPU-sized shape
 
 Both run the same random Qwen2-style checkpoint (built with transformers, loaded into jaxpost with
 `load_hf`), greedy, with a KV cache, on the same machine; the runs alternate so drift in machine
-load hits both. One JSON line per measurement, then a summary line holding
-`speedup_vs_transformers` (ratio of decode tokens/s). jaxpost's compilation is timed separately
-and excluded from its tokens/s; both numbers include the prefill of the prompts.
+load hits both. transformers runs on CUDA when JAX's backend is a GPU and torch sees one
+(`--torch-device`). One JSON line per measurement, then a summary line holding
+`speedup_vs_transformers` (ratio of decode tokens/s); with `--out` each line is also appended
+to that file. jaxpost's compilation is timed separately and excluded from its tokens/s; both
+numbers include the prefill of the prompts. `--size` picks a preset shape (small: the CPU
+default; large: 8 layers of width 1024, V = 32768, 64 prompts of 128 tokens, 256 new tokens, in
+bfloat16); explicit flags override it. `--skip-transformers` times jaxpost alone.
 """
 
 import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -22,17 +26,28 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+SIZES = {
+    "small": dict(layers=4, width=256, vocab=4096, batch=16, prompt=32, new=128, dtype="float32"),
+    "large": dict(layers=8, width=1024, vocab=32768, batch=64, prompt=128, new=256,
+                  dtype="bfloat16"),
+}  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small", help="preset shape")
+    for name in ("layers", "width", "vocab", "batch", "prompt", "new"):
+        ap.add_argument(f"--{name}", type=int, default=None, help="overrides --size")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: cuda when JAX runs on a GPU and torch sees one")  # fmt: skip
+    ap.add_argument("--skip-transformers", action="store_true", help="time jaxpost only")
+    ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     args = ap.parse_args()
+    for name, value in SIZES[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     import torch
     import transformers
@@ -40,25 +55,41 @@ def main() -> None:
     from jaxpost import sampler
     from jaxpost.models import hf
 
+    def emit(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+    device = args.torch_device
+    if device == "auto":
+        on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        device = "cuda" if on_gpu else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
     torch.manual_seed(0)
     hf_config = transformers.Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.width, intermediate_size=4 * args.width,
         num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
-        num_key_value_heads=max(1, args.width // 128), max_position_embeddings=1024,
+        num_key_value_heads=max(1, args.width // 128),
+        max_position_embeddings=max(1024, args.prompt + args.new),
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch_model = transformers.Qwen2ForCausalLM(hf_config).eval()
     path = tempfile.mkdtemp(prefix="bench_sampler_")
     torch_model.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_hf(path)
+    config, params = hf.load_hf(path, dtype=args.dtype)
+    torch_model = torch_model.to(device=device, dtype=torch_dtype)
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, args.vocab, (args.batch, args.prompt))
     new_tokens = args.batch * args.new
     common = dict(
         layers=args.layers, width=args.width, vocab=args.vocab, batch=args.batch,
-        prompt_len=args.prompt, new_tokens=args.new, backend=jax.default_backend(),
-        torch_threads=torch.get_num_threads(),
+        prompt_len=args.prompt, new_tokens=args.new, dtype=args.dtype,
+        backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
+        torch_device=device, torch_threads=torch.get_num_threads(),
     )  # fmt: skip
 
     def run_jax() -> float:
@@ -72,44 +103,40 @@ def main() -> None:
         return time.perf_counter() - start
 
     def run_torch() -> float:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         start = time.perf_counter()
         with torch.no_grad():
             out = torch_model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                 min_new_tokens=args.new, do_sample=False, use_cache=True, pad_token_id=0,
             )  # fmt: skip
+        if device == "cuda":
+            torch.cuda.synchronize()
         assert out.shape[1] == args.prompt + args.new
         return time.perf_counter() - start
 
     first = run_jax()
-    run_torch()  # warm-up of torch's kernels and caches
-    jax_times, torch_times = [], []
+    runs = {"jaxpost": [], "transformers": []}
+    if not args.skip_transformers:
+        run_torch()  # warm-up of torch's kernels and caches
     for _ in range(args.repeats):
-        jax_times.append(run_jax())
-        torch_times.append(run_torch())
-    compile_s = first - min(jax_times)
+        runs["jaxpost"].append(run_jax())
+        if not args.skip_transformers:
+            runs["transformers"].append(run_torch())
+    compile_s = first - min(runs["jaxpost"])
 
-    for name, times in (("jaxpost", jax_times), ("transformers", torch_times)):
+    for name, times in runs.items():
         for i, t in enumerate(times):
-            line = {"bench": "sampler", "impl": name, "repeat": i, "seconds": round(t, 4),
-                    "decode_tokens_per_s": round(new_tokens / t, 1), **common}  # fmt: skip
-            print(json.dumps(line))
-    jax_tps = new_tokens / statistics.median(jax_times)
-    torch_tps = new_tokens / statistics.median(torch_times)
-    print(
-        json.dumps(
-            {
-                "bench": "sampler_summary",
-                "jaxpost_tokens_per_s": round(jax_tps, 1),
-                "transformers_tokens_per_s": round(torch_tps, 1),
-                "jaxpost_compile_s": round(compile_s, 2),
-                "speedup_vs_transformers": round(jax_tps / torch_tps, 2),
-                **common,
-            }  # fmt: skip
-        )
-    )
-    sys.stdout.flush()
+            emit({"bench": "sampler", "impl": name, "repeat": i, "seconds": round(t, 4),
+                  "decode_tokens_per_s": round(new_tokens / t, 1), **common})  # fmt: skip
+    jax_tps = new_tokens / statistics.median(runs["jaxpost"])
+    summary = {"bench": "sampler_summary", "jaxpost_tokens_per_s": round(jax_tps, 1),
+               "jaxpost_compile_s": round(compile_s, 2)}  # fmt: skip
+    if runs["transformers"]:
+        torch_tps = new_tokens / statistics.median(runs["transformers"])
+        summary["transformers_tokens_per_s"] = round(torch_tps, 1)
+        summary["speedup_vs_transformers"] = round(jax_tps / torch_tps, 2)
+    emit({**summary, **common})
 
 
 if __name__ == "__main__":

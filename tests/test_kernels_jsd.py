@@ -1,10 +1,13 @@
 """kernels.generalized_jsd against the float64 NumPy reference, for every implementation.
 
-On CPU the Pallas implementations run in interpret mode. Shapes are small but chosen to hit the
-edges: N = 10 is not a multiple of the TPU row block (8), V = 300 is not a multiple of the
-vocabulary block (128), so every implementation handles a ragged last tile in both axes.
-Every kernel output buffer is NaN-poisoned (kernels.set_poison_outputs), so a tile a kernel
-forgets to write fails the comparison instead of passing as zeros.
+The forward/gradient grid runs twice, as jax's own Pallas tests do: `TestInterpret` on any
+backend (the Pallas kernels in the interpreter: the CPU tier CI runs) and `TestCompiled`, marked
+`accelerator`, with the kernels compiled (on a GPU: pallas_gpu and xla; on a TPU: pallas_tpu
+and xla; skipped on CPU). Shapes are small but chosen to hit the edges: N = 10 is not a multiple
+of the TPU row block (8), V = 300 is not a multiple of the vocabulary block (128), so every
+implementation handles a ragged last tile in both axes. Every kernel output buffer is
+NaN-poisoned (kernels.set_poison_outputs), so a tile a kernel forgets to write fails the
+comparison instead of passing as zeros.
 """
 
 import jax
@@ -14,6 +17,7 @@ import pytest
 
 import kernels
 from kernels import reference
+from kernels.jsd import compiles_here
 
 N, V = 10, 300
 BLOCKS = kernels.BlockSizes(block_rows=8, block_vocab=128)
@@ -64,7 +68,7 @@ def _logits(case: str, alpha: float, seed: int = 0):
     return s, t, mask
 
 
-def _compare(impl, alpha, dtype, case, temperature=0.7):
+def _compare(impl, alpha, dtype, case, temperature=0.7, interpret=True):
     s, t, mask = _logits(case, alpha)
     s_in, t_in = jnp.asarray(s, dtype), jnp.asarray(t, dtype)
     # The reference sees exactly the values the kernel sees.
@@ -74,7 +78,9 @@ def _compare(impl, alpha, dtype, case, temperature=0.7):
     kw = dict(alpha=alpha, temperature=temperature, mask=mask)
 
     def loss(x):
-        d = kernels.generalized_jsd(x, t_in, impl=impl, block_sizes=BLOCKS, **kw)
+        d = kernels.generalized_jsd(
+            x, t_in, impl=impl, block_sizes=BLOCKS, interpret=interpret, **kw
+        )
         return (d * ct).sum(), d
 
     (_, d), g = jax.value_and_grad(loss, has_aux=True)(s_in)
@@ -90,36 +96,78 @@ def _compare(impl, alpha, dtype, case, temperature=0.7):
         assert np.all(np.asarray(d)[~mask] == 0) and np.all(g[~mask] == 0)
 
 
-@pytest.mark.parametrize("alpha", ALPHAS)
-@pytest.mark.parametrize("impl", kernels.IMPLS)
-def test_matches_reference_float32(impl, alpha):
-    _compare(impl, alpha, jnp.float32, "plain")
+class _Grid:
+    """Forward and gradient against the float64 reference; subclasses set INTERPRET."""
+
+    INTERPRET: bool
+
+    def skip_unless_it_runs(self, impl):
+        if not self.INTERPRET and not compiles_here(impl):
+            pytest.skip(f"{impl} does not compile on {jax.default_backend()!r}")
+
+    def run(self, impl, alpha, dtype, case, **kw):
+        self.skip_unless_it_runs(impl)
+        _compare(impl, alpha, dtype, case, interpret=self.INTERPRET, **kw)
+
+    @pytest.mark.parametrize("alpha", ALPHAS)
+    @pytest.mark.parametrize("impl", kernels.IMPLS)
+    def test_matches_reference_float32(self, impl, alpha):
+        self.run(impl, alpha, jnp.float32, "plain")
+
+    @pytest.mark.parametrize("case", ["large", "neg_inf", "masked"])
+    @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+    @pytest.mark.parametrize("impl", kernels.IMPLS)
+    def test_edge_cases(self, impl, alpha, case):
+        self.run(impl, alpha, jnp.float32, case)
+
+    @pytest.mark.parametrize("alpha", [0.25, 1.0])
+    @pytest.mark.parametrize("impl", kernels.IMPLS)
+    def test_bfloat16(self, impl, alpha):
+        self.run(impl, alpha, jnp.bfloat16, "plain", temperature=1.5)
+
+    @pytest.mark.parametrize("impl", kernels.IMPLS)
+    def test_one_block_wider_than_vocab_and_jit(self, impl):
+        """A block larger than V (clamped) and the whole thing under jit."""
+        self.skip_unless_it_runs(impl)
+        s, t, _ = _logits("plain", 0.5, seed=3)
+        blocks = kernels.BlockSizes(block_rows=16, block_vocab=512)
+        f = jax.jit(lambda x: kernels.generalized_jsd(x, t, alpha=0.5, impl=impl,
+                                                      block_sizes=blocks,
+                                                      interpret=self.INTERPRET).sum())  # fmt: skip
+        np.testing.assert_allclose(
+            f(s), reference.generalized_jsd(s, t, alpha=0.5).sum(), rtol=2e-5, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("case", ["large", "neg_inf", "masked"])
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("impl", kernels.IMPLS)
-def test_edge_cases(impl, alpha, case):
-    _compare(impl, alpha, jnp.float32, case)
+class TestInterpret(_Grid):
+    """Any backend: the Pallas kernels run in the Pallas interpreter; xla as XLA compiles it."""
+
+    INTERPRET = True
 
 
-@pytest.mark.parametrize("alpha", [0.25, 1.0])
-@pytest.mark.parametrize("impl", kernels.IMPLS)
-def test_bfloat16(impl, alpha):
-    _compare(impl, alpha, jnp.bfloat16, "plain", temperature=1.5)
+@pytest.mark.accelerator
+class TestCompiled(_Grid):
+    """The same grid compiled on a GPU or TPU: this backend's Pallas kernel and xla."""
+
+    INTERPRET = False
 
 
-@pytest.mark.parametrize("impl", kernels.IMPLS)
-def test_one_block_wider_than_vocab_and_jit(impl):
-    """A block larger than V (clamped) and the whole thing under jit."""
-    s, t, _ = _logits("plain", 0.5, seed=3)
-    blocks = kernels.BlockSizes(block_rows=16, block_vocab=512)
-    f = jax.jit(
-        lambda x: kernels.generalized_jsd(x, t, alpha=0.5, impl=impl, block_sizes=blocks).sum()
-    )
-    np.testing.assert_allclose(
-        f(s), reference.generalized_jsd(s, t, alpha=0.5).sum(), rtol=2e-5, atol=1e-5
-    )
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_compiled_pallas_off_its_backend_names_interpret_as_the_fix(impl):
+    if compiles_here(impl):
+        pytest.skip(f"{impl} compiles on {jax.default_backend()!r}")
+    s, t, _ = _logits("plain", 0.5)
+    with pytest.raises(ValueError, match=r"compiles only on .*pass interpret=True"):
+        kernels.generalized_jsd(s, t, alpha=0.5, impl=impl)
+    d = kernels.generalized_jsd(s, t, alpha=0.5, impl=impl, block_sizes=BLOCKS, interpret=True)
+    np.testing.assert_allclose(d, reference.generalized_jsd(s, t, alpha=0.5), rtol=2e-5, atol=1e-5)
+
+
+def test_xla_ignores_interpret_and_none_is_the_backends_best():
+    s, t, _ = _logits("plain", 0.25)
+    run = lambda **kw: np.asarray(kernels.generalized_jsd(s, t, alpha=0.25, **kw))  # noqa: E731
+    np.testing.assert_array_equal(run(impl="xla", interpret=True), run(impl="xla"))
+    np.testing.assert_array_equal(run(), run(impl=kernels.default_impl()))
 
 
 def test_divergence_of_a_distribution_with_itself_is_zero():
@@ -138,44 +186,15 @@ def test_shift_invariance_and_temperature_limit():
     np.testing.assert_allclose(np.asarray(d0), np.asarray(d1), rtol=1e-4, atol=1e-6)
 
 
-def test_dense_jnp_reference_agrees_with_numpy_reference():
-    s, t, mask = _logits("masked", 0.25)
-    for alpha in ALPHAS:
-        kw = dict(alpha=alpha, temperature=0.7, mask=mask)
-        got = kernels.generalized_jsd_reference(s, t, **kw)
-        np.testing.assert_allclose(
-            np.asarray(got), reference.generalized_jsd(s, t, **kw), rtol=1e-5, atol=1e-5
-        )
-        g = jax.grad(lambda x, kw=kw: kernels.generalized_jsd_reference(x, t, **kw).sum())(s)
-        want = reference.generalized_jsd_grad(s, t, **kw)
-        np.testing.assert_allclose(np.asarray(g), want, atol=2e-5 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("alpha", ALPHAS)
-def test_numpy_reference_gradient_matches_finite_differences(alpha):
-    """The float64 reference gradient, derived independently, checked by central differences."""
-    rng = np.random.default_rng(7)
-    s, t = rng.normal(size=(2, 6)), rng.normal(size=(2, 6))
-    want = reference.generalized_jsd_grad(s, t, alpha=alpha, temperature=0.8)
-    eps = 1e-6
-    fd = np.zeros_like(s)
-    for i in np.ndindex(s.shape):
-        e = np.zeros_like(s)
-        e[i] = eps
-        up = reference.generalized_jsd(s + e, t, alpha=alpha, temperature=0.8).sum()
-        down = reference.generalized_jsd(s - e, t, alpha=alpha, temperature=0.8).sum()
-        fd[i] = (up - down) / (2 * eps)
-    np.testing.assert_allclose(want, fd, atol=1e-8)
-
-
 def test_teacher_gets_no_gradient():
     s, t, _ = _logits("plain", 0.5)
     g = jax.grad(lambda y: kernels.generalized_jsd(s, y, alpha=0.5).sum())(t)
     assert np.all(np.asarray(g) == 0)
 
 
-def test_default_impl_on_cpu_is_xla():
-    assert kernels.default_impl() == "xla"
+def test_default_impl_per_backend():
+    assert kernels.default_impl() == kernels.default_impl(jax.default_backend())
+    assert kernels.default_impl("cpu") == "xla"
     assert kernels.default_impl("tpu") == "pallas_tpu"
     assert kernels.default_impl("gpu") == "pallas_gpu"
     assert kernels.IMPLS == ("xla", "pallas_tpu", "pallas_gpu")
@@ -194,6 +213,7 @@ def test_default_impl_on_cpu_is_xla():
         (dict(temperature=0.0), "temperature must be finite and > 0"),
         (dict(temperature=-1.0), "temperature must be finite and > 0"),
         (dict(impl="cuda"), "unknown impl 'cuda'"),
+        (dict(interpret=1), "interpret must be True or False"),
         (dict(mask=np.ones(N + 1, bool)), r"mask must have shape \[N\]"),
         (dict(block_sizes=kernels.BlockSizes(8, 100), impl="pallas_tpu"), "multiple|% 128"),
         (dict(block_sizes=kernels.BlockSizes(1, 384), impl="pallas_gpu"), "power-of-two"),
