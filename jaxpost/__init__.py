@@ -1,7 +1,11 @@
 """jaxpost: post-training language models with SFT, RL and on-policy distillation in JAX.
 
 Import the parts you need: ``jaxpost.models``, ``jaxpost.losses``, ``jaxpost.sampler``,
-``jaxpost.tasks``, ``jaxpost.metrics``, ``jaxpost.train``.
+``jaxpost.tasks``, ``jaxpost.metrics``, ``jaxpost.train``. Bad input a user can fix raises
+``jaxpost.UserError`` everywhere.
 """
 
+from jaxpost.errors import UserError
+
 __version__ = "0.1.0"
+__all__ = ["UserError"]

@@ -4,13 +4,15 @@ Prompt and completion are always encoded separately and concatenated, never enco
 string: then the completion's tokens are the same whatever precedes them, which is what lets a
 teacher with privileged context and a student be compared position by position.
 
-Two layouts, matching what `jaxpost.train` consumes:
+Two batch structs, the inputs of `jaxpost.train`'s steps (pytrees, so they jit and shard):
 
-  sft_batch   one right-padded sequence per example:
-              tokens_BxL, attention_mask_BxL, loss_mask_BxL (1 on completion tokens)
-  pair_batch  prompts left-padded and completions right-padded, so every completion starts at
-              the same column: prompt_tokens_BxP, prompt_mask_BxP, completion_BxM,
-              completion_mask_BxM (and teacher_prompt_tokens / teacher_prompt_mask)
+  SequenceBatch    one right-padded sequence per example (`sft_batch`):
+                   tokens_BxL, attention_mask_BxL, loss_mask_BxL (1 on completion tokens)
+  CompletionBatch  prompts left-padded and completions right-padded, so every completion starts
+                   at the same column (`pair_batch`, or the on-policy loop's rollouts):
+                   prompt_tokens_NxP, prompt_mask_NxP, completion_NxM, completion_mask_NxM, the
+                   teacher's privileged prompt view, and what RL adds (old and sampling logprobs,
+                   advantages, reference logprobs)
 
 Sources: `read_jsonl` for local files, `tfds_examples` for a prepared TFDS `data_dir` (the tfds
 extra; imported lazily, never downloads).
@@ -22,9 +24,72 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+import jax
 import numpy as np
+from flax import struct
 
 from jaxpost.tokenizers import Tokenizer
+
+
+@struct.dataclass
+class SequenceBatch:
+    """SFT input: one right-padded sequence per example (see `sft_batch`).
+
+    tokens_BxL: prompt ++ completion ++ padding; attention_mask_BxL: 1 on real tokens;
+    loss_mask_BxL: 1 on the tokens to predict (the completion). The loss at slot t predicts
+    tokens[t + 1] from tokens[<= t], so objectives shift by one.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    loss_mask: jax.Array
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+
+@struct.dataclass
+class CompletionBatch:
+    """On-policy input, padded once: prompts left-padded [N, P], completions right-padded [N, M],
+    so completion token j sits in slot P + j of prompt ++ completion in every row (and in the
+    teacher's privileged view, whose prompt has its own width Pt).
+
+    Attributes:
+      prompt_tokens, prompt_mask: [N, P] the student's prompt (mask 1 on real tokens).
+      completion, completion_mask: [N, M] the sampled completion (mask 1 up to and including
+        the stop token).
+      teacher_prompt_tokens, teacher_prompt_mask: [N, Pt] the teacher's (privileged) view of the
+        prompt for OPSD; None: the teacher sees the student's prompt.
+      old_logp: [N, M] log π_old(y_t), the untempered policy that sampled the batch (GRPO).
+      sampling_logp: [N, M] log-probability under the distribution actually sampled from
+        (temperature, top-k, top-p applied): the importance-correction denominator.
+      advantages: [N] per sequence or [N, M] per token (GRPO).
+      ref_logp: [N, M] a frozen reference policy's logprobs (GRPO's KL penalty).
+    Optional fields are None when unused; a None is an empty pytree, so it costs nothing in a
+    jitted step (but a run keeps the same fields set on every step, or the step recompiles).
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    completion: jax.Array
+    completion_mask: jax.Array
+    teacher_prompt_tokens: jax.Array | None = None
+    teacher_prompt_mask: jax.Array | None = None
+    old_logp: jax.Array | None = None
+    sampling_logp: jax.Array | None = None
+    advantages: jax.Array | None = None
+    ref_logp: jax.Array | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.completion.shape[0]
+
+    def teacher_prompt(self) -> tuple[jax.Array, jax.Array]:
+        """(tokens, mask) of the prompt the teacher conditions on: its privileged view if set."""
+        if self.teacher_prompt_tokens is None:
+            return self.prompt_tokens, self.prompt_mask
+        return self.teacher_prompt_tokens, self.teacher_prompt_mask
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -81,7 +146,7 @@ def sft_batch(
     *,
     length: int | None = None,
     pad_multiple: int = 16,
-) -> dict[str, np.ndarray]:
+) -> SequenceBatch:
     """Right-padded SFT arrays from (prompt ids, completion ids) pairs.
 
     tokens[b] = prompt_b ++ completion_b ++ pad; attention_mask is 1 on real tokens; loss_mask is
@@ -96,7 +161,7 @@ def sft_batch(
     loss = np.zeros_like(attention)
     for i, (p, c) in enumerate(encoded):
         loss[i, len(p) : len(p) + len(c)] = 1
-    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+    return SequenceBatch(tokens=tokens, attention_mask=attention, loss_mask=loss)
 
 
 def pair_batch(
@@ -108,7 +173,7 @@ def pair_batch(
     prompt_width: int | None = None,
     completion_width: int | None = None,
     pad_multiple: int = 16,
-) -> dict[str, np.ndarray]:
+) -> CompletionBatch:
     """Prompt / completion arrays for teacher forcing of fixed completions (OPD on a dataset,
     evaluation of logprobs): prompts left-padded, completions right-padded, so completion
     position j is column j of `completion` in every row and in both views of OPSD.
@@ -122,19 +187,14 @@ def pair_batch(
     c_tokens, c_mask = right_pad(
         completions, _width(completions, completion_width, pad_multiple), pad_id
     )
-    batch = {
-        "prompt_tokens": p_tokens,
-        "prompt_mask": p_mask,
-        "completion": c_tokens,
-        "completion_mask": c_mask,
-    }
+    batch = CompletionBatch(p_tokens, p_mask, c_tokens, c_mask)
     if teacher_prompts is not None:
         if len(teacher_prompts) != len(prompts):
             raise ValueError(f"{len(teacher_prompts)} teacher prompts for {len(prompts)} prompts")
         t_tokens, t_mask = left_pad(
             teacher_prompts, _width(teacher_prompts, None, pad_multiple), pad_id
         )
-        batch["teacher_prompt_tokens"], batch["teacher_prompt_mask"] = t_tokens, t_mask
+        batch = batch.replace(teacher_prompt_tokens=t_tokens, teacher_prompt_mask=t_mask)
     return batch
 
 

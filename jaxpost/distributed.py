@@ -145,3 +145,64 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> dict[s
             description["coordinator"] = kwargs["coordinator_address"]
     _distributed_description = description
     return description
+
+
+# ---------------------------------------------------------------------------------------------
+# What each host reads and writes
+
+
+def describe(mesh=None) -> str:
+    """One line for a program's first output: processes, devices, this process's rank, mesh."""
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    devices = f"{jax.device_count()} {jax.default_backend()} devices ({jax.local_device_count()} local)"
+    shape = "" if mesh is None else ", mesh " + ",".join(
+        f"{name}={size}" for name, size in mesh.shape.items()
+    )
+    return f"jaxpost: {jax.process_count()} process(es), {devices}; this is {where}{shape}"
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared files (metrics, models, reports): process 0 only;
+    checkpoints are written by every process together (orbax)."""
+    return jax.process_index() == 0
+
+
+def local_rows(mesh, rows: int) -> slice:
+    """The block of a global batch of `rows` examples this process loads: the rows its devices
+    hold under the batch sharding (dim 0 over data x fsdp), which `global_batch_from_local`
+    expects in this order. The whole batch for a single process or without a mesh."""
+    if mesh is None or jax.process_count() == 1:
+        return slice(0, rows)
+    from jaxpost import sharding
+
+    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
+    spans = sorted({(s[0].start or 0, rows if s[0].stop is None else s[0].stop)
+                    for s in index_map.values()})  # fmt: skip
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"this process's rows of the batch are not one block: {spans}")
+    return slice(start, stop)
+
+
+def host_rows(array):
+    """The rows (dim 0) of a global array that this process's devices hold, as one numpy array
+    in order (replicas on other mesh axes counted once). A plain array is returned whole."""
+    import numpy as np
+
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    pieces = {}
+    for shard in array.addressable_shards:
+        rows = shard.index[0]
+        pieces.setdefault(rows.start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)])
+
+
+def all_hosts(values):
+    """Concatenate a numpy array (or tree of them) along dim 0 over processes, in process order;
+    the value itself for one process. Every process must call it (a collective)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(values, tiled=True)

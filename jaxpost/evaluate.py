@@ -11,12 +11,13 @@ pass@k, diversity, solution-set coverage and the likelihood-based metrics.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxpost import metrics, sampler
+from jaxpost import data, distributed, metrics, sampler, sharding
 from jaxpost.models import ModelConfig
 from jaxpost.tokenizers import Tokenizer
 
@@ -34,6 +35,8 @@ class Samples:
       seq_logprob: sum of `logprobs` over each completion.
       answer_ok: the final answer verifies. chain_ok: answer and chain verify (CoT-pass@k).
       canonical: [P][S] canonical solution of a correct sample, None otherwise.
+      diversity_keys: [P][S] what diversity counts of a correct sample (`task.diversity_key`:
+        the canonical solution on Countdown, the reasoning path on GSM8K), None otherwise.
     """
 
     problems: list
@@ -46,6 +49,7 @@ class Samples:
     answer_ok: np.ndarray
     chain_ok: np.ndarray
     canonical: list[list[Any]]
+    diversity_keys: list[list[Any]]
 
     @property
     def n(self) -> int:
@@ -72,21 +76,34 @@ def sample(
     Args:
       render: problem -> prompt text (default `task.render_prompt`; e.g. a steering prompt).
       max_rows: prompts are sampled in chunks of at most this many rows (prompts × n).
+      mesh: sample with the rows split over the mesh's data axes. With several processes each
+        samples its own rows of every chunk and all processes get every sample back (the
+        verdicts and metrics are the same on every host).
     """
     if n < 1 or not problems:
         raise ValueError(f"need n >= 1 and at least one problem, got n={n}, {len(problems)} problems")
     render = render or task.render_prompt
     prompts = [tokenizer.encode(render(p), add_bos=True) for p in problems]
+    width = data.round_up(max(len(p) for p in prompts), 16)
+    # Rows are padded to a multiple of 8 and of the data-parallel size: few distinct programs,
+    # and every device gets the same number of rows. Filler rows repeat the last prompt.
+    multiple = 8 if mesh is None else math.lcm(8, sharding.data_parallel_size(mesh))
     per_chunk = max(1, max_rows // n)
     parts = []
     for start in range(0, len(prompts), per_chunk):
-        r = sampler.generate(
-            config, params, prompts[start : start + per_chunk], max_new_tokens=max_new_tokens,
-            temperature=temperature, eos_id=tokenizer.eos_id, seed=seed + start, num_samples=n,
-            pad_id=tokenizer.pad_id, mesh=mesh,
+        chunk = prompts[start : start + per_chunk]
+        rows = [p for p in chunk for _ in range(n)]
+        total = data.round_up(len(rows), multiple)
+        rows += [rows[-1]] * (total - len(rows))
+        mine = distributed.local_rows(mesh, total)
+        tokens, mask = data.left_pad(rows[mine], width, tokenizer.pad_id)
+        r = sampler.generate_rows(
+            config, params, tokens, mask, np.arange(mine.start, mine.stop, dtype=np.int32),
+            max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
+            seed=seed + start, pad_id=tokenizer.pad_id, mesh=mesh,
         )  # fmt: skip
-        parts.append((np.asarray(r.tokens), np.asarray(r.mask), np.asarray(r.logprobs),
-                      np.asarray(r.lengths)))  # fmt: skip
+        got = distributed.all_hosts((r.tokens, r.mask, r.logprobs, r.lengths))
+        parts.append(tuple(np.asarray(x)[: len(chunk) * n] for x in got))
     tokens, mask, logprobs, lengths = (np.concatenate(x) for x in zip(*parts))
     P = len(problems)
     texts = [[tokenizer.decode(tokens[i * n + s, : lengths[i * n + s]]) for s in range(n)]
@@ -96,9 +113,11 @@ def sample(
                          for p, ok, row in zip(problems, answer_ok, texts)])  # fmt: skip
     canonical = [[task.canonical(p, t) if a else None for a, t in zip(ok, row)]
                  for p, ok, row in zip(problems, answer_ok, texts)]  # fmt: skip
+    keys = [[task.diversity_key(p, t) if a else None for a, t in zip(ok, row)]
+            for p, ok, row in zip(problems, answer_ok, texts)]  # fmt: skip
     seq = (logprobs * mask).sum(1).reshape(P, n)
     return Samples(list(problems), prompts, texts, tokens, mask, logprobs, seq, answer_ok,
-                   chain_ok, canonical)  # fmt: skip
+                   chain_ok, canonical, keys)  # fmt: skip
 
 
 def ks_for(n: int) -> list[int]:

@@ -1,24 +1,31 @@
-"""The training loops of the three paradigms: SFT, GRPO and on-policy distillation.
+"""The training loops: one supervised loop (SFT) and one on-policy loop (GRPO, OPD, OPSD).
 
-Each loop owns the host side only: which prompts a step sees, calling the sampler, verifying,
-logging and checkpointing. The arithmetic is in the jitted steps of `jaxpost.train`.
+A loop owns the host side only: which examples or prompts a step sees, sampling, scoring,
+logging, checkpointing, preemption. The arithmetic is in the jitted steps of `jaxpost.train`;
+GRPO and OPD differ only in their objective and their scoring hook (rewards -> advantages, or a
+teacher as a frozen input), so they share `run_on_policy`.
 
-Determinism: the prompts of step t, the sampler's seed at step t and the SFT batch at step t are
-functions of (seed, t) alone, so a run restarted from its step-t checkpoint replays steps t+1...
-exactly as the uninterrupted run would have.
+Determinism: the examples of step t, its prompts and the sampler's seed are functions of
+(seed, t) alone, so a run restarted from its step-t checkpoint replays steps t+1... exactly as
+the uninterrupted run would have.
 
-Scale: every loop takes an optional `mesh` (`sharding.make_mesh`). With it the train state is
+Scale: every loop takes an optional `mesh` (`sharding.make_mesh`). The train state is then
 sharded by the logical rules of `jaxpost.sharding` (FSDP/tensor parallel), each step's batch is
-split over the mesh's data axes, a teacher is sharded like a student, the sampler shards its rows
-the same way, and the step runs under the mesh so the model's activation constraints apply. The
-arithmetic is the one-device arithmetic (tests/test_loops.py checks the two agree); the batch
-(SFT examples, or prompts × group size) must divide by the data-parallel size. This is the
-single-controller path (one process driving all local devices: a GPU node, a TPU VM); multi-host
-runs build global batches with `sharding.global_batch_from_local` instead.
+split over the mesh's data axes, a frozen model (teacher, reference) is sharded like the student,
+the sampler splits its rows the same way, and everything runs under `jax.set_mesh(mesh)` so the
+model's activation constraints apply. With several processes (one per host, `jaxpost.distributed`)
+each process builds only the rows its devices hold (`distributed.local_rows`) and the global batch
+is assembled without a transfer (`sharding.global_batch_from_local`); the arithmetic is the
+one-process arithmetic on the same mesh. Process 0 writes the metrics; every process takes part
+in checkpoints (orbax writes each host's shards).
+
+The step loop never waits for a step's metrics: step t's are read after step t+1 is dispatched
+(`metrics_log.DeferredMetrics`), so the host prepares the next batch while the device computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -30,38 +37,31 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpost import data, losses, sampler, sharding, train
+from jaxpost import data, distributed, losses, rollouts, sharding, train
 from jaxpost.checkpoint import Checkpointer, PreemptionGuard, sync_should_stop
-from jaxpost.metrics_log import MetricsWriter
+from jaxpost.metrics_log import DeferredMetrics, MetricsWriter
 from jaxpost.models import ModelConfig
+from jaxpost.rollouts import PromptSource, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """What every loop shares.
+    """How long a loop runs and what it writes (sampling settings: `rollouts.SamplingConfig`).
 
     Attributes:
-      steps: optimizer updates (GRPO: rollout rounds; each may make several updates).
-      batch_size: prompts per step (SFT: examples per step).
-      group_size: samples per prompt (GRPO group / OPD rollouts per prompt).
-      max_new_tokens: completion budget of the sampler.
-      temperature, top_k, top_p: sampling settings of the rollouts.
+      steps: optimizer updates (on-policy: rollout rounds; each may make several updates).
+      batch_size: examples per step (SFT) or prompts per step (on-policy).
       seed: the run's seed; every random choice derives from it and the step.
       workdir: metrics.jsonl, TensorBoard events and checkpoints/ go here (None: no files).
       checkpoint_every: save every this many steps (0: only at the end and on preemption).
       keep_checkpoints: how many checkpoints to keep.
-      log_every: progress-bar refresh and metrics write interval.
-      progress: show a tqdm bar.
+      log_every: metrics-file and progress-bar interval.
+      progress: show a tqdm bar (process 0).
       desc: label of the progress bar.
     """
 
     steps: int = 100
     batch_size: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
     seed: int = 0
     workdir: str | None = None
     checkpoint_every: int = 0
@@ -71,7 +71,7 @@ class LoopConfig:
     desc: str = "train"
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "group_size", "max_new_tokens", "log_every"):
+        for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -85,108 +85,44 @@ class RunResult:
     state: train.TrainState
     history: list[dict]
     preempted: bool = False
-    last_batch: dict | None = None  # host arrays of the final step's batch (state locality)
+    last_batch: Any = None  # this process's rows of the final step's batch (state locality)
 
 
-class _Run:
-    """Checkpoint resume, metric logging, preemption and the progress bar around a step loop."""
+class StepFunction:
+    """A loop's one jitted step, on one device or sharded over a mesh.
 
-    def __init__(self, loop: LoopConfig, state: train.TrainState, state_sharding=None):
-        self.loop = loop
-        self.history: list[dict] = []
-        self.writer = MetricsWriter(loop.workdir) if loop.workdir else None
-        self.ckpt = None
-        self.state = state
-        if loop.workdir:
-            self.ckpt = Checkpointer(
-                os.path.join(loop.workdir, "checkpoints"), max_to_keep=loop.keep_checkpoints
-            )
-            if self.ckpt.latest_step() is not None:
-                abstract = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-                )
-                self.state, _ = self.ckpt.restore(abstract)
-        self.start = int(self.state.step)
-        self.last_batch: dict | None = None
-
-    def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.history.append(row)
-        if self.writer is not None and (step % self.loop.log_every == 0 or step == self.loop.steps):
-            self.writer.write(step, {k: v for k, v in row.items() if k != "step"})
-
-    def maybe_save(self, step: int, force: bool = False) -> None:
-        if self.ckpt is None:
-            return
-        every = self.loop.checkpoint_every
-        if force or (every and step % every == 0):
-            self.ckpt.save(step, self.state, force=True)
-
-    def close(self) -> None:
-        if self.ckpt is not None:
-            self.ckpt.wait()
-            self.ckpt.close()
-        if self.writer is not None:
-            self.writer.close()
-
-    def iterate(self, body: Callable[[int], dict]) -> RunResult:
-        """Run `body(step)` for the remaining steps (1-based), handling everything around it."""
-        loop = self.loop
-        preempted = False
-        bar = tqdm(
-            total=loop.steps, initial=self.start, desc=loop.desc, disable=not loop.progress,
-            dynamic_ncols=True, leave=False,
-        )  # fmt: skip
-        with PreemptionGuard() as guard:
-            try:
-                for step in range(self.start + 1, loop.steps + 1):
-                    metrics = body(step)
-                    self.log(step, metrics)
-                    bar.update(1)
-                    if step % loop.log_every == 0:
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
-                    if sync_should_stop(guard.should_stop):
-                        self.maybe_save(step, force=True)
-                        preempted = True
-                        break
-                    self.maybe_save(step, force=step == loop.steps)
-            finally:
-                bar.close()
-                self.close()
-        return RunResult(state=self.state, history=self.history, preempted=preempted,
-                         last_batch=self.last_batch)  # fmt: skip
-
-
-class _Compiled:
-    """The jitted step of a loop, on one device or sharded over a mesh.
-
-    On a mesh the state is placed by `train.state_shardings` before the checkpoint restore (so a
-    restored state lands on the same shardings), the frozen model (teacher) by its own parameter
-    shardings, and each batch over the data axes; the step is compiled on the first batch, when
-    the batch's keys are known.
+    `jax.jit` with explicit in/out shardings and a donated state, compiled at the first batch
+    (when the batch's fields are known). On a mesh the state is placed by
+    `train.state_shardings`, frozen models (teacher, reference) by their parameter shardings,
+    and each batch is assembled from this process's rows over the data axes.
     """
 
-    def __init__(self, step, config: ModelConfig, optimizer, mesh=None):
+    def __init__(self, step: Callable, config: ModelConfig, optimizer, mesh=None):
         self.step, self.config, self.optimizer, self.mesh = step, config, optimizer, mesh
-        self._fn = None if mesh is not None else train.jit_step(step)
-        self._frozen_sh = None
+        self._fn = None
+        self._frozen_sh: tuple = ()
 
-    def place_state(self, state: train.TrainState) -> train.TrainState:
+    def init_state(self, params, seed: int) -> train.TrainState:
+        state = train.init_state(params, self.optimizer, seed)
         if self.mesh is None:
             return state
         return jax.device_put(state, train.state_shardings(self.config, self.mesh, self.optimizer))
 
     def place_frozen(self, config: ModelConfig, params):
-        """Shard the frozen third argument of the step (OPD's teacher)."""
+        """Place one frozen model (in the order the step takes them)."""
         if self.mesh is None:
             return params
-        self._frozen_sh = sharding.param_shardings(config, self.mesh)
-        return sharding.shard_params(params, self._frozen_sh)
+        shardings = sharding.param_shardings(config, self.mesh)
+        self._frozen_sh += (shardings,)
+        return sharding.shard_params(params, shardings)
 
-    def __call__(self, state, batch: dict, *frozen):
+    def __call__(self, state, batch, *frozen):
         if self.mesh is None:
-            return self._fn(state, jax.tree.map(jnp.asarray, batch), *frozen)
-        batch = sharding.shard_batch(batch, self.mesh)
+            batch = jax.tree.map(jnp.asarray, batch)
+            if self._fn is None:
+                self._fn = train.jit_step(self.step)
+            return self._fn(state, batch, *frozen)
+        batch = sharding.global_batch_from_local(batch, self.mesh)
         if self._fn is None:
             self._fn = train.jit_step(
                 self.step, state_sharding=jax.tree.map(lambda x: x.sharding, state),
@@ -194,6 +130,98 @@ class _Compiled:
                 frozen_sharding=self._frozen_sh,
             )  # fmt: skip
         return self._fn(state, batch, *frozen)
+
+
+class _Run:
+    """Checkpoint resume, deferred metric logging, preemption and the progress bar around a
+    step loop (`iterate`)."""
+
+    def __init__(self, loop: LoopConfig, state: train.TrainState):
+        self.loop = loop
+        self.history: list[dict] = []
+        writer = loop.workdir and distributed.is_writer()
+        self.writer = MetricsWriter(loop.workdir) if writer else None
+        self.ckpt = None
+        self.state = state
+        if loop.workdir:
+            self.ckpt = Checkpointer(os.path.join(loop.workdir, "checkpoints"),
+                                     max_to_keep=loop.keep_checkpoints)  # fmt: skip
+            if self.ckpt.latest_step() is not None:
+                abstract = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+                )
+                self.state, _ = self.ckpt.restore(abstract)
+        self.start = int(self.state.step)
+        self.last_batch = None
+
+    def _log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        if self.writer is not None and (step % self.loop.log_every == 0 or step == self.loop.steps):
+            self.writer.write(step, metrics)
+
+    def _save(self, step: int, force: bool = False) -> None:
+        every = self.loop.checkpoint_every
+        if self.ckpt is not None and (force or (every and step % every == 0)):
+            self.ckpt.save(step, self.state, force=True)
+
+    def iterate(self, body: Callable[[int], tuple[dict, dict]]) -> RunResult:
+        """Run `body(step) -> (device metrics, host metrics)` for the remaining steps (1-based).
+
+        Step t's device metrics are fetched once step t+1 has been dispatched, then logged with
+        its host metrics and the wall time per step.
+        """
+        loop = self.loop
+        preempted = False
+        deferred = DeferredMetrics()
+        host: dict[int, tuple[dict, float]] = {}
+        show = loop.progress and distributed.is_writer()
+        bar = tqdm(total=loop.steps, initial=self.start, desc=loop.desc, disable=not show,
+                   dynamic_ncols=True, leave=False)  # fmt: skip
+
+        def emit(done) -> None:
+            if done is None:
+                return
+            step, device_metrics = done
+            extra, elapsed = host.pop(step)
+            metrics = {**device_metrics, **extra, "step_seconds": elapsed}
+            self._log(step, metrics)
+            bar.update(1)
+            if step % loop.log_every == 0:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
+
+        with PreemptionGuard() as guard:
+            try:
+                last = time.perf_counter()
+                for step in range(self.start + 1, loop.steps + 1):
+                    device_metrics, extra = body(step)
+                    now = time.perf_counter()
+                    host[step] = (extra, now - last)
+                    last = now
+                    emit(deferred.push(step, device_metrics))
+                    if sync_should_stop(guard.should_stop):
+                        emit(deferred.flush())
+                        self._save(step, force=True)
+                        preempted = True
+                        break
+                    if self.ckpt is not None and (step == loop.steps or (
+                            loop.checkpoint_every and step % loop.checkpoint_every == 0)):  # fmt: skip
+                        emit(deferred.flush())  # a checkpoint syncs with the device anyway
+                    self._save(step, force=step == loop.steps)
+                emit(deferred.flush())
+            finally:
+                bar.close()
+                if self.ckpt is not None:
+                    self.ckpt.wait()
+                    self.ckpt.close()
+                if self.writer is not None:
+                    self.writer.close()
+        return RunResult(state=self.state, history=self.history, preempted=preempted,
+                         last_batch=self.last_batch)  # fmt: skip
+
+
+def _mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +241,8 @@ def run_sft(
     """Supervised fine-tuning on fixed (prompt, completion) token pairs, completion-only loss.
 
     Step t uses examples perm_e[(t·B) mod n ...] where perm_e is the permutation of epoch e drawn
-    from (seed, e): every example once per epoch, a fixed order per seed.
+    from (seed, e): every example once per epoch, a fixed order per seed. Rows are padded to one
+    run-wide width (the longest example, rounded up to 16), so the step compiles once.
     """
     if not examples:
         raise ValueError("run_sft needs at least one example")
@@ -222,90 +251,85 @@ def run_sft(
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
-    step_fn = _Compiled(
-        train.make_step(train.sft_objective(config), optimizer, grad_accum=optim.grad_accum),
-        config, optimizer, mesh,
-    )  # fmt: skip
-    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
+    step_fn = StepFunction(train.make_step(train.sft_objective(config), optimizer,
+                                           grad_accum=optim.grad_accum), config, optimizer, mesh)  # fmt: skip
+    run = _Run(loop, step_fn.init_state(params, loop.seed))
+    mine = distributed.local_rows(mesh, loop.batch_size)
 
-    def body(step: int) -> dict:
+    def body(step: int) -> tuple[dict, dict]:
         idx = []
         for j in range((step - 1) * loop.batch_size, step * loop.batch_size):
             epoch, pos = divmod(j, n)
             perm = np.random.default_rng([loop.seed, epoch]).permutation(n)
             idx.append(int(perm[pos]))
-        batch = data.sft_batch([examples[i] for i in idx], pad_id, length=width)
+        batch = data.sft_batch([examples[i] for i in idx[mine]], pad_id, length=width)
         run.last_batch = batch
-        start = time.perf_counter()
         run.state, metrics = step_fn(run.state, batch)
-        metrics = jax.device_get(metrics)
-        tokens = int(batch["loss_mask"].sum())
-        return {**metrics, "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
+        return metrics, {}
 
-    return run.iterate(body)
+    with _mesh_context(mesh):
+        return run.iterate(body)
 
 
 # ---------------------------------------------------------------------------------------------
-# on-policy loops: GRPO and OPD share the rollout machinery
+# on-policy: GRPO and OPD share the loop; they differ in objective and scoring
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptSource:
-    """The prompts an on-policy loop samples from, and how to score what comes back.
+Score = Callable[[rollouts.StepRollouts], tuple[data.CompletionBatch, dict]]
 
-    Attributes:
-      prompts: the training pool, each already tokenized (the student's view).
-      reward: (index into `prompts`, completion token ids) -> float reward (GRPO).
-      teacher_prompts: optional teacher view of each prompt (OPSD's privileged context).
-      eos_id, pad_id: token ids of the tokenizer.
+
+def run_on_policy(
+    config: ModelConfig,
+    params,
+    source: PromptSource,
+    objective: train.Objective,
+    score: Score,
+    optim: train.OptimConfig,
+    loop: LoopConfig,
+    sampling: SamplingConfig,
+    *,
+    frozen: Sequence[tuple[ModelConfig, Any]] = (),
+    updates_per_batch: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+) -> RunResult:
+    """The on-policy loop: sample the step's prompts with the current policy, score them on the
+    host, take `updates_per_batch` optimizer steps on the batch.
+
+    Args:
+      objective: `(params, batch, *frozen_params) -> (loss, aux)` from `jaxpost.train`.
+      score: (this process's rollouts) -> (the training batch, host metrics to log): where GRPO
+        turns rewards into advantages; OPD only logs the rollouts' pass rate.
+      frozen: (config, params) of each model the objective takes after the batch (a teacher, a
+        reference policy): inputs of the step, sharded like a student, never trained or saved.
+      updates_per_batch: optimisation passes over each batch (PPO-style; old logprobs are the
+        sampler's, i.e. those of the policy that generated the batch).
     """
+    rows = loop.batch_size * sampling.group_size
+    if mesh is not None and rows % sharding.data_parallel_size(mesh):
+        raise ValueError(f"{loop.batch_size} prompts x {sampling.group_size} samples = {rows} rows "
+                         f"do not split over the mesh's data-parallel size "
+                         f"{sharding.data_parallel_size(mesh)}")  # fmt: skip
+    optimizer = train.make_optimizer(optim)
+    step_fn = StepFunction(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
+                           config, optimizer, mesh)  # fmt: skip
+    frozen_params = tuple(step_fn.place_frozen(c, p) for c, p in frozen)
+    run = _Run(loop, step_fn.init_state(params, loop.seed))
 
-    prompts: Sequence[Sequence[int]]
-    reward: Callable[[int, Sequence[int]], float] | None = None
-    teacher_prompts: Sequence[Sequence[int]] | None = None
-    eos_id: int | None = None
-    pad_id: int = 0
+    def body(step: int) -> tuple[dict, dict]:
+        start = time.perf_counter()
+        r = rollouts.sample_step(config, run.state.params, source, sampling,
+                                 batch_size=loop.batch_size, seed=loop.seed, step=step, mesh=mesh)  # fmt: skip
+        batch, extra = score(r)
+        run.last_batch = batch
+        for _ in range(updates_per_batch):
+            run.state, metrics = step_fn(run.state, batch, *frozen_params)
+        roll = rollouts.rollout_metrics(r)
+        roll["sampled_tokens_per_s"] = roll["sampled_tokens"] / max(time.perf_counter() - start,
+                                                                    1e-9)  # fmt: skip
+        return metrics, {**extra, **roll}
 
-
-def _step_prompts(source: PromptSource, loop: LoopConfig, step: int) -> list[int]:
-    n = len(source.prompts)
-    perm = np.random.default_rng([loop.seed, 7, step]).permutation(n)
-    return [int(perm[i % n]) for i in range(loop.batch_size)]
-
-
-def rollout_batch(config, params, source: PromptSource, loop: LoopConfig, step: int,
-                  prompt_width: int, mesh: jax.sharding.Mesh | None = None,
-                  ) -> tuple[dict, list[int], sampler.Rollouts]:  # fmt: skip
-    """Sample `group_size` completions of this step's prompts; arrays at a fixed run-wide width."""
-    idx = _step_prompts(source, loop, step)
-    rollouts = sampler.generate(
-        config, params, [source.prompts[i] for i in idx], max_new_tokens=loop.max_new_tokens,
-        temperature=loop.temperature, top_k=loop.top_k, top_p=loop.top_p, eos_id=source.eos_id,
-        seed=(loop.seed * 1_000_003 + step) % (2**31), num_samples=loop.group_size,
-        pad_id=source.pad_id, with_entropy=True, mesh=mesh,
-    )  # fmt: skip
-    rows = [i for i in idx for _ in range(loop.group_size)]
-    prompt, prompt_mask = data.left_pad([source.prompts[i] for i in rows], prompt_width, source.pad_id)
-    batch = {
-        "prompt_tokens": prompt,
-        "prompt_mask": prompt_mask,
-        "completion": np.asarray(rollouts.tokens),
-        "completion_mask": np.asarray(rollouts.mask),
-    }
-    if source.teacher_prompts is not None:
-        width = data.round_up(max(len(p) for p in source.teacher_prompts), 16)
-        t, tm = data.left_pad([source.teacher_prompts[i] for i in rows], width, source.pad_id)
-        batch["teacher_prompt_tokens"], batch["teacher_prompt_mask"] = t, tm
-    return batch, rows, rollouts
-
-
-def _rollout_metrics(rollouts: sampler.Rollouts) -> dict:
-    mask = np.asarray(rollouts.mask, bool)
-    return {
-        "completion_len": float(np.asarray(rollouts.lengths).mean()),
-        "entropy": float(np.asarray(rollouts.entropy)[mask].mean()) if mask.any() else 0.0,
-        "sampled_tokens": float(mask.sum()),
-    }
+    with _mesh_context(mesh):
+        return run.iterate(body)
 
 
 def run_grpo(
@@ -314,6 +338,7 @@ def run_grpo(
     source: PromptSource,
     optim: train.OptimConfig,
     loop: LoopConfig,
+    sampling: SamplingConfig,
     *,
     ref_params=None,
     num_iterations: int = 1,
@@ -326,62 +351,36 @@ def run_grpo(
 
     Args:
       source: prompts and the verifier reward.
-      ref_params: the frozen reference policy for the KL penalty (needed when kl_beta > 0).
-      num_iterations: optimisation passes over each rollout batch (the PPO-style inner loop;
-        old logprobs are the sampler's, i.e. those of the policy that generated the batch).
+      ref_params: the frozen reference policy of the KL penalty (needed when kl_beta > 0).
+      num_iterations: optimisation passes over each rollout batch.
       reward_transform: (rewards [N], sequence logprobs [N]) -> rewards, e.g. He et al.'s
         unlikeliness reward via `losses.unlikeliness_rewards`.
       loss_kwargs: forwarded to `losses.grpo_loss` (loss_type, eps_low, eps_high, kl_beta, ...).
     """
     if source.reward is None:
         raise ValueError("run_grpo needs a PromptSource with a reward function")
-    kl_beta = loss_kwargs.get("kl_beta", 0.0)
-    if kl_beta > 0 and ref_params is None:
+    if loss_kwargs.get("kl_beta", 0.0) > 0 and ref_params is None:
         raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
-    optimizer = train.make_optimizer(optim)
-    objective = train.grpo_objective(config, **loss_kwargs)
-    step_fn = _Compiled(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
-                        config, optimizer, mesh)  # fmt: skip
-    ref_logp_fn = jax.jit(lambda p, b: teacher_forced_logprobs(config, p, b))
-    if ref_params is not None and mesh is not None:
-        ref_params = sharding.shard_params(ref_params, sharding.param_shardings(config, mesh))
-    width = data.round_up(max(len(p) for p in source.prompts), 16)
-    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
+    group = sampling.group_size
+    with_ref = ref_params is not None and loss_kwargs.get("kl_beta", 0.0) > 0
+    objective = train.grpo_objective(config, with_reference=with_ref, **loss_kwargs)
 
-    def body(step: int) -> dict:
-        start = time.perf_counter()
-        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width,
-                                              mesh)  # fmt: skip
-        completions = [
-            np.asarray(rollouts.tokens[r, : int(rollouts.lengths[r])]).tolist()
-            for r in range(len(rows))
-        ]
-        rewards = np.asarray([source.reward(i, c) for i, c in zip(rows, completions)], np.float32)
-        if not np.all(np.isfinite(rewards)):
-            raise ValueError(f"non-finite reward at step {step}: {rewards[~np.isfinite(rewards)]}")
-        correct = rewards.copy()
-        old_logp = np.asarray(rollouts.logprobs)
+    def score(r: rollouts.StepRollouts):
+        correct = rollouts.rewards(source, r)
+        rewards = correct
+        batch = r.batch
         if reward_transform is not None:
-            rewards = np.asarray(reward_transform(rewards, (old_logp * batch["completion_mask"]).sum(1)))
-        adv, _ = losses.group_advantages(
-            jnp.asarray(rewards), loop.group_size, scale=advantage_scale
-        )
-        batch.update(old_logp=old_logp, advantages=np.asarray(adv))
-        run.last_batch = batch
-        if kl_beta > 0:
-            batch = {**batch, "ref_logp": np.asarray(
-                ref_logp_fn(ref_params, jax.tree.map(jnp.asarray, batch)))}  # fmt: skip
-        for _ in range(num_iterations):
-            run.state, metrics = step_fn(run.state, batch)
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - start
-        roll = _rollout_metrics(rollouts)
-        return {
-            **metrics, "reward": float(rewards.mean()), "pass_rate": float((correct > 0).mean()),
-            **roll, "tokens_per_s": roll["sampled_tokens"] / max(elapsed, 1e-9),
-        }  # fmt: skip
+            seq_logp = (batch.old_logp * batch.completion_mask).sum(1)
+            rewards = np.asarray(reward_transform(correct, seq_logp), np.float32)
+        adv, _ = losses.group_advantages(jnp.asarray(rewards), group, scale=advantage_scale)
+        totals = np.asarray(distributed.all_hosts(np.asarray(
+            [[rewards.sum(), (correct > 0).sum(), len(rewards)]], np.float64))).sum(0)  # fmt: skip
+        extra = {"reward": totals[0] / totals[2], "pass_rate": totals[1] / totals[2]}
+        return batch.replace(advantages=np.asarray(adv)), extra
 
-    return run.iterate(body)
+    return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
+                         frozen=[(config, ref_params)] if with_ref else [],
+                         updates_per_batch=num_iterations, mesh=mesh)  # fmt: skip
 
 
 def run_opd(
@@ -393,60 +392,30 @@ def run_opd(
     loss_fn,
     optim: train.OptimConfig,
     loop: LoopConfig,
+    sampling: SamplingConfig,
     *,
     mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
     `loss_fn` is `losses.opd_kl(alpha, ...)` or a variant. With `source.teacher_prompts` set this
-    is OPSD: the teacher (typically the frozen initial student) sees a privileged prompt.
+    is OPSD: the teacher (typically the frozen initial student) sees a privileged prompt. With a
+    reward in `source` the rollouts' pass rate is logged.
     """
-    optimizer = train.make_optimizer(optim)
     objective = train.opd_objective(config, teacher_config, loss_fn)
-    step_fn = _Compiled(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
-                        config, optimizer, mesh)  # fmt: skip
-    teacher_params = step_fn.place_frozen(teacher_config, teacher_params)
-    width = data.round_up(max(len(p) for p in source.prompts), 16)
-    run = _Run(loop, step_fn.place_state(train.init_state(params, optimizer, loop.seed)))
 
-    def body(step: int) -> dict:
-        start = time.perf_counter()
-        batch, rows, rollouts = rollout_batch(config, run.state.params, source, loop, step, width,
-                                              mesh)  # fmt: skip
-        run.last_batch = batch
-        run.state, metrics = step_fn(run.state, batch, teacher_params)
-        metrics = jax.device_get(metrics)
-        roll = _rollout_metrics(rollouts)
+    def score(r: rollouts.StepRollouts):
         extra = {}
         if source.reward is not None:
-            rewards = [
-                source.reward(i, np.asarray(rollouts.tokens[r, : int(rollouts.lengths[r])]).tolist())
-                for r, i in enumerate(rows)
-            ]
-            extra["pass_rate"] = float(np.mean(np.asarray(rewards) > 0))
-        elapsed = time.perf_counter() - start
-        return {**metrics, **roll, **extra,
-                "tokens_per_s": roll["sampled_tokens"] / max(elapsed, 1e-9)}  # fmt: skip
+            ok = rollouts.rewards(source, r) > 0
+            totals = np.asarray(distributed.all_hosts(np.asarray([[ok.sum(), len(ok)]],
+                                                                 np.float64))).sum(0)  # fmt: skip
+            extra["pass_rate"] = totals[0] / totals[1]
+        return r.batch, extra
 
-    return run.iterate(body)
+    return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
+                         frozen=[(teacher_config, teacher_params)], mesh=mesh)  # fmt: skip
 
 
-def teacher_forced_logprobs(config: ModelConfig, params, batch) -> jax.Array:
-    """Per-token log π(completion) [N, M] under a model, for reference/KL bookkeeping."""
-    logits = train.completion_logits(
-        config, params, batch["prompt_tokens"], batch["prompt_mask"], batch["completion"],
-        batch["completion_mask"],
-    )  # fmt: skip
-    return losses.token_logprobs(logits, batch["completion"])
-
-
-__all__ = [
-    "LoopConfig",
-    "PromptSource",
-    "RunResult",
-    "rollout_batch",
-    "run_grpo",
-    "run_opd",
-    "run_sft",
-    "teacher_forced_logprobs",
-]
+__all__ = ["LoopConfig", "PromptSource", "RunResult", "SamplingConfig", "StepFunction",
+           "run_grpo", "run_on_policy", "run_opd", "run_sft"]  # fmt: skip

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxpost import losses, models
+from jaxpost import data, losses, models
 from jaxpost.models import ModelConfig
 
 
@@ -151,33 +151,44 @@ def completion_logits(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, 
 
 
 def sft_objective(config: ModelConfig) -> Objective:
-    """Batch: tokens [B, L], attention_mask [B, L], loss_mask [B, L] (1 on target tokens)."""
+    """Completion-only cross-entropy on a `data.SequenceBatch` (tokens, attention and loss masks;
+    slot t predicts token t + 1)."""
 
-    def objective(params, batch):
-        logits = models.apply(config, params, batch["tokens"], batch["attention_mask"])
-        return losses.sft_loss(logits[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:])
+    def objective(params, batch: data.SequenceBatch):
+        logits = models.apply(config, params, batch.tokens, batch.attention_mask)
+        return losses.sft_loss(logits[:, :-1], batch.tokens[:, 1:], batch.loss_mask[:, 1:])
 
     return objective
 
 
-def _student_completion_logits(config, params, batch):
-    return completion_logits(
-        config, params, batch["prompt_tokens"], batch["prompt_mask"], batch["completion"],
-        batch["completion_mask"],
-    )  # fmt: skip
+def student_completion_logits(config: ModelConfig, params, batch: data.CompletionBatch):
+    """The student's float32 logits [N, M, V] of a batch's completions (its own prompt view)."""
+    return completion_logits(config, params, batch.prompt_tokens, batch.prompt_mask,
+                             batch.completion, batch.completion_mask)  # fmt: skip
 
 
-def grpo_objective(config: ModelConfig, **loss_kwargs) -> Objective:
-    """Batch: prompt_tokens/prompt_mask [N, P], completion/completion_mask [N, M],
-    old_logp [N, M], advantages [N] and, when `kl_beta` > 0, ref_logp [N, M]."""
+def completion_logprobs(config: ModelConfig, params, batch: data.CompletionBatch) -> jax.Array:
+    """Per-token log π(completion) [N, M] under a model, teacher-forced on its own prompt."""
+    logits = student_completion_logits(config, params, batch)
+    return losses.token_logprobs(logits, batch.completion)
 
-    def objective(params, batch):
-        logits = _student_completion_logits(config, params, batch)
-        logp = losses.token_logprobs(logits, batch["completion"])
-        return losses.grpo_loss(
-            logp, batch["old_logp"], batch["advantages"], batch["completion_mask"],
-            ref_logp=batch.get("ref_logp"), **loss_kwargs,
-        )  # fmt: skip
+
+def grpo_objective(config: ModelConfig, *, with_reference: bool = False, **loss_kwargs
+                   ) -> Objective:  # fmt: skip
+    """GRPO on a `data.CompletionBatch` with `old_logp` and `advantages` set.
+
+    With `with_reference` the objective takes the frozen reference policy's parameters as a
+    third argument and computes its logprobs in the same program (the KL term of `grpo_loss`,
+    weighted by `kl_beta`); the reference is never part of the trained state.
+    """
+
+    def objective(params, batch: data.CompletionBatch, ref_params=None):
+        logp = completion_logprobs(config, params, batch)
+        ref_logp = None
+        if with_reference:
+            ref_logp = jax.lax.stop_gradient(completion_logprobs(config, ref_params, batch))
+        return losses.grpo_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask,
+                                ref_logp=ref_logp, **loss_kwargs)  # fmt: skip
 
     return objective
 
@@ -185,10 +196,10 @@ def grpo_objective(config: ModelConfig, **loss_kwargs) -> Objective:
 def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn) -> Objective:
     """On-policy distillation: the teacher scores the student's own completions.
 
-    Batch: as for GRPO (prompt, completion, masks) plus, for OPSD, teacher_prompt_tokens /
-    teacher_prompt_mask: the teacher's (privileged) view of the prompt. The completion is the
-    same in both views, so its positions align (see the module docstring). `loss_fn` is
-    `losses.opd_kl(alpha, ...)` or a variant with the same signature.
+    The batch is a `data.CompletionBatch`; for OPSD its teacher_prompt_* fields hold the
+    teacher's (privileged) view of the prompt. The completion is the same in both views, so its
+    positions align (see the module docstring). `loss_fn` is `losses.opd_kl(alpha, ...)` or a
+    variant with the same signature; the teacher's parameters are the third argument.
     """
     if teacher_config.vocab_size != config.vocab_size:
         raise ValueError(
@@ -196,15 +207,12 @@ def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn) -> 
             f"{config.vocab_size}); token-level distillation needs one vocabulary"
         )
 
-    def objective(params, batch, teacher_params):
-        student = _student_completion_logits(config, params, batch)
-        teacher = completion_logits(
-            teacher_config, teacher_params,
-            batch.get("teacher_prompt_tokens", batch["prompt_tokens"]),
-            batch.get("teacher_prompt_mask", batch["prompt_mask"]),
-            batch["completion"], batch["completion_mask"],
-        )  # fmt: skip
-        return loss_fn(student, jax.lax.stop_gradient(teacher), batch["completion_mask"])
+    def objective(params, batch: data.CompletionBatch, teacher_params):
+        student = student_completion_logits(config, params, batch)
+        teacher_prompt, teacher_mask = batch.teacher_prompt()
+        teacher = completion_logits(teacher_config, teacher_params, teacher_prompt, teacher_mask,
+                                    batch.completion, batch.completion_mask)  # fmt: skip
+        return loss_fn(student, jax.lax.stop_gradient(teacher), batch.completion_mask)
 
     return objective
 
@@ -272,35 +280,18 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
     return step
 
 
-class _MeshStep:
-    """A jitted step that is traced and run under `jax.set_mesh(mesh)`, so the model's logical
-    activation constraints (batch over data and fsdp) see the mesh; inputs are built outside."""
-
-    def __init__(self, jitted, mesh):
-        self._jitted, self.mesh = jitted, mesh
-
-    def __call__(self, *args):
-        with jax.set_mesh(self.mesh):
-            return self._jitted(*args)
-
-    def lower(self, *args):
-        with jax.set_mesh(self.mesh):
-            return self._jitted.lower(*args)
-
-
 def jit_step(step: Callable, *, state_sharding=None, batch_sharding=None, frozen_sharding=None):
-    """Compile `step` once, with explicit in/out shardings when given, donating the state.
+    """`jax.jit(step)` with the state donated and, when given, explicit in/out shardings.
 
-    With shardings the step runs under their mesh (see `_MeshStep`)."""
+    With shardings, call (and lower) it under `jax.set_mesh(mesh)`: the model pins its
+    activations by logical axes only when it is traced under the mesh (`jaxpost.sharding`).
+    `frozen_sharding` is one sharding tree per frozen argument (teacher, reference), a tuple.
+    """
     if state_sharding is None:
         return jax.jit(step, donate_argnums=0)
-    in_sh = (state_sharding, batch_sharding)
-    if frozen_sharding is not None:
-        in_sh = (*in_sh, frozen_sharding)
-    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(state_sharding, None),
-                     donate_argnums=0)  # fmt: skip
-    mesh = jax.tree.leaves(state_sharding)[0].mesh
-    return _MeshStep(jitted, mesh)
+    in_sh = (state_sharding, batch_sharding, *(frozen_sharding or ()))
+    return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sharding, None),
+                   donate_argnums=0)  # fmt: skip
 
 
 def step_rng(state: TrainState, purpose: int) -> jax.Array:

@@ -34,14 +34,14 @@ def main():
                             checkpoint_every=2, progress=False)  # fmt: skip
     optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=steps)
     if pause:
-        real = loops._Run.log
+        real = loops._Run._log
 
         def slow_log(self, step, metrics):
             real(self, step, metrics)
             print(f"step {step}", flush=True)
             time.sleep(pause)
 
-        loops._Run.log = slow_log
+        loops._Run._log = slow_log
     result = loops.run_sft(config, models.init(config, seed=1), examples(), optim, loop)
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_leaves_with_path(result.state.params)}  # fmt: skip

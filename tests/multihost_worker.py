@@ -33,7 +33,7 @@ import numpy as np
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxpost import losses, models, sharding, train  # noqa: E402
+from jaxpost import data, losses, models, sharding, train  # noqa: E402
 
 CONFIG = models.get_config("tiny", vocab_size=64, n_layers=1)
 TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
@@ -41,25 +41,25 @@ OPTIM = train.OptimConfig(learning_rate=3e-3, warmup_steps=0)
 BATCH = 8
 
 
-def sft_batch() -> dict:
+def sft_batch() -> data.SequenceBatch:
     rng = np.random.default_rng(0)
     loss_mask = np.zeros((BATCH, 12), np.int32)
     loss_mask[:, 4:] = 1
-    return {"tokens": rng.integers(3, 64, (BATCH, 12)).astype(np.int32),
-            "attention_mask": np.ones((BATCH, 12), np.int32), "loss_mask": loss_mask}  # fmt: skip
+    return data.SequenceBatch(tokens=rng.integers(3, 64, (BATCH, 12)).astype(np.int32),
+                              attention_mask=np.ones((BATCH, 12), np.int32), loss_mask=loss_mask)  # fmt: skip
 
 
-def rollout_batch(P: int = 6, M: int = 5) -> dict:
+def rollout_batch(P: int = 6, M: int = 5) -> data.CompletionBatch:
     rng = np.random.default_rng(1)
     prompt_mask = np.ones((BATCH, P), np.int32)
     prompt_mask[::2, :2] = 0
     completion_mask = (np.arange(M)[None] < rng.integers(2, M + 1, BATCH)[:, None]).astype(np.int32)
-    return {
-        "prompt_tokens": rng.integers(3, 64, (BATCH, P)).astype(np.int32) * prompt_mask,
-        "prompt_mask": prompt_mask,
-        "completion": rng.integers(3, 64, (BATCH, M)).astype(np.int32) * completion_mask,
-        "completion_mask": completion_mask,
-    }
+    return data.CompletionBatch(
+        prompt_tokens=rng.integers(3, 64, (BATCH, P)).astype(np.int32) * prompt_mask,
+        prompt_mask=prompt_mask,
+        completion=rng.integers(3, 64, (BATCH, M)).astype(np.int32) * completion_mask,
+        completion_mask=completion_mask,
+    )
 
 
 def local_rows(mesh, batch_size: int) -> np.ndarray:
@@ -70,9 +70,9 @@ def local_rows(mesh, batch_size: int) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in starts])
 
 
-def load_global(batch: dict, mesh) -> dict:
+def load_global(batch, mesh):
     rows = local_rows(mesh, BATCH)
-    return sharding.global_batch_from_local({k: v[rows] for k, v in batch.items()}, mesh)
+    return sharding.global_batch_from_local(jax.tree.map(lambda v: v[rows], batch), mesh)
 
 
 def gathered_vector(tree) -> np.ndarray:
@@ -125,7 +125,8 @@ def run_train(mesh) -> dict:
         train.make_step(train.sft_objective(CONFIG), optimizer),
         state_sharding=state_sh, batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
     )  # fmt: skip
-    state, metrics = sft(state, batch)
+    with jax.set_mesh(mesh):
+        state, metrics = sft(state, batch)
     out["sft_loss"] = float(metrics["loss"].addressable_data(0))
     out["sft"] = gathered_vector(state.params)
 
@@ -133,9 +134,10 @@ def run_train(mesh) -> dict:
     opd = train.jit_step(
         train.make_step(train.opd_objective(CONFIG, TEACHER, losses.opd_kl(0.5)), optimizer),
         state_sharding=state_sh, batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
-        frozen_sharding=teacher_sh,
+        frozen_sharding=(teacher_sh,),
     )  # fmt: skip
-    state, metrics = opd(state, batch, teacher)
+    with jax.set_mesh(mesh):
+        state, metrics = opd(state, batch, teacher)
     out["opd_loss"] = float(metrics["loss"].addressable_data(0))
     out["opd"] = gathered_vector(state.params)
     return out

@@ -14,14 +14,14 @@ def test_sft_batch_layout():
     encoded = data.encode_pairs(TOK, [("1 2 -> 3:", "1+2=3;1+2"), ("ab", "c")])
     assert encoded[0][0][0] == TOK.bos_id and encoded[0][1][-1] == TOK.eos_id
     batch = data.sft_batch(encoded, TOK.pad_id, pad_multiple=8)
-    tokens, attn, loss = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
+    tokens, attn, loss = batch.tokens, batch.attention_mask, batch.loss_mask
     assert tokens.shape == (2, 24) and tokens.dtype == np.int32
     p, c = encoded[0]
     np.testing.assert_array_equal(tokens[0, : len(p) + len(c)], p + c)
     assert attn[0].sum() == len(p) + len(c) and (tokens[attn == 0] == TOK.pad_id).all()
     np.testing.assert_array_equal(np.nonzero(loss[0])[0], np.arange(len(p), len(p) + len(c)))
     assert TOK.decode(tokens[1][loss[1] == 1]) == "c"
-    assert data.sft_batch(encoded, 0, length=30)["tokens"].shape == (2, 30)
+    assert data.sft_batch(encoded, 0, length=30).tokens.shape == (2, 30)
     with pytest.raises(ValueError, match="more than the width"):
         data.sft_batch(encoded, 0, length=5)
 
@@ -37,13 +37,13 @@ def test_pair_batch_aligns_completions_across_privileged_views():
         TOK.pad_id,
         teacher_prompts=[TOK.encode(v.teacher_prompt, add_bos=True) for v in views],
     )
-    P = batch["prompt_tokens"].shape[1]
-    assert batch["teacher_prompt_tokens"].shape[1] > P and P % 16 == 0
+    P = batch.prompt_tokens.shape[1]
+    assert batch.teacher_prompt_tokens.shape[1] > P and P % 16 == 0
     for i, v in enumerate(views):
-        assert batch["prompt_mask"][i, -1] == 1 and batch["completion_mask"][i, 0] == 1
-        assert TOK.decode(batch["prompt_tokens"][i]) == v.student_prompt
-        assert TOK.decode(batch["teacher_prompt_tokens"][i]) == v.teacher_prompt
-        assert TOK.decode(batch["completion"][i]) == completions[i]
+        assert batch.prompt_mask[i, -1] == 1 and batch.completion_mask[i, 0] == 1
+        assert TOK.decode(batch.prompt_tokens[i]) == v.student_prompt
+        assert TOK.decode(batch.teacher_prompt_tokens[i]) == v.teacher_prompt
+        assert TOK.decode(batch.completion[i]) == completions[i]
     with pytest.raises(ValueError):
         data.pair_batch([[1]], [[2], [3]], 0)
 

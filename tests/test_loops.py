@@ -29,6 +29,10 @@ def _reward(i, completion):
 SOURCE = loops.PromptSource(prompts=PROMPTS, reward=_reward, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
 
 
+def _sampling(group_size, max_new_tokens=32):
+    return loops.SamplingConfig(group_size=group_size, max_new_tokens=max_new_tokens)
+
+
 def _pass_rate(params, n=16):
     r = sampler.generate(CONFIG, params, PROMPTS, max_new_tokens=32, temperature=1.0,
                          eos_id=TOK.eos_id, seed=1, num_samples=n)  # fmt: skip
@@ -60,9 +64,9 @@ def test_sft_lifts_countdown_pass_rate_from_zero(memorized):
 
 def test_a_run_leaves_the_callers_params_untouched(memorized):
     before = jax.tree.map(np.asarray, memorized.state.params)
-    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=2, max_new_tokens=8, progress=False)
+    loop = loops.LoopConfig(steps=2, batch_size=4, progress=False)
     optim = train.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=2)
-    loops.run_grpo(CONFIG, memorized.state.params, SOURCE, optim, loop)
+    loops.run_grpo(CONFIG, memorized.state.params, SOURCE, optim, loop, _sampling(2, 8))
     after = jax.tree.map(np.asarray, memorized.state.params)  # not deleted by donation
     jax.tree.map(np.testing.assert_array_equal, before, after)
 
@@ -70,9 +74,9 @@ def test_a_run_leaves_the_callers_params_untouched(memorized):
 def test_opd_lowers_the_student_teacher_divergence(memorized):
     # A fresh student distilled on its own samples towards the memorized teacher (reverse KL).
     optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=30)
-    loop = loops.LoopConfig(steps=30, batch_size=8, group_size=4, progress=False)
+    loop = loops.LoopConfig(steps=30, batch_size=8, progress=False)
     result = loops.run_opd(CONFIG, models.init(CONFIG, seed=5), CONFIG, memorized.state.params,
-                           SOURCE, losses.opd_kl(1.0), optim, loop)  # fmt: skip
+                           SOURCE, losses.opd_kl(1.0), optim, loop, _sampling(4))  # fmt: skip
     loss = [h["loss"] for h in result.history]
     assert np.mean(loss[-5:]) < 0.85 * np.mean(loss[:5]), loss
     assert all(np.isfinite(loss)) and result.history[-1]["skipped"] == 0
@@ -87,9 +91,10 @@ def test_opsd_runs_with_privileged_teacher_prompts(memorized):
         teacher_prompts=[TOK.encode(v.teacher_prompt, add_bos=True) for v in views],
     )  # fmt: skip
     optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
-    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=2, progress=False)
+    loop = loops.LoopConfig(steps=2, batch_size=4, progress=False)
     params = memorized.state.params
-    result = loops.run_opd(CONFIG, params, CONFIG, params, source, losses.opd_kl(1.0), optim, loop)
+    result = loops.run_opd(CONFIG, params, CONFIG, params, source, losses.opd_kl(1.0), optim, loop,
+                           _sampling(2))  # fmt: skip
     assert len(result.history) == 2
     assert all(np.isfinite(h["loss"]) and h["loss"] >= 0 for h in result.history)
     assert "pass_rate" in result.history[0]
@@ -97,13 +102,14 @@ def test_opsd_runs_with_privileged_teacher_prompts(memorized):
 
 def test_grpo_logs_reward_kl_and_entropy(memorized):
     optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
-    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=4, progress=False)
+    loop = loops.LoopConfig(steps=2, batch_size=4, progress=False)
     params = memorized.state.params
-    result = loops.run_grpo(CONFIG, params, SOURCE, optim, loop, ref_params=params, kl_beta=0.1,
+    result = loops.run_grpo(CONFIG, params, SOURCE, optim, loop, _sampling(4), ref_params=params,
+                            kl_beta=0.1,
                             reward_transform=lambda r, lp: np.asarray(
                                 losses.unlikeliness_rewards(r, lp, 4)))  # fmt: skip
     row = result.history[0]
-    for key in ("loss", "reward", "pass_rate", "kl", "entropy", "tokens_per_s", "skipped"):
+    for key in ("loss", "reward", "pass_rate", "kl", "entropy", "sampled_tokens_per_s", "skipped"):
         assert key in row and np.isfinite(row[key]), key
     assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
 
@@ -111,17 +117,20 @@ def test_grpo_logs_reward_kl_and_entropy(memorized):
 def test_bad_input_is_refused(memorized):
     params = memorized.state.params
     optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
-    loop = loops.LoopConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=4, progress=False)
+    loop = loops.LoopConfig(steps=1, batch_size=2, progress=False)
+    sampling = _sampling(2, 4)
     nan_source = loops.PromptSource(prompts=PROMPTS, reward=lambda i, c: float("nan"),
                                     eos_id=TOK.eos_id)  # fmt: skip
     with pytest.raises(ValueError, match="non-finite reward"):
-        loops.run_grpo(CONFIG, params, nan_source, optim, loop)
+        loops.run_grpo(CONFIG, params, nan_source, optim, loop, sampling)
     with pytest.raises(ValueError, match="ref_params"):
-        loops.run_grpo(CONFIG, params, SOURCE, optim, loop, kl_beta=0.1)
+        loops.run_grpo(CONFIG, params, SOURCE, optim, loop, sampling, kl_beta=0.1)
     with pytest.raises(ValueError, match="reward"):
-        loops.run_grpo(CONFIG, params, loops.PromptSource(prompts=PROMPTS), optim, loop)
+        loops.run_grpo(CONFIG, params, loops.PromptSource(prompts=PROMPTS), optim, loop, sampling)
     with pytest.raises(ValueError, match="group_size"):
-        loops.LoopConfig(group_size=0)
+        loops.SamplingConfig(group_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        loops.LoopConfig(batch_size=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         loops.run_sft(CONFIG, params, [([1] * 300, [3, 2])], optim, loop)
 
@@ -134,8 +143,8 @@ def test_loops_on_a_mesh_match_one_device(memorized, paradigm):
     # A large Adam eps: with the default 1e-8 a near-zero gradient entry becomes a ±lr update whose
     # sign is reduction-order noise, which would hide a real sharding error behind a loose atol.
     optim = train.OptimConfig(learning_rate=3e-4, warmup_steps=0, total_steps=2, eps=1e-2)
-    loop = loops.LoopConfig(steps=2, batch_size=4, group_size=4, max_new_tokens=16, seed=3,
-                            progress=False)  # fmt: skip
+    loop = loops.LoopConfig(steps=2, batch_size=4, seed=3, progress=False)
+    sampling = _sampling(4, 16)
 
     def run(mesh):
         if paradigm == "sft":
@@ -143,10 +152,10 @@ def test_loops_on_a_mesh_match_one_device(memorized, paradigm):
             return loops.run_sft(CONFIG, params, data.encode_pairs(TOK, pairs), optim,
                                  dataclasses.replace(loop, batch_size=16), mesh=mesh)  # fmt: skip
         if paradigm == "grpo":
-            return loops.run_grpo(CONFIG, params, SOURCE, optim, loop, ref_params=params,
+            return loops.run_grpo(CONFIG, params, SOURCE, optim, loop, sampling, ref_params=params,
                                   kl_beta=0.05, mesh=mesh)  # fmt: skip
         return loops.run_opd(CONFIG, params, CONFIG, teacher, SOURCE, losses.opd_kl(0.5), optim,
-                             loop, mesh=mesh)  # fmt: skip
+                             loop, sampling, mesh=mesh)  # fmt: skip
 
     one, sharded = run(None), run(sharding.make_mesh((2, 2, 2)))
     leaf = jax.tree.leaves(sharded.state.params)[0]
@@ -159,10 +168,11 @@ def test_loops_on_a_mesh_match_one_device(memorized, paradigm):
 
 def test_a_batch_that_does_not_divide_over_the_mesh_is_refused(memorized):
     optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=1)
-    loop = loops.LoopConfig(steps=1, batch_size=3, group_size=2, max_new_tokens=4, progress=False)
-    with pytest.raises(ValueError, match="not divisible by 4"):
+    loop = loops.LoopConfig(steps=1, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match="data-parallel size 4"):
         loops.run_opd(CONFIG, memorized.state.params, CONFIG, memorized.state.params, SOURCE,
-                      losses.opd_kl(1.0), optim, loop, mesh=sharding.make_mesh((4, 1, 2)))
+                      losses.opd_kl(1.0), optim, loop, _sampling(2, 4),
+                      mesh=sharding.make_mesh((4, 1, 2)))  # fmt: skip
 
 
 def _worker(workdir, out, pause=0.0):
@@ -206,8 +216,8 @@ def test_grpo_raises_a_verifiable_reward():
         eos_id=TOK.eos_id, pad_id=TOK.pad_id,
     )  # fmt: skip
     optim = train.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=40)
-    loop = loops.LoopConfig(steps=40, batch_size=8, group_size=8, max_new_tokens=8,
-                            progress=False)  # fmt: skip
-    result = loops.run_grpo(CONFIG, models.init(CONFIG, seed=0), source, optim, loop)
+    loop = loops.LoopConfig(steps=40, batch_size=8, progress=False)
+    result = loops.run_grpo(CONFIG, models.init(CONFIG, seed=0), source, optim, loop,
+                            _sampling(8, 8))  # fmt: skip
     reward = [h["reward"] for h in result.history]
     assert np.mean(reward[-5:]) > 3 * np.mean(reward[:5]), reward

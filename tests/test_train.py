@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpost import losses, models, train
+from jaxpost import data, losses, models, train
 
 CONFIG = models.get_config("tiny", vocab_size=32)
 
@@ -18,8 +18,8 @@ def _sft_batch(seed=0, B=4, L=12):
     attn = np.ones((B, L), np.int32)
     loss_mask = np.zeros((B, L), np.int32)
     loss_mask[:, 5:] = 1
-    return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attn),
-            "loss_mask": jnp.asarray(loss_mask)}  # fmt: skip
+    return data.SequenceBatch(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn),
+                              loss_mask=jnp.asarray(loss_mask))  # fmt: skip
 
 
 def _state():
@@ -30,15 +30,16 @@ def _state():
 def test_non_finite_loss_is_skipped_and_counted():
     state, opt = _state()
 
-    def objective(params, batch):
+    def objective(params, batch_and_scale):
+        batch, scale = batch_and_scale
         loss, aux = train.sft_objective(CONFIG)(params, batch)
-        return loss * batch["scale"], aux
+        return loss * scale, aux
 
     step = jax.jit(train.make_step(objective, opt))
     batch = _sft_batch()
-    good, m1 = step(state, {**batch, "scale": jnp.float32(1.0)})
+    good, m1 = step(state, (batch, jnp.float32(1.0)))
     assert int(m1["finite"]) == 1 and int(good.skipped) == 0
-    bad, m2 = step(good, {**batch, "scale": jnp.float32(jnp.nan)})
+    bad, m2 = step(good, (batch, jnp.float32(jnp.nan)))
     assert int(m2["finite"]) == 0 and int(bad.skipped) == 1 and int(bad.step) == 2
     chex.assert_trees_all_equal(bad.params, good.params)
     chex.assert_trees_all_equal(bad.opt_state, good.opt_state)

@@ -1,16 +1,20 @@
-"""SFT of a tiny model on Countdown solutions, evaluated on held-out problems before and after.
+"""SFT on a task's reference solutions, evaluated on held-out problems before and after.
 
-    python -m experiments.sft --config=experiments/configs/sft.py --workdir=/tmp/jaxpost_sft
+    python -m experiments.sft --workdir=/tmp/jaxpost_sft
+    python -m experiments.sft --config=experiments/configs/sft.py:tiny --workdir=/tmp/sft_tiny
+    python -m experiments.sft --config=experiments/configs/sft.py:pretrained --model=/ckpt/qwen \\
+        --task=gsm8k --config.task.data_dir=/data/gsm8k --mesh=fsdp=-1 --workdir=/tmp/sft_gsm8k
 
-Prints the model and data sizes, a progress bar, then a table of the held-out evaluation of the
-model before and after training (pass@1 and pass@64 with 95% bootstrap intervals, CoT-pass@1,
-coverage = share of problems solved by at least one of the 64 samples, distinct correct solutions
-per problem), the wall time, and where the trained model was saved as a Hugging Face directory
-(WORKDIR/model; grpo.py and opd.py take it with --init / --teacher). WORKDIR/eval.json holds both
-summaries with the full pass@k curves, WORKDIR/metrics.jsonl the training curve.
+Prints the processes and devices, the model and data sizes, a progress bar, then a table of the
+held-out evaluation before and after training (pass@1 and pass@64 with 95% bootstrap intervals,
+CoT-pass@1, coverage = share of problems solved by at least one of the samples, distinct correct
+solutions per problem), the wall time, and where the trained model was saved as a Hugging Face
+directory (WORKDIR/model; grpo.py and opd.py take it with --model / --teacher).
+WORKDIR/eval.json holds both summaries with the full pass@k curves, WORKDIR/metrics.jsonl the
+training curve.
 
-Measured on a 2-core CPU shared with other jobs (load average 4-6), defaults, "small" preset
-(0.80M parameters), 64 held-out problems x 64 samples at temperature 1:
+Measured on a 2-core CPU shared with other jobs (load average 4-6, 2026-11-25), defaults, "small"
+preset (0.80M parameters), 64 held-out Countdown problems x 64 samples at temperature 1:
 
     model      task       pass@1                pass@64                cot_pass@1  coverage  distinct
     before     countdown  0.000 [0.000,0.000]   0.000 [0.000,0.000]         0.000     0.000      0.00
@@ -19,19 +23,35 @@ Measured on a 2-core CPU shared with other jobs (load average 4-6), defaults, "s
 
 (cot_pass@1 stays low: the final expression is often right while a step of the chain is not.)
 
+Variants: "tiny" (the tiny preset, 12 steps, 4 problems x 4 samples: seconds), "pretrained"
+(a Hugging Face checkpoint given with --model: bfloat16, lr 1e-5, 256-token evaluation).
 Overrides: `--config.loop.steps=100`, `--config.model=tiny`,
 `--config.model_overrides=d_model=96,n_layers=3,head_dim=24,mlp_dim=256`,
-`--config.data.addition_problems=500 --config.eval.addition_prompts=32` (also learn addition and
-evaluate it), `--model=DIR` (start from a local Hugging Face checkpoint instead of a preset).
+`--config.data.retention_share=0.3 --config.eval.addition_prompts=32` (also learn addition and
+evaluate it).
 """
 
 from experiments import configs
 
 
-def get_config():
-    c = configs.sft_stage(steps=300)
-    c.task = configs.countdown()
+def get_config(arg: str | None = None):
+    c = configs.shared("/tmp/jaxpost_sft")
+    stage = configs.sft_stage(steps=300)
+    c.data, c.optim, c.loop = stage.data, stage.optim, stage.loop
     c.eval = configs.evaluation()
-    c.workdir = "/tmp/jaxpost_sft"  # metrics.jsonl, checkpoints/, model/ (HF), eval.json
-    c.seed = 0  # data order and every other random choice of the run
-    return c
+    return configs.with_variant(c, arg, {"tiny": _tiny, "pretrained": _pretrained})
+
+
+def _tiny(c) -> None:
+    c.model = "tiny"
+    configs.tiny_stage(c)
+    configs.tiny_eval(c.eval)
+
+
+def _pretrained(c) -> None:
+    c.model = ""  # required: --model=DIR
+    c.dtype = "bfloat16"
+    c.optim.learning_rate, c.optim.warmup_steps = 1e-5, 10
+    c.loop.steps, c.loop.batch_size, c.loop.checkpoint_every = 200, 16, 50
+    c.data.per_problem = 1
+    configs.pretrained_eval(c.eval)

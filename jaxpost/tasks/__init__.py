@@ -16,6 +16,16 @@ special-case a task:
                                                 superficially), or None if it is not a valid one
     task.solutions(problem)       -> [str]      the complete set of valid canonical solutions
                                                 where it is finite, sorted
+    task.sft_examples(problems, style=, per_problem=, seed=)
+                                  -> [(prompt, completion)]  reference solutions as SFT texts;
+                                                `style` picks a slice of the solution set
+                                                (`task.styles` lists the ones it knows)
+    task.privileged_view(problem, rng)          the prompt with a reference solution in context
+                                                (OPSD's teacher view), a `PrivilegedView`
+    task.diversity_key(problem, completion)     what diversity counts: the identity of a correct
+                                                completion's solution (None when it is wrong)
+    task.steering()               -> Task|None  a probe of in-context steerability, if the task
+                                                has one
 
 Problems are small frozen (hashable) dataclasses. Completions are untrusted model output: a
 malformed completion is simply wrong (False / None), never an exception. The invariant tying the
@@ -59,6 +69,15 @@ class Task(Protocol[Problem]):
 
     def solutions(self, problem: Problem) -> list[str]: ...
 
+    def sft_examples(self, problems: list[Problem], *, style: str = "all", per_problem: int = 1,
+                     seed: int = 0) -> list[tuple[str, str]]: ...  # fmt: skip
+
+    def privileged_view(self, problem: Problem, rng) -> PrivilegedView: ...
+
+    def diversity_key(self, problem: Problem, completion: str) -> Hashable | None: ...
+
+    def steering(self) -> Task | None: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class PrivilegedView:
@@ -66,11 +85,14 @@ class PrivilegedView:
 
     teacher_prompt == prefix + student_prompt; the completion text is shared, so encoding prompt
     and completion separately gives identical completion tokens in both views (data.pair_batch).
+    `completion` is the SFT text of the reference solution shown in the prefix (an SFT example
+    (teacher_prompt, completion) teaches a model to read the reference).
     """
 
     teacher_prompt: str
     student_prompt: str
     prefix: str
+    completion: str = ""
 
 
 def split_of(key: str, test_fraction: float) -> Split:

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxpost.tasks import Split, check_split, split_of
+from jaxpost.tasks import PrivilegedView, Split, check_split, split_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +102,26 @@ class Addition:
 
     def solutions(self, problem: AdditionProblem) -> list[str]:
         return [str(problem.a + problem.b)]
+
+    styles = ("all",)
+
+    def sft_examples(self, problems: list[AdditionProblem], *, style: str = "all",
+                     per_problem: int = 1, seed: int = 0) -> list[tuple[str, str]]:  # fmt: skip
+        """The column-by-column reference of each problem (it has one solution)."""
+        if style not in self.styles:
+            raise ValueError(f"unknown slice style {style!r} for addition; one of {self.styles}")
+        return [(self.render_prompt(p), self.render_completion(p, self.solutions(p)[0]))
+                for p in problems]  # fmt: skip
+
+    def privileged_view(self, problem: AdditionProblem, rng=None) -> PrivilegedView:
+        """The prompt with the reference chain in context."""
+        student = self.render_prompt(problem)
+        completion = self.render_completion(problem, self.solutions(problem)[0])
+        prefix = f"ref {completion}\n"
+        return PrivilegedView(prefix + student, student, prefix, completion)
+
+    def diversity_key(self, problem: AdditionProblem, completion: str) -> str | None:
+        return self.canonical(problem, completion)
+
+    def steering(self) -> None:
+        return None

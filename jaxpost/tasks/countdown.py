@@ -330,12 +330,34 @@ class Countdown:
         the numbers (at least one operation) whose value is the target."""
         return sorted(_expressions(tuple(sorted(problem.numbers))).get(problem.target, ()))
 
+    styles = SLICE_STYLES = ("all", "first", "first_op:+", "first_op:-", "first_op:*", "first_op:/")
+
+    def sft_examples(self, problems: list[CountdownProblem], *, style: str = "all",
+                     per_problem: int = 1, seed: int = 0) -> list[tuple[str, str]]:  # fmt: skip
+        """`sft_pairs`: `per_problem` solutions per problem from the `style` slice."""
+        return sft_pairs(self, problems, style=style, per_problem=per_problem, seed=seed)
+
+    def privileged_view(self, problem: CountdownProblem, rng: np.random.Generator) -> PrivilegedView:
+        """The prompt with a solution drawn uniformly from the full set in context."""
+        sols = self.solutions(problem)
+        return privileged_view(self, problem, sols[int(rng.integers(len(sols)))])
+
+    def diversity_key(self, problem: CountdownProblem, completion: str) -> str | None:
+        """Distinct solutions are distinct canonical expressions."""
+        return self.canonical(problem, completion)
+
+    def steering(self):
+        """The "first <op>" probe over this generator (`jaxpost.tasks.steer`)."""
+        from jaxpost.tasks.steer import Steer
+
+        return Steer(countdown=self)
+
 
 def _step_key(op: str, a: int, b: int, c: int) -> tuple:
     return (op, *sorted((a, b)), c) if op in "+*" else (op, a, b, c)
 
 
-SLICE_STYLES = ("all", "first", "first_op:+", "first_op:-", "first_op:*", "first_op:/")
+SLICE_STYLES = Countdown.SLICE_STYLES
 
 
 def select_solutions(solutions: list[str], style: str) -> list[str]:
@@ -381,4 +403,5 @@ def privileged_view(task: Countdown, problem: CountdownProblem, solution: str) -
         raise ValueError(f"{solution!r} is not a canonical solution of {problem}")
     student = task.render_prompt(problem)
     prefix = f"ref {solution}\n"
-    return PrivilegedView(prefix + student, student, prefix)
+    return PrivilegedView(prefix + student, student, prefix,
+                          task.render_completion(problem, solution))  # fmt: skip

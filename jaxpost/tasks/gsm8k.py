@@ -230,6 +230,26 @@ class GSM8K:
     def solutions(self, problem: GSM8KProblem) -> list[str]:
         return [problem.answer]
 
+    styles = ("all",)
+
+    def sft_examples(self, problems: list[GSM8KProblem], *, style: str = "all",
+                     per_problem: int = 1, seed: int = 0) -> list[tuple[str, str]]:  # fmt: skip
+        """The reference worked solution of each problem (one per problem: there is one)."""
+        if style not in self.styles:
+            raise ValueError(f"unknown slice style {style!r} for gsm8k; one of {self.styles}")
+        return [(self.render_prompt(p), self.render_completion(p, p.answer)) for p in problems]
+
+    def privileged_view(self, problem: GSM8KProblem, rng=None) -> PrivilegedView:
+        """The prompt with the reference worked solution in context."""
+        return privileged_view(self, problem)
+
+    def diversity_key(self, problem: GSM8KProblem, completion: str) -> str | None:
+        """Every problem has one answer, so diversity counts reasoning paths of correct ones."""
+        return reasoning_path(completion) if self.verify_answer(problem, completion) else None
+
+    def steering(self) -> None:
+        return None
+
 
 def reasoning_path(completion: str) -> str:
     """The identity of a completion's reasoning, for diversity on a one-answer task: the set of
@@ -245,5 +265,6 @@ def reasoning_path(completion: str) -> str:
 def privileged_view(task: GSM8K, problem: GSM8KProblem) -> PrivilegedView:
     """Teacher view with the reference worked solution in context (for OPSD)."""
     student = task.render_prompt(problem)
-    prefix = f"Reference solution:{task.render_completion(problem, problem.answer)}\n"
-    return PrivilegedView(prefix + student, student, prefix)
+    completion = task.render_completion(problem, problem.answer)
+    prefix = f"Reference solution:{completion}\n"
+    return PrivilegedView(prefix + student, student, prefix, completion)

@@ -84,6 +84,30 @@ class Steer:
     def solutions(self, problem: SteerProblem) -> list[str]:
         return self.countdown.solutions(problem.base)
 
+    styles = ("all",)
+
+    def sft_examples(self, problems: list[SteerProblem], *, style: str = "all",
+                     per_problem: int = 1, seed: int = 0) -> list[tuple[str, str]]:  # fmt: skip
+        """`per_problem` compliant solutions per problem, drawn uniformly (with replacement)."""
+        if style not in self.styles:
+            raise ValueError(f"unknown slice style {style!r} for steer; one of {self.styles}")
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for p in problems:
+            sols = self.compliant_solutions(p)
+            for i in rng.integers(0, len(sols), size=per_problem):
+                pairs.append((self.render_prompt(p), self.render_completion(p, sols[int(i)])))
+        return pairs
+
+    def privileged_view(self, problem: SteerProblem, rng: np.random.Generator):
+        return self.countdown.privileged_view(problem.base, rng)
+
+    def diversity_key(self, problem: SteerProblem, completion: str) -> str | None:
+        return self.canonical(problem, completion)
+
+    def steering(self) -> None:
+        return None
+
     def complies(self, problem: SteerProblem, completion: str) -> bool:
         """The chain verifies and its first step uses the requested operation."""
         if not self.verify_chain(problem, completion):

@@ -1,0 +1,99 @@
+"""GRPO with a task's verifier as the reward, evaluated before and after (experiments.grpo)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost import inputs, loops, losses
+from jaxpost.errors import UserError
+from jaxpost.recipes import common
+
+
+def _check(config) -> None:
+    g = config.grpo
+    if g.loss_type not in losses.LOSS_TYPES:
+        raise UserError(f"grpo.loss_type must be one of {losses.LOSS_TYPES}, got {g.loss_type!r}")
+    if g.advantage_scale not in losses.ADVANTAGE_SCALES:
+        raise UserError(f"grpo.advantage_scale must be one of {losses.ADVANTAGE_SCALES}")
+    if not 0 <= g.unlikeliness_beta <= 1:
+        raise UserError("grpo.unlikeliness_beta must lie in [0, 1]")
+    if g.kl_beta < 0 or g.num_iterations < 1:
+        raise UserError("grpo.kl_beta must be >= 0 and grpo.num_iterations >= 1")
+    if not 0 <= g.eps_low <= 1 or g.eps_high < 0:
+        raise UserError("grpo.eps_low must lie in [0, 1] and grpo.eps_high be >= 0")
+    if config.reward not in ("answer", "chain"):
+        raise UserError(f'reward must be "answer" or "chain", got {config.reward!r}')
+
+
+def _window(history: list[dict], key: str, first: bool, n: int = 10) -> float:
+    rows = [h[key] for h in history if key in h]
+    rows = rows[:n] if first else rows[-n:]
+    return float(np.mean(rows)) if rows else float("nan")
+
+
+def run(config) -> dict:
+    """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
+    start = time.perf_counter()
+    _check(config)
+    workdir = common.require_workdir(config)
+    mesh = inputs.make_mesh(config.mesh)
+    common.describe_devices(mesh)
+    task = inputs.make_task(config.task)
+    sampling = common.sampling_config(config.sampling)
+    model = common.student(config, task, mesh)
+    tok, L, g = model.tokenizer, config.loop, config.grpo
+    common.log(f"start: {model.describe()}")
+
+    train = inputs.problems(task, "train", config.train_problems, config.seed)
+    prompts = inputs.encode_prompts(model, [task.render_prompt(p) for p in train],
+                                    max_new_tokens=sampling.max_new_tokens, what="GRPO rollouts")  # fmt: skip
+    verify = task.verify_answer if config.reward == "answer" else task.verify_chain
+
+    def reward(i: int, completion: list[int]) -> float:
+        return float(verify(train[i], tok.decode(completion)))
+
+    source = loops.PromptSource(prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    rows = L.batch_size * sampling.group_size
+    common.check_plan(model.config, mesh, batch=rows, seq_len=source.width() +
+                      sampling.max_new_tokens, grad_accum=config.optim.grad_accum,
+                      sample_batch=rows, max_new_tokens=sampling.max_new_tokens)  # fmt: skip
+
+    sets = common.eval_sets(config, task)
+    results = {"start": common.evaluate_model("start", model, model.params, sets, config.eval,
+                                              mesh=mesh)}  # fmt: skip
+    transform = None
+    if g.unlikeliness_beta > 0:
+        # He et al.: among a group's correct samples, the likelier ones earn less.
+        def transform(rewards, seq_logprobs):
+            return np.asarray(losses.unlikeliness_rewards(
+                jnp.asarray(rewards), jnp.asarray(seq_logprobs), sampling.group_size,
+                beta_rank=g.unlikeliness_beta))  # fmt: skip
+
+    common.log(f"grpo: {L.steps} rounds of {L.batch_size} prompts x {sampling.group_size} "
+               f"samples, lr {config.optim.learning_rate:g}, kl_beta {g.kl_beta:g}, "
+               f"unlikeliness_beta {g.unlikeliness_beta:g}, reward {config.reward!r}")  # fmt: skip
+    train_start = time.perf_counter()
+    result = loops.run_grpo(
+        model.config, model.params, source,
+        common.optim_config(config.optim, L.steps * g.num_iterations),
+        common.loop_config(L, seed=config.seed, workdir=workdir, desc="grpo"), sampling,
+        ref_params=model.params if g.kl_beta > 0 else None, num_iterations=g.num_iterations,
+        reward_transform=transform, advantage_scale=g.advantage_scale, loss_type=g.loss_type,
+        kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
+    )  # fmt: skip
+    if result.preempted:
+        common.log("grpo: preempted; rerun the same command to resume")
+        return {"preempted": True}
+    if result.history:
+        common.log(f"grpo: rollout pass rate {_window(result.history, 'pass_rate', True):.3f} "
+                   f"(first 10 rounds) -> {_window(result.history, 'pass_rate', False):.3f} (last "
+                   f"10) ({time.perf_counter() - train_start:.0f} s)")  # fmt: skip
+    params = result.state.params
+    results["after GRPO"] = common.evaluate_model("after GRPO", model, params, sets, config.eval,
+                                                  mesh=mesh)  # fmt: skip
+    model_dir = inputs.save_model(os.path.join(workdir, "model"), model, params)
+    return common.report(workdir, results, config.eval, start, model_dir)

@@ -1,0 +1,138 @@
+"""On-policy distillation (OPD) and self-distillation (OPSD), evaluated before and after
+(experiments.opd)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from jaxpost import inputs, loops, losses
+from jaxpost.errors import UserError
+from jaxpost.recipes import common
+
+
+def _check(config) -> None:
+    if config.mode not in ("opd", "opsd"):
+        raise UserError(f'mode must be "opd" or "opsd", got {config.mode!r}')
+    if config.mode == "opsd" and config.teacher:
+        raise UserError("mode opsd distils from the frozen student; drop --teacher")
+    if not 0.0 <= config.alpha <= 1.0:
+        raise UserError(f"alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {config.alpha}")
+    if config.loss not in ("kl", "entropy_aware"):
+        raise UserError(f'loss must be "kl" or "entropy_aware", got {config.loss!r}')
+    if config.prefix_len < 0 or not config.distill_temperature > 0:
+        raise UserError("prefix_len must be >= 0 and distill_temperature > 0")
+
+
+def loss_function(config):
+    """The OPD loss the config names: opd_kl(alpha) or the entropy-aware mix, maybe prefixed."""
+    impl = common.opd_impl(config.loss_impl)
+    if config.loss == "kl":
+        fn = losses.opd_kl(float(config.alpha), temperature=config.distill_temperature, impl=impl)
+    else:
+        fn = losses.entropy_aware_opd_kl(temperature=config.distill_temperature)
+    return losses.prefix_opd(fn, config.prefix_len) if config.prefix_len > 0 else fn
+
+
+def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
+    if config.teacher:
+        teacher = common.place(common.load(config, config.teacher), mesh)
+    else:
+        start = common.load(config, config.model)
+        if config.model not in common._presets():
+            raise UserError("mode opd needs --teacher=DIR when the student is a checkpoint (the "
+                            "built-in teacher is SFT-trained from a preset)")  # fmt: skip
+        teacher = common.built_in(config.teacher_sft, task, start,
+                                  os.path.join(config.workdir, "teacher"), seed=config.seed,
+                                  mesh=mesh, what="teacher")  # fmt: skip
+    inputs.check_teacher(student, teacher)
+    return teacher
+
+
+def run(config) -> dict:
+    """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
+    start = time.perf_counter()
+    _check(config)
+    loss_fn = loss_function(config)
+    workdir = common.require_workdir(config)
+    mesh = inputs.make_mesh(config.mesh)
+    common.describe_devices(mesh)
+    task = inputs.make_task(config.task)
+    sampling = common.sampling_config(config.sampling)
+    student = common.student(config, task, mesh)
+    tok, L = student.tokenizer, config.loop
+    train = inputs.problems(task, "train", config.train_problems, config.seed)
+    prompts = inputs.encode_prompts(student, [task.render_prompt(p) for p in train],
+                                    max_new_tokens=sampling.max_new_tokens, what="OPD rollouts")  # fmt: skip
+    render = None
+    if config.mode == "opd":
+        teacher = _teacher(config, task, student, mesh)
+        teacher_prompts = None
+        teacher_texts = [task.render_prompt(p) for p in train]
+    else:
+        teacher = student.replace(source="the frozen starting student")
+        rng = np.random.default_rng([config.seed, 13])
+        teacher_texts = [task.privileged_view(p, rng).teacher_prompt for p in train]
+        teacher_prompts = inputs.encode_prompts(teacher, teacher_texts,
+                                                max_new_tokens=sampling.max_new_tokens,
+                                                what="OPSD teacher prompts")  # fmt: skip
+
+        def render(p):
+            return task.privileged_view(p, np.random.default_rng(0)).teacher_prompt
+
+    inputs.encode_prompts(teacher, teacher_texts, max_new_tokens=sampling.max_new_tokens,
+                          what="the teacher's prompts")  # fmt: skip
+    common.log(f"student: {student.describe()}\nteacher: {teacher.describe()}"
+               f"{' with a reference solution in its prompt' if config.mode == 'opsd' else ''}")
+
+    def reward(i: int, completion: list[int]) -> float:  # logged as the rollout pass rate
+        return float(task.verify_answer(train[i], tok.decode(completion)))
+
+    source = loops.PromptSource(prompts, reward=reward, teacher_prompts=teacher_prompts,
+                                eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
+    rows = L.batch_size * sampling.group_size
+    width = source.width(teacher=teacher_prompts is not None)
+    common.check_plan(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
+                      grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
+                      sample_batch=rows, max_new_tokens=sampling.max_new_tokens,
+                      fused_kernel=common.opd_impl(config.loss_impl) is not None)  # fmt: skip
+    sets = common.eval_sets(config, task)
+    results = {"start": common.evaluate_model("start", student, student.params, sets, config.eval,
+                                              mesh=mesh)}  # fmt: skip
+    if config.eval.teacher and task.name in sets:
+        label = "teacher (privileged)" if config.mode == "opsd" else "teacher"
+        results[label] = common.evaluate_model(
+            label, teacher, teacher.params, {task.name: sets[task.name]}, config.eval, mesh=mesh,
+            render={task.name: render} if render else None,
+        )  # fmt: skip
+
+    common.log(f"{config.mode}: {L.steps} steps of {L.batch_size} prompts x "
+               f"{sampling.group_size} samples, alpha {config.alpha:g}, loss {config.loss!r}, "
+               f"lr {config.optim.learning_rate:g}")  # fmt: skip
+    train_start = time.perf_counter()
+    result = loops.run_opd(
+        student.config, student.params, teacher.config, teacher.params, source, loss_fn,
+        common.optim_config(config.optim, L.steps),
+        common.loop_config(L, seed=config.seed, workdir=workdir, desc=config.mode), sampling,
+        mesh=mesh,
+    )  # fmt: skip
+    if result.preempted:
+        common.log(f"{config.mode}: preempted; rerun the same command to resume")
+        return {"preempted": True}
+    if result.history:
+        h = result.history
+        first, last = h[: min(10, len(h))], h[-min(10, len(h)) :]
+        common.log(
+            f"{config.mode}: loss {np.mean([r['loss'] for r in first]):.4g} (first 10 steps) -> "
+            f"{np.mean([r['loss'] for r in last]):.4g} (last 10); rollout pass rate "
+            f"{np.mean([r['pass_rate'] for r in first]):.3f} -> "
+            f"{np.mean([r['pass_rate'] for r in last]):.3f} "
+            f"({time.perf_counter() - train_start:.0f} s)"
+        )  # fmt: skip
+    params = result.state.params
+    label = f"after {config.mode.upper()}"
+    results[label] = common.evaluate_model(label, student, params, sets, config.eval, mesh=mesh)
+    model_dir = inputs.save_model(os.path.join(workdir, "model"), student, params)
+    return common.report(workdir, results, config.eval, start, model_dir)

@@ -1,0 +1,32 @@
+"""SFT on a task's reference solutions, evaluated before and after (experiments.sft)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from jaxpost import inputs
+from jaxpost.recipes import common
+
+
+def run(config) -> dict:
+    """SFT with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
+    start = time.perf_counter()
+    workdir = common.require_workdir(config)
+    mesh = inputs.make_mesh(config.mesh)
+    common.describe_devices(mesh)
+    task = inputs.make_task(config.task)
+    model = common.place(common.load(config, config.model), mesh)
+    common.log(f"model: {model.describe()}")
+    sets = common.eval_sets(config, task)
+    results = {"before": common.evaluate_model("before", model, model.params, sets, config.eval,
+                                               mesh=mesh)}  # fmt: skip
+    result = common.train_sft(config, task, model, workdir=workdir, seed=config.seed, mesh=mesh)
+    if result.preempted:
+        common.log("sft: preempted; rerun the same command to resume")
+        return {"preempted": True}
+    params = result.state.params
+    results["after SFT"] = common.evaluate_model("after SFT", model, params, sets, config.eval,
+                                                 mesh=mesh)  # fmt: skip
+    model_dir = inputs.save_model(os.path.join(workdir, "model"), model, params)
+    return common.report(workdir, results, config.eval, start, model_dir)
