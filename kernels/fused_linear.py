@@ -18,6 +18,9 @@ and transposed weight copies alive (≈ 21% of the naive memory at Qwen2.5-0.5B 
 DESIGN.md); here the temporaries are a few [N, block] tiles and the [N, D] accumulator, the
 same at any V. The teacher is either its logits ``[N, V]`` (sliced per block) or a pair
 (teacher_hidden ``[N, Dt]``, teacher_head ``[Dt, V]``), whose logits are formed per block too.
+Either head may instead be a tied model's ``[V, D]`` embedding table (``head_layout="VD"``).
+The block sweep itself lives in kernels.linear_blocks, shared with fused_linear_logprobs and
+fused_linear_kl_pair; ``check_inputs`` and ``prepare`` here serve the pair op too.
 """
 
 from __future__ import annotations
@@ -28,39 +31,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import jsd_math
+from kernels import jsd_math, linear_blocks
 from kernels.config import DEFAULT_BLOCK_SIZES, BlockSizes, Static
 from kernels.jsd import check_alpha_temperature, row_mask
-from kernels.jsd_xla import block_start_and_mask, sweep, vocab_blocks
+from kernels.jsd_xla import sweep, vocab_blocks
 
 
-def _check(student_hidden, student_head, teacher) -> tuple:
-    if student_hidden.ndim != 2 or student_head.ndim != 2:
-        raise ValueError(
-            f"expected student_hidden [N, D] and student_head [D, V]; got "
-            f"{student_hidden.shape} and {student_head.shape}"
-        )
+def check_inputs(student_hidden, student_head, teacher, head_layout: str, teacher_head_layout: str):
+    """The teacher as ``(logits,)`` or ``(hidden, head)``, after checking every shape; V.
+
+    Raises ValueError naming the first mismatch (ranks, N, D, V, layouts).
+    """
+    if student_hidden.ndim != 2:
+        raise ValueError(f"student_hidden must be [N, D], got shape {student_hidden.shape}")
     rows, width = student_hidden.shape
-    if student_head.shape[0] != width:
-        raise ValueError(
-            f"student_head {student_head.shape} must be [D, V] with D = {width} "
-            f"(student_hidden is {student_hidden.shape})"
-        )
-    vocab = student_head.shape[1]
+    vocab = linear_blocks.check_head("student_head", student_head, head_layout, width)
     if isinstance(teacher, (tuple, list)):
         if len(teacher) != 2:
             raise ValueError(
                 "teacher must be logits [N, V] or a pair (hidden [N, Dt], head [Dt, V])"
             )
         t_hidden, t_head = teacher
-        if t_hidden.ndim != 2 or t_head.ndim != 2 or t_hidden.shape[1] != t_head.shape[0]:
-            raise ValueError(
-                f"teacher pair must be hidden [N, Dt] and head [Dt, V]; got {t_hidden.shape} "
-                f"and {t_head.shape}"
-            )
+        if t_hidden.ndim != 2:
+            raise ValueError(f"teacher_hidden must be [N, Dt], got shape {t_hidden.shape}")
         if t_hidden.shape[0] != rows:
             raise ValueError(f"teacher_hidden has {t_hidden.shape[0]} rows, student has {rows}")
-        t_vocab = t_head.shape[1]
+        t_vocab = linear_blocks.check_head(
+            "teacher_head", t_head, teacher_head_layout, t_hidden.shape[1], "teacher_head_layout"
+        )
         teacher = (t_hidden, t_head)
     else:
         if teacher.ndim != 2 or teacher.shape[0] != rows:
@@ -72,7 +70,25 @@ def _check(student_hidden, student_head, teacher) -> tuple:
             f"vocabulary mismatch: student head V={vocab}, teacher V={t_vocab}; token-level "
             "distillation needs one vocabulary"
         )
-    return teacher
+    return teacher, vocab
+
+
+def check_block_sizes(block_sizes) -> BlockSizes:
+    blocks = DEFAULT_BLOCK_SIZES["xla"] if block_sizes is None else block_sizes
+    if not isinstance(blocks, BlockSizes):
+        raise ValueError(f"block_sizes must be a kernels.BlockSizes, got {blocks!r}")
+    return blocks
+
+
+def prepare(student_hidden, teacher: tuple, mask):
+    """(hidden, teacher, valid): masked rows' hidden states zeroed, the teacher stop-gradient."""
+    valid = row_mask(mask, student_hidden.shape[0])
+    hidden = jnp.where(valid[:, None], student_hidden, jnp.zeros((), student_hidden.dtype))
+    teacher = tuple(lax.stop_gradient(x) for x in teacher)
+    if len(teacher) == 2:
+        teacher = (jnp.where(valid[:, None], teacher[0], jnp.zeros((), teacher[0].dtype)),
+                   teacher[1])  # fmt: skip
+    return hidden, teacher, valid
 
 
 def fused_linear_jsd(
@@ -85,117 +101,94 @@ def fused_linear_jsd(
     mask: jax.Array | None = None,
     impl: str | None = None,
     block_sizes: BlockSizes | None = None,
+    head_layout: str = "DV",
+    teacher_head_layout: str = "DV",
+    compute_dtype=None,
 ) -> jax.Array:
     """Per-row D_α with student logits = student_hidden @ student_head, never materialized.
 
     Args:
       student_hidden: ``[N, D]`` final hidden states (after the last norm).
-      student_head: ``[D, V]`` LM-head weight (for tied embeddings pass ``embedding.T``; XLA
-        folds the transpose into the sliced matmul).
-      teacher: logits ``[N, V]``, or a pair ``(teacher_hidden [N, Dt], teacher_head [Dt, V])``.
-        Constant (stop-gradient) either way.
+      student_head: ``[D, V]`` LM-head weight, or with ``head_layout="VD"`` the ``[V, D]``
+        embedding table of a tied model (pass the table, not its transpose: a transposed
+        operand costs a ``[D, V]`` copy, see linear_blocks.check_head).
+      teacher: logits ``[N, V]``, or a pair ``(teacher_hidden [N, Dt], teacher_head)`` with the
+        head ``[Dt, V]`` (or ``[V, Dt]`` with ``teacher_head_layout="VD"``). Constant
+        (stop-gradient) either way.
       alpha, temperature, mask: as in ``kernels.generalized_jsd``. Masked rows' hidden states
         are replaced by zeros, so garbage there reaches neither output nor gradients.
       impl: None or ``"xla"``. The blocks here are matmuls, which XLA already tiles well on
         every backend; the Pallas kernels implement ``generalized_jsd``.
       block_sizes: ``block_vocab`` sets the columns per step (default 4096).
+      head_layout, teacher_head_layout: "DV" (default) or "VD".
+      compute_dtype: the dtype both operands of every block matmul are cast to (float32
+        accumulation), e.g. bfloat16 for a float32 head in a bfloat16 model; None: the
+        promotion of the operands' dtypes. Gradients keep the inputs' dtypes.
 
     Returns:
-      ``[N]`` float32 divergences; gradients flow to student_hidden and student_head.
+      ``[N]`` float32 divergences; gradients flow to student_hidden and student_head (the
+      latter in student_head's layout and dtype).
     """
-    teacher = _check(student_hidden, student_head, teacher)
+    teacher, _ = check_inputs(student_hidden, student_head, teacher, head_layout,
+                              teacher_head_layout)  # fmt: skip
     check_alpha_temperature(alpha, temperature)
     if impl not in (None, "xla"):
         raise ValueError(
             f"fused_linear_jsd supports impl=None or 'xla', got {impl!r} (its per-block work is "
             "a matmul that XLA tiles itself; the Pallas kernels serve generalized_jsd)"
         )
-    blocks = DEFAULT_BLOCK_SIZES["xla"] if block_sizes is None else block_sizes
-    if not isinstance(blocks, BlockSizes):
-        raise ValueError(f"block_sizes must be a kernels.BlockSizes, got {blocks!r}")
-    from kernels.jsd import _POISON
-
     cfg = Static(
         alpha=float(alpha),
         temperature=float(temperature),
         impl="xla",
-        blocks=blocks,
+        blocks=check_block_sizes(block_sizes),
         interpret=False,
-        poison=_POISON,
+        poison=linear_blocks.poison_enabled(),
     )
-    valid = row_mask(mask, student_hidden.shape[0])
-    hidden = jnp.where(valid[:, None], student_hidden, 0)
-    teacher = tuple(lax.stop_gradient(x) for x in teacher)
-    if len(teacher) == 2:
-        teacher = (jnp.where(valid[:, None], teacher[0], 0), teacher[1])
-    return _fused(cfg, hidden, student_head, teacher, valid)
+    dtype = linear_blocks.check_dtype("compute_dtype", compute_dtype)
+    specs = (linear_blocks.HeadSpec(head_layout, dtype),
+             linear_blocks.HeadSpec(teacher_head_layout, dtype))  # fmt: skip
+    hidden, teacher, valid = prepare(student_hidden, teacher, mask)
+    return _fused(cfg, specs, hidden, student_head, teacher, valid)
 
 
-def _loader(hidden, head, teacher, width: int):
-    vocab = head.shape[1]
-
+def _loader(hidden, head, teacher, width: int, specs):
     def load(k):
-        start, _ = block_start_and_mask(k, vocab, width)
-        head_block = lax.dynamic_slice_in_dim(head, start, width, axis=1)
-        s = jnp.dot(hidden, head_block, preferred_element_type=jnp.float32)
-        if len(teacher) == 1:
-            t = lax.dynamic_slice_in_dim(teacher[0], start, width, axis=1).astype(jnp.float32)
-        else:
-            t_block = lax.dynamic_slice_in_dim(teacher[1], start, width, axis=1)
-            t = jnp.dot(teacher[0], t_block, preferred_element_type=jnp.float32)
-        return start, s, t, head_block
+        start, _, s, _ = linear_blocks.block_logits(hidden, head, k, width, specs[0])
+        return start, s, linear_blocks.teacher_block(teacher, start, width, specs[1])
 
     return load
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg: Static, hidden, head, teacher, valid):
-    return _fwd(cfg, hidden, head, teacher, valid)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(cfg: Static, specs, hidden, head, teacher, valid):
+    return _fwd(cfg, specs, hidden, head, teacher, valid)[0]
 
 
-def _fwd(cfg: Static, hidden, head, teacher, valid):
-    rows, vocab = hidden.shape[0], head.shape[1]
+def _fwd(cfg: Static, specs, hidden, head, teacher, valid):
+    rows, vocab = hidden.shape[0], specs[0].vocab(head)
     width, num_blocks = vocab_blocks(vocab, cfg.blocks.block_vocab)
-    load = _loader(hidden, head, teacher, width)
-    div, stats, c = sweep(lambda k: load(k)[:3], rows, vocab, width, num_blocks, cfg)
+    load = _loader(hidden, head, teacher, width, specs)
+    div, stats, c = sweep(load, rows, vocab, width, num_blocks, cfg)
     div = jnp.where(valid, div[:, 0], 0.0)
     return div, (hidden, head, teacher, valid, stats, c)
 
 
-def _bwd(cfg: Static, saved, ct):
+def _bwd(cfg: Static, specs, saved, ct):
     hidden, head, teacher, valid, stats, c = saved
-    rows, vocab = hidden.shape[0], head.shape[1]
-    width, num_blocks = vocab_blocks(vocab, cfg.blocks.block_vocab)
-    load = _loader(hidden, head, teacher, width)
+    width, _ = vocab_blocks(specs[0].vocab(head), cfg.blocks.block_vocab)
     coef = (jnp.where(valid, ct.astype(jnp.float32), 0.0) / cfg.temperature)[:, None]
     valid_col = valid[:, None]
 
-    def step(k, carry):
-        d_hidden, d_head = carry
-        start, s, t, head_block = load(k)
-        _, new = block_start_and_mask(k, vocab, width)
+    def block_grad(start, s):
+        t = linear_blocks.teacher_block(teacher, start, width, specs[1])
         g = jsd_math.student_grad(stats, c, s, t, alpha=cfg.alpha, tau=cfg.temperature)
-        g = jnp.where(valid_col, coef * g, 0.0).astype(head.dtype)
-        # The clamped last block overlaps its predecessor: its already-counted columns must not
-        # add to ∂h again, while ∂W for them is rewritten with the same values.
-        g_new = jnp.where(new, g, jnp.zeros((), g.dtype))
-        d_hidden = d_hidden + lax.dot_general(
-            g_new, head_block, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        d_block = lax.dot_general(
-            hidden, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        d_head = lax.dynamic_update_slice_in_dim(d_head, d_block.astype(head.dtype), start, axis=1)
-        return d_hidden, d_head
+        return jnp.where(valid_col, coef * g, 0.0)
 
-    fill = jnp.nan if cfg.poison else 0
-    init = (
-        jnp.zeros((rows, hidden.shape[1]), jnp.float32),
-        jnp.full(head.shape, fill, head.dtype),
+    d_hidden, d_head = linear_blocks.backward_sweep(
+        hidden, head, block_grad, cfg.blocks.block_vocab, cfg.poison, specs[0]
     )
-    d_hidden, d_head = lax.fori_loop(0, num_blocks, step, init)
-    teacher_ct = tuple(None for _ in teacher)
-    return d_hidden.astype(hidden.dtype), d_head, teacher_ct, None
+    return d_hidden, d_head, tuple(None for _ in teacher), None
 
 
 _fused.defvjp(_fwd, _bwd)

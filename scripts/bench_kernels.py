@@ -10,7 +10,16 @@ besides its arguments and outputs; the [D, V] head gradient is an output). Three
 ``naive`` (logits = h @ W materialized, dense log_softmax of both models), ``fused``
 (materialized logits, then kernels.generalized_jsd on the xla path) and ``fused_linear``
 (kernels.fused_linear_jsd: no [N, V] array anywhere). Inputs are ShapeDtypeStructs, so even
-V = 151,936 at N = 8192 only compiles.
+V = 151,936 at N = 8192 only compiles. ``--op`` picks the loss (one JSON line per impl and V):
+
+    --op jsd        the OPD divergence above (default)
+    --op logprobs   SFT's −mean_n log softmax(h_n W / τ)[y_n] (GRPO's token logprobs cost the
+                    same): ``naive`` (materialized logits) vs kernels.fused_linear_logprobs
+    --op kl_pair    entropy-aware OPD, mean_n (1 − w)·KL(p_S ‖ p_T) + w·KL(p_T ‖ p_S) with
+                    w = H(p_T)/log V: ``naive``, ``two_calls`` (two fused_linear_jsd calls and
+                    the teacher entropy) and ``fused_linear`` (kernels.fused_linear_kl_pair)
+
+``--head-layout VD`` passes every head as a tied model's [V, D] embedding table.
 
 --time: on an accelerator, compiles the backend's Pallas kernel (not interpreted), checks it
 against the float64 reference on a slice, then times forward + backward of generalized_jsd at
@@ -41,13 +50,16 @@ def _emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _memory_losses(alpha: float, temperature: float, teacher_kind: str):
+def _memory_losses(alpha: float, temperature: float, teacher_kind: str, layout: str = "DV"):
+    def dv(w):
+        return w if layout == "DV" else w.T
+
     def teacher_logits(teacher):
-        return teacher if teacher_kind == "logits" else teacher[0] @ teacher[1]
+        return teacher if teacher_kind == "logits" else teacher[0] @ dv(teacher[1])
 
     def naive(h, w, teacher):
         # The plain formulation (no −inf guards, which would only add temporaries).
-        s = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        s = jnp.dot(h, dv(w), preferred_element_type=jnp.float32)
         lp_s = jax.nn.log_softmax(s / temperature, axis=-1)
         t = teacher_logits(teacher).astype(jnp.float32)
         lp_t = jax.nn.log_softmax(jax.lax.stop_gradient(t) / temperature, axis=-1)
@@ -63,7 +75,7 @@ def _memory_losses(alpha: float, temperature: float, teacher_kind: str):
         return d.mean()
 
     def fused(h, w, teacher):
-        s = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        s = jnp.dot(h, dv(w), preferred_element_type=jnp.float32)
         d = kernels.generalized_jsd(
             s, teacher_logits(teacher), alpha=alpha, temperature=temperature, impl="xla"
         )
@@ -71,44 +83,117 @@ def _memory_losses(alpha: float, temperature: float, teacher_kind: str):
 
     def fused_linear(h, w, teacher):
         t = teacher if teacher_kind == "logits" else tuple(teacher)
-        d = kernels.fused_linear_jsd(h, w, t, alpha=alpha, temperature=temperature, impl="xla")
+        d = kernels.fused_linear_jsd(h, w, t, alpha=alpha, temperature=temperature, impl="xla",
+                                     head_layout=layout, teacher_head_layout=layout)  # fmt: skip
         return d.mean()
 
     return {"naive": naive, "fused": fused, "fused_linear": fused_linear}
 
 
-def bench_memory(args) -> None:
+def _logprobs_losses(temperature: float, layout: str):
+    """SFT's loss −mean_n log softmax(h_n W / τ)[y_n]; GRPO's token logprobs have the same cost."""
+
+    def naive(h, w, y):
+        # What losses.sft_loss does on materialized float32 logits.
+        s = jnp.dot(h, w if layout == "DV" else w.T, preferred_element_type=jnp.float32)
+        lp = jax.nn.log_softmax(s / temperature, axis=-1)
+        return -jnp.take_along_axis(lp, y[:, None], axis=-1).mean()
+
+    def fused_linear(h, w, y):
+        out = kernels.fused_linear_logprobs(h, w, y, temperature=temperature, head_layout=layout)
+        return -out.logp.mean()
+
+    return {"naive": naive, "fused_linear": fused_linear}
+
+
+def _kl_pair_losses(temperature: float, teacher_kind: str, layout: str):
+    """Entropy-aware OPD: mean_n (1 − w_n)·KL(p_S ‖ p_T) + w_n·KL(p_T ‖ p_S), w = H(p_T)/log V."""
+    kw = dict(temperature=temperature, head_layout=layout, teacher_head_layout=layout)
+
+    def teacher_arg(teacher):
+        return teacher if teacher_kind == "logits" else tuple(teacher)
+
+    def mix(rev, fwd, entropy, vocab):
+        w = jax.lax.stop_gradient(entropy) / np.log(vocab)
+        return ((1 - w) * rev + w * fwd).mean()
+
+    def naive(h, w, teacher):
+        dv = lambda x: x if layout == "DV" else x.T
+        s = jnp.dot(h, dv(w), preferred_element_type=jnp.float32)
+        t = teacher if teacher_kind == "logits" else teacher[0] @ dv(teacher[1])
+        lp_s = jax.nn.log_softmax(s / temperature, axis=-1)
+        lp_t = jax.nn.log_softmax(jax.lax.stop_gradient(t).astype(jnp.float32) / temperature, -1)
+        p_s, p_t = jnp.exp(lp_s), jnp.exp(lp_t)
+        rev = (p_s * (lp_s - lp_t)).sum(-1)
+        fwd = (p_t * (lp_t - lp_s)).sum(-1)
+        return mix(rev, fwd, -(p_t * lp_t).sum(-1), s.shape[-1])
+
+    def two_calls(h, w, teacher):
+        t = teacher_arg(teacher)
+        rev, fwd = (kernels.fused_linear_jsd(h, w, t, alpha=a, **kw) for a in (1.0, 0.0))
+        if teacher_kind == "logits":
+            lp_t = jax.nn.log_softmax(t.astype(jnp.float32) / temperature, axis=-1)
+            entropy = -(jnp.exp(lp_t) * lp_t).sum(-1)
+        else:  # a third sweep, over the teacher only
+            y = jnp.zeros((h.shape[0],), jnp.int32)
+            entropy = kernels.fused_linear_logprobs(
+                *t, y, temperature=temperature, head_layout=layout, with_entropy=True
+            ).entropy
+        return mix(rev, fwd, entropy, w.shape[1 if layout == "DV" else 0])
+
+    def fused_linear(h, w, teacher):
+        kl = kernels.fused_linear_kl_pair(h, w, teacher_arg(teacher), **kw)
+        return mix(kl.reverse_kl, kl.forward_kl, kl.teacher_entropy,
+                   w.shape[1 if layout == "DV" else 0])  # fmt: skip
+
+    return {"naive": naive, "two_calls": two_calls, "fused_linear": fused_linear}
+
+
+def _memory_programs(args, vocab: int):
+    """(losses by impl, abstract inputs, fields describing the setting) for ``args.op``."""
     dtype = jnp.dtype(args.dtype)
+    struct = jax.ShapeDtypeStruct
+    head_shape = lambda d: (d, vocab) if args.head_layout == "DV" else (vocab, d)
+    h = struct((args.rows, args.width), dtype)
+    w = struct(head_shape(args.width), dtype)
+    if args.op == "logprobs":
+        targets = struct((args.rows,), jnp.int32)
+        return _logprobs_losses(args.temperature, args.head_layout), (h, w, targets), {}
+    if args.teacher == "logits":
+        teacher = struct((args.rows, vocab), dtype)
+    else:
+        teacher = (struct((args.rows, args.width), dtype), struct(head_shape(args.width), dtype))
+    if args.op == "kl_pair":
+        losses = _kl_pair_losses(args.temperature, args.teacher, args.head_layout)
+        return losses, (h, w, teacher), {"teacher": args.teacher}
+    losses = _memory_losses(args.alpha, args.temperature, args.teacher, args.head_layout)
+    return losses, (h, w, teacher), {"teacher": args.teacher, "alpha": args.alpha}
+
+
+def bench_memory(args) -> None:
     for vocab in args.vocab:
-        h = jax.ShapeDtypeStruct((args.rows, args.width), dtype)
-        w = jax.ShapeDtypeStruct((args.width, vocab), dtype)
-        if args.teacher == "logits":
-            teacher = jax.ShapeDtypeStruct((args.rows, vocab), dtype)
-        else:
-            teacher = (
-                jax.ShapeDtypeStruct((args.rows, args.width), dtype),
-                jax.ShapeDtypeStruct((args.width, vocab), dtype),
-            )
+        losses, inputs, setting = _memory_programs(args, vocab)
         naive_bytes = None
-        for impl, loss in _memory_losses(args.alpha, args.temperature, args.teacher).items():
-            if impl not in args.impls:
+        for impl, loss in losses.items():
+            if args.impls is not None and impl not in args.impls:
                 continue
             start = time.perf_counter()
-            compiled = (
-                jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, teacher).compile()
-            )
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*inputs).compile()
             stats = compiled.memory_analysis()
             temp = int(stats.temp_size_in_bytes)
             naive_bytes = temp if impl == "naive" else naive_bytes
+            layout = {} if args.op == "jsd" and args.head_layout == "DV" else {
+                "head_layout": args.head_layout}  # fmt: skip
             _emit(
                 bench="memory",
+                op=args.op,
                 impl=impl,
                 N=args.rows,
                 D=args.width,
                 V=vocab,
                 dtype=args.dtype,
-                teacher=args.teacher,
-                alpha=args.alpha,
+                **layout,
+                **setting,
                 temp_bytes=temp,
                 output_bytes=int(stats.output_size_in_bytes),
                 argument_bytes=int(stats.argument_size_in_bytes),
@@ -215,7 +300,21 @@ def main(argv=None) -> None:
         default="logits",
         help="teacher given as logits [N, V] (an input) or as hidden states and head",
     )
-    parser.add_argument("--impls", nargs="+", default=["naive", "fused", "fused_linear"])
+    parser.add_argument(
+        "--op",
+        choices=["jsd", "logprobs", "kl_pair"],
+        default="jsd",
+        help="memory: jsd = the OPD divergence (naive, fused, fused_linear); logprobs = SFT "
+        "cross-entropy / GRPO token logprobs (naive, fused_linear); kl_pair = entropy-aware OPD "
+        "(naive, two_calls, fused_linear)",
+    )
+    parser.add_argument(
+        "--head-layout",
+        choices=list(kernels.HEAD_LAYOUTS),
+        default="DV",
+        help="memory: heads as [D, V] weights, or VD = a tied model's [V, D] embedding table",
+    )
+    parser.add_argument("--impls", nargs="+", default=None, help="default: all of the op's")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     if args.memory:

@@ -1,5 +1,7 @@
 """kernels.fused_linear_jsd: divergence and gradients (hidden, head) against float64 NumPy.
 
+Heads come as [D, V] weights or, with head_layout="VD", as a tied model's [V, D] table.
+
 V = 300 with 128-column blocks: the last block is clamped and overlaps its predecessor, which
 is exactly where a double-counted ∂h or a stale ∂W column would show. The ∂W buffer is
 NaN-poisoned, so a column block the backward never writes fails.
@@ -58,6 +60,30 @@ def test_matches_reference(alpha, teacher_kind):
     assert np.all(np.asarray(gh)[~mask] == 0)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_embedding_layout_matches_reference(alpha):
+    """head_layout="VD" (a tied model's [V, D] table) for student and teacher: same D and ∂."""
+    h, w, th, tw = _inputs(seed=4)
+    table, t_table = np.ascontiguousarray(w.T), np.ascontiguousarray(tw.T)
+    mask = np.array([1, 0, 1, 1, 1, 1, 1, 1, 0, 1], bool)
+    h[8] = np.inf
+    kw = dict(alpha=alpha, temperature=1.2, mask=mask)
+
+    def loss(h_, table_):
+        d = kernels.fused_linear_jsd(h_, table_, (th, t_table), block_sizes=BLOCKS,
+                                     head_layout="VD", teacher_head_layout="VD", **kw)  # fmt: skip
+        return d.sum(), d
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, d), (gh, g_table) = step(h, table)
+    t_logits = th.astype(np.float64) @ tw.astype(np.float64)
+    want_d, want_gh, want_gw = reference.fused_linear_jsd(h, w, t_logits, **kw)
+    np.testing.assert_allclose(np.asarray(d), want_d, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gh), want_gh, atol=1e-4 * np.abs(want_gh).max())
+    assert g_table.shape == (V, D)
+    np.testing.assert_allclose(np.asarray(g_table).T, want_gw, atol=1e-4 * np.abs(want_gw).max())
+
+
 def test_equals_generalized_jsd_on_materialized_logits():
     h, w, th, tw = _inputs(seed=2)
     teacher = th @ tw
@@ -102,6 +128,16 @@ def test_bfloat16_head_and_hidden():
         ),
         ((np.zeros((N, D)), np.zeros((D, V)), np.zeros((N, V))), {"impl": "pallas_tpu"}, "impl"),
         ((np.zeros((N, D)), np.zeros((D, V)), np.zeros((N, V))), {"alpha": 2.0}, "alpha"),
+        (
+            (np.zeros((N, D)), np.zeros((D, V)), np.zeros((N, V))),
+            {"head_layout": "VD"},
+            r"student_head \(16, 300\) must be \[V, D\]",
+        ),
+        (
+            (np.zeros((N, D)), np.zeros((D, V)), (np.zeros((N, DT)), np.zeros((DT, V)))),
+            {"teacher_head_layout": "VD"},
+            r"teacher_head \(12, 300\) must be \[V, D\]",
+        ),
     ],
 )
 def test_validation_errors(args, kwargs, message):
