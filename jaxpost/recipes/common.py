@@ -116,16 +116,6 @@ def sampling_config(c) -> SamplingConfig:
         top_k=c.top_k or None, top_p=c.top_p if c.top_p < 1 else None))  # fmt: skip
 
 
-def opd_impl(loss_impl: str) -> str | None:
-    """The `kernels` implementation of the OPD divergence a loss_impl names (None: dense jnp)."""
-    import kernels
-
-    known = ("auto", "materialized", "fused_linear", *kernels.IMPLS)
-    if loss_impl not in known:
-        raise UserError(f"unknown loss_impl {loss_impl!r}; choose from {', '.join(known)}")
-    return loss_impl if loss_impl in kernels.IMPLS else None
-
-
 # ---------------------------------------------------------------------------------------------
 # devices and memory
 
@@ -230,12 +220,15 @@ def student(config, task, mesh) -> Model:
                     seed=config.seed, mesh=mesh, what="sft_init")  # fmt: skip
 
 
-def load(config, spec: str) -> Model:
+def load(config, spec: str, *, student: bool = True) -> Model:
+    """The student (`config.model`, with the preset overrides) or another model of the run (a
+    teacher: `student=False`), with the config's tokenizer and dtype."""
     if not spec:
         raise UserError("no model given: pass --model=DIR (a Hugging Face checkpoint) or a preset "
                         "name; the 'pretrained' config variants need one")  # fmt: skip
-    return inputs.load_model(spec, tokenizer=config.tokenizer, overrides=config.model_overrides,
-                             dtype=config.dtype, seed=config.init_seed)  # fmt: skip
+    return inputs.load_model(spec, tokenizer=config.tokenizer, dtype=config.dtype,
+                             overrides=config.model_overrides if student else "",
+                             seed=config.init_seed)  # fmt: skip
 
 
 def _presets():

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from jaxpost import inputs, loops, losses
+from jaxpost import inputs, loops
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 
@@ -18,27 +18,18 @@ def _check(config) -> None:
         raise UserError(f'mode must be "opd" or "opsd", got {config.mode!r}')
     if config.mode == "opsd" and config.teacher:
         raise UserError("mode opsd distils from the frozen student; drop --teacher")
-    if not 0.0 <= config.alpha <= 1.0:
-        raise UserError(f"alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {config.alpha}")
-    if config.loss not in ("kl", "entropy_aware"):
-        raise UserError(f'loss must be "kl" or "entropy_aware", got {config.loss!r}')
-    if config.prefix_len < 0 or not config.distill_temperature > 0:
-        raise UserError("prefix_len must be >= 0 and distill_temperature > 0")
 
 
 def loss_function(config):
-    """The OPD loss the config names: opd_kl(alpha) or the entropy-aware mix, maybe prefixed."""
-    impl = common.opd_impl(config.loss_impl)
-    if config.loss == "kl":
-        fn = losses.opd_kl(float(config.alpha), temperature=config.distill_temperature, impl=impl)
-    else:
-        fn = losses.entropy_aware_opd_kl(temperature=config.distill_temperature)
-    return losses.prefix_opd(fn, config.prefix_len) if config.prefix_len > 0 else fn
+    """The OPD loss the config names (`inputs.distillation_loss`)."""
+    return inputs.distillation_loss(config.loss, alpha=float(config.alpha),
+                                    temperature=config.distill_temperature,
+                                    prefix_len=config.prefix_len, loss_impl=config.loss_impl)  # fmt: skip
 
 
 def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
     if config.teacher:
-        teacher = common.place(common.load(config, config.teacher), mesh)
+        teacher = common.place(common.load(config, config.teacher, student=False), mesh)
     else:
         start = common.load(config, config.model)
         if config.model not in common._presets():
@@ -97,7 +88,7 @@ def run(config) -> dict:
     common.check_plan(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
                       grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
                       sample_batch=rows, max_new_tokens=sampling.max_new_tokens,
-                      fused_kernel=common.opd_impl(config.loss_impl) is not None)  # fmt: skip
+                      fused_kernel=config.loss_impl not in ("auto", "materialized"))  # fmt: skip
     sets = common.eval_sets(config, task)
     results = {"start": common.evaluate_model("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip

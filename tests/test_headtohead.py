@@ -3,21 +3,38 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from programs import run
 
-from jaxpost import paradigms
+from experiments.configs import paradigms as paradigms_config
+from jaxpost import UserError, headtohead
+from jaxpost.headtohead import claims, settings
+
+
+def tiny(workdir, **fields):
+    """The seconds-scale protocol (the config's tiny variant) with `a.b=value` fields replaced."""
+    c = paradigms_config.get_config("tiny")
+    c.workdir = str(workdir)
+    for path, value in fields.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return c
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("paradigms"))
+    workdir = str(tmp_path_factory.mktemp("headtohead"))
     lines = []
-    result = paradigms.run(paradigms.miniature(workdir), log=lines.append)
+    result = headtohead.run(tiny(workdir), log=lines.append)
     return workdir, result, lines
+
+
+pytestmark = pytest.mark.xdist_group("headtohead_mini")
 
 
 @pytest.mark.slow
@@ -26,12 +43,12 @@ def test_miniature_protocol_writes_the_report(mini):
     for name in ("report.md", "metrics.json", "pass_at_k.png", "cot_pass_at_k.png", "radar.png",
                  "diversity_vs_pass1.png", "training.png"):  # fmt: skip
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    assert list(result["arms"]) == ["base", "teacher", *paradigms.ARMS]
-    n = paradigms.miniature(workdir).eval_samples
+    assert list(result["arms"]) == ["base", "teacher", *headtohead.ARMS]
+    n = tiny(workdir).eval.samples
     for name, arm in result["arms"].items():
         assert arm["curves"]["pass@k"]["k"] == [1, 2, 4][: len(arm["curves"]["pass@k"]["k"])]
         assert arm["curves"]["pass@k"]["k"][-1] == n
-        for axis in paradigms.RADAR_AXES[:5]:
+        for axis in headtohead.RADAR_AXES[:5]:
             assert axis in arm["scalars"], (name, axis)
         if arm["kind"] == "arm":
             assert arm["history"] and arm["history"][-1]["step"] == 2
@@ -47,14 +64,16 @@ def test_miniature_protocol_writes_the_report(mini):
         assert f"| {name} | {p1['mean']:.3f} [{p1['lo']:.3f}, {p1['hi']:.3f}]" in report
     for claim in saved["claims"]:
         assert claim["evidence"] in report
+    for arm in headtohead.ARMS.values():  # every arm's description comes from its table entry
+        assert arm.help in saved["settings"]["arms"]
 
 
 @pytest.mark.slow
 def test_rerun_reuses_models_and_finished_arms(mini):
     workdir, first, _ = mini
     lines = []
-    again = paradigms.run(paradigms.miniature(workdir), log=lines.append)
-    assert sum("reusing" in line for line in lines) == 2 + len(paradigms.ARMS)
+    again = headtohead.run(tiny(workdir), log=lines.append)
+    assert sum("reusing" in line for line in lines) == 2 + len(headtohead.ARMS)
     for name in first["arms"]:
         assert again["arms"][name]["scalars"]["pass@1"] == first["arms"][name]["scalars"]["pass@1"]
 
@@ -65,7 +84,7 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(mini):
     arm_dir = os.path.join(workdir, "arms", "grpo")
     os.remove(os.path.join(arm_dir, "eval.json"))  # as if killed after training, before eval
     lines = []
-    again = paradigms.run(paradigms.miniature(workdir, arms=("grpo",)), log=lines.append)
+    again = headtohead.run(tiny(workdir, arms="grpo"), log=lines.append)
     assert not any("grpo: reusing" in line for line in lines)
     a, b = first["arms"]["grpo"]["scalars"], again["arms"]["grpo"]["scalars"]
     assert a["pass@1"] == b["pass@1"] and a["kl_from_base"] == b["kl_from_base"]
@@ -78,16 +97,17 @@ def test_an_arm_trained_under_other_settings_is_started_over(mini, tmp_path):
     shutil.copytree(workdir, copy)
     # A learning rate too small to move a float32 parameter: the retrained arms are the base, so
     # they must evaluate exactly as the base does (no asymmetry between the arm and base paths).
-    s = paradigms.miniature(copy, arms=("sft", "opd_rkl"), arm_lr=1e-12)
+    c = tiny(copy, arms="sft,opd_rkl", **{"arm.learning_rate": 1e-12})
     lines = []
-    again = paradigms.run(s, log=lines.append)
+    again = headtohead.run(c, log=lines.append)
     base = again["arms"]["base"]["scalars"]
-    for arm in s.arms:
+    old_key = settings.arm_key(tiny(workdir))
+    for arm in ("sft", "opd_rkl"):
         # its checkpoints (trained at the old lr, finished) were not resumed as this run's
         assert any(f"{arm}: " in line and "starting this arm over" in line for line in lines)
-        with open(os.path.join(copy, "arms", arm, paradigms.ARM_KEY_FILE)) as f:
-            assert f.read() == s.arm_key() != paradigms.miniature(workdir).arm_key()
-        stale = os.path.join(copy, "arms", f"{arm}.stale-{paradigms.miniature(workdir).arm_key()}")
+        with open(os.path.join(copy, "arms", arm, headtohead.ARM_KEY_FILE)) as f:
+            assert f.read() == settings.arm_key(c) != old_key
+        stale = os.path.join(copy, "arms", f"{arm}.stale-{old_key}")
         assert os.path.isdir(os.path.join(stale, "checkpoints"))  # moved aside, not deleted
         new, old = again["arms"][arm]["scalars"], first["arms"][arm]["scalars"]
         for name in ("pass@1", "pass@large_k", "diversity", "retention", "steerability"):
@@ -100,30 +120,31 @@ def test_an_arm_trained_under_other_settings_is_started_over(mini, tmp_path):
 @pytest.mark.slow
 def test_main_runs_from_the_command_line(mini):
     workdir, _, _ = mini
-    env = {**os.environ, "XLA_FLAGS": "", "NO_GCE_CHECK": "true"}
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.paradigms", f"--workdir={workdir}", "--mini",
-         "--arms=sft,opd_rkl", "--noprogress"],
-        env=env, capture_output=True, text=True, timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )  # fmt: skip
+    out = run("experiments.paradigms", f"--workdir={workdir}",
+              "--config=experiments/configs/paradigms.py:tiny", "--config.arms=sft,opd_rkl")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| opd_rkl |" in out.stdout and "report:" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "experiments.paradigms", "--arms=dpo"], env=env,
-                         capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
-    assert bad.returncode != 0 and "unknown arms ['dpo']" in bad.stderr
+    bad = run("experiments.paradigms", f"--workdir={workdir}", "--config.arms=dpo")
+    assert bad.returncode == 1 and "unknown arms ['dpo']" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_bad_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown arms"):
-        paradigms.Settings(workdir=str(tmp_path), arms=("sft", "ppo"))
-    with pytest.raises(ValueError, match="group_size"):
-        paradigms.Settings(workdir=str(tmp_path), group_size=1)
-    with pytest.raises(ValueError, match="style"):
-        paradigms.Settings(workdir=str(tmp_path), base_style="widest")
-    with pytest.raises(ValueError, match="eval_samples"):
-        paradigms.Settings(workdir=str(tmp_path), eval_samples=1)
+    bad = {"arms": "sft,ppo", "arm.group_size": 1, "base.style": "widest", "eval.samples": 1,
+           "arm.beta_rank": 2.0}  # fmt: skip
+    for field, value in bad.items():
+        c = tiny(tmp_path, **{field: value})
+        with pytest.raises(UserError):
+            settings.check(c) if field != "base.style" else headtohead.run(c)
+
+
+def test_adding_an_arm_is_one_table_entry(tmp_path, monkeypatch):
+    """A new arm needs nothing but its entry: the settings accept it and the report lists it."""
+    arm = headtohead.Arm("opd_rkl_copy", "reverse-KL OPD, a second time", "distill", True,
+                         headtohead.ARMS["opd_rkl"].build)  # fmt: skip
+    monkeypatch.setitem(headtohead.ARMS, arm.name, arm)
+    c = tiny(tmp_path, arms="opd_rkl_copy")
+    settings.check(c)
+    assert settings.arm_names(c) == ("opd_rkl_copy",)
 
 
 def test_claim_verdicts_follow_the_paired_interval():
@@ -131,36 +152,29 @@ def test_claim_verdicts_follow_the_paired_interval():
             "retention": [0.5] * 8}  # fmt: skip
     grpo = {"pass@1": [0.5] * 8, "pass@large_k": [0.6] * 8, "diversity": [0.2] * 8,
             "retention": [0.5] * 8}  # fmt: skip
-    evals = {name: paradigms.Evaluation({}, {}, pp) for name, pp in
+    evals = {name: headtohead.Evaluation({}, {}, pp) for name, pp in
              (("base", base), ("grpo", grpo), ("opd_rkl", grpo))}  # fmt: skip
-    by_claim = {c["claim"]: c["verdict"] for c in paradigms.claims(evals)}
+    by_claim = {c["claim"]: c["verdict"] for c in claims.claims(evals)}
     assert by_claim["RLVR (GRPO) beats the base at pass@1 but the base overtakes it at large k"] \
         == "reproduced"
     assert by_claim["reverse-KL OPD narrows diversity (solution entropy) below the base"] \
         == "reproduced"
-    flipped = {name: paradigms.Evaluation({}, {}, pp) for name, pp in
+    flipped = {name: headtohead.Evaluation({}, {}, pp) for name, pp in
                (("base", grpo), ("grpo", base))}  # fmt: skip
-    (claim,) = paradigms.claims(flipped)
+    (claim,) = claims.claims(flipped)
     assert claim["verdict"] == "not reproduced"  # GRPO is ahead at large k
     assert "base−GRPO -0.300" in claim["evidence"]
 
 
-def test_flags_become_settings(tmp_path):
-    from absl import flags
-
-    from experiments import paradigms as main
-
-    fv = flags.FlagValues()
-    main.define_flags(fv)
-    fv(["prog", f"--workdir={tmp_path}", "--arms=grpo,opd_rkl", "--arm_steps=45",
-        "--mesh=1,8,1", "--loss_impl=xla"])  # fmt: skip
-    s = main.settings_from_flags(fv)
-    assert (s.arms, s.arm_steps, s.mesh, s.loss_impl) == (("grpo", "opd_rkl"), 45, "1,8,1", "xla")
-    assert (s.base_steps, s.arm_lr) == (paradigms.BUILT_IN_DEFAULTS["base_steps"],
-                                        paradigms.BUILT_IN_DEFAULTS["arm_lr"])  # fmt: skip
-    fv = flags.FlagValues()
-    main.define_flags(fv)
-    fv(["prog", f"--workdir={tmp_path}", "--mini", "--arm_steps=3", "--seed=2"])
-    s = main.settings_from_flags(fv)
-    mini = paradigms.miniature(str(tmp_path))
-    assert (s.arm_steps, s.seed, s.eval_samples) == (3, 2, mini.eval_samples)
+def test_cache_keys_are_derived_from_the_settings(tmp_path):
+    c = tiny(tmp_path)
+    keys = (settings.model_key(c), settings.arm_key(c), settings.eval_key(c))
+    c.eval.samples = 8  # evaluation only: models and arms are reused
+    assert (settings.model_key(c), settings.arm_key(c)) == keys[:2]
+    assert settings.eval_key(c) != keys[2]
+    c.arm.steps = 3  # an arm setting: models reused, arms retrained
+    assert settings.model_key(c) == keys[0] and settings.arm_key(c) != keys[1]
+    c.base.steps = 7  # a base setting: everything rebuilt
+    assert settings.model_key(c) != keys[0]
+    c = tiny(tmp_path / "elsewhere", arms="grpo", progress=True)  # never part of a key
+    assert (settings.model_key(c), settings.arm_key(c), settings.eval_key(c)) == keys

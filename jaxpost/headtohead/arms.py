@@ -1,0 +1,143 @@
+"""The arms of the head-to-head: one table, one entry per arm.
+
+Every arm starts from the base with the same budget: `arm.steps` updates over
+`arm.prompts_per_step × arm.group_size` sequences each (SFT trains on that many dataset
+sequences; the on-policy arms sample that many). An entry names the arm, says in one line what it
+is, its kind and whether it trains on the student's own samples, and builds its run from an
+`ArmContext`. Adding an arm is adding an entry:
+
+    Arm("opd_jsd", "OPD, generalized JSD (alpha=0.5)", "distill", True, _opd(lambda c: _kl(c, 0.5))),
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost import inputs, loops, losses, opd, train
+from jaxpost.headtohead.models import Models, World
+from jaxpost.rollouts import PromptSource, SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmContext:
+    """What an arm's builder gets: the run's world and models, and the shared budget."""
+
+    world: World
+    models: Models
+    optim: train.OptimConfig
+    loop: loops.LoopConfig
+    sampling: SamplingConfig
+    source: PromptSource  # the training prompts with the verifier's reward
+
+    @property
+    def config(self):
+        return self.world.config
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One row of the table: name, a one-line description (the report's), kind ("sft", "rl",
+    "distill"), whether it trains on the student's own samples, and its builder."""
+
+    name: str
+    help: str
+    kind: str
+    on_policy: bool
+    build: Callable[[ArmContext], loops.RunResult]
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+def _sft(ctx: ArmContext) -> loops.RunResult:
+    w, base = ctx.world, ctx.models.base
+    pairs = w.task.sft_examples(w.train, style="all", per_problem=4, seed=ctx.config.seed + 7)
+    loop = dataclasses.replace(ctx.loop, batch_size=ctx.loop.batch_size * ctx.sampling.group_size)
+    return loops.run_sft(base.config, base.params, inputs.encode_examples(base, pairs, "sft arm"),
+                         ctx.optim, loop, pad_id=base.tokenizer.pad_id, mesh=w.mesh)  # fmt: skip
+
+
+def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
+    def build(ctx: ArmContext) -> loops.RunResult:
+        base, group, beta = ctx.models.base, ctx.sampling.group_size, ctx.config.arm.beta_rank
+        transform = None
+        if unlikely:
+            def transform(r, seq_logp):
+                return np.asarray(losses.unlikeliness_rewards(
+                    jnp.asarray(r), jnp.asarray(seq_logp), group, beta_rank=beta))  # fmt: skip
+        return loops.run_grpo(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
+                              ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh)  # fmt: skip
+
+    return build
+
+
+def _kl(ctx: ArmContext, alpha: float) -> opd.OPDLoss:
+    return inputs.distillation_loss("kl", alpha=alpha, loss_impl=ctx.config.loss_impl)
+
+
+def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], loops.RunResult]:
+    def build(ctx: ArmContext) -> loops.RunResult:
+        base, teacher = ctx.models.base, ctx.models.teacher
+        return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
+                             loss(ctx), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh)  # fmt: skip
+
+    return build
+
+
+def _opsd(ctx: ArmContext) -> loops.RunResult:
+    """The frozen base is the teacher, seeing a reference solution in its prompt."""
+    w, base = ctx.world, ctx.models.base
+    rng = np.random.default_rng([ctx.config.seed, 23])
+    views = [w.task.privileged_view(p, rng).teacher_prompt for p in w.train]
+    source = dataclasses.replace(ctx.source, teacher_prompts=inputs.encode_prompts(
+        base, views, max_new_tokens=ctx.sampling.max_new_tokens, what="OPSD teacher prompts"))  # fmt: skip
+    return loops.run_opd(base.config, base.params, base.config, base.params, source,
+                         _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh)  # fmt: skip
+
+
+ARMS: dict[str, Arm] = {arm.name: arm for arm in (
+    Arm("sft", "SFT on dataset solutions drawn from the full solution set", "sft", False, _sft),
+    Arm("grpo", "GRPO with the verifier's 0/1 reward", "rl", True, _grpo()),
+    Arm("grpo_unlikely", "GRPO with He et al.'s unlikeliness reward (rank by base-policy "
+        "logprob)", "rl", True, _grpo(unlikely=True)),
+    Arm("opd_fkl", "OPD, forward KL(p_T || p_S) (alpha=0)", "distill", True,
+        _opd(lambda c: _kl(c, 0.0))),
+    Arm("opd_jsd", "OPD, generalized JSD (alpha=0.5)", "distill", True,
+        _opd(lambda c: _kl(c, 0.5))),
+    Arm("opd_rkl", "OPD, reverse KL(p_S || p_T) (alpha=1)", "distill", True,
+        _opd(lambda c: _kl(c, 1.0))),
+    Arm("opd_entropy", "entropy-aware OPD (reverse KL, forward KL where the teacher is "
+        "uncertain)", "distill", True, _opd(lambda c: losses.entropy_aware_opd_kl())),
+    Arm("opd_prefix", "prefix OPD (reverse KL on the first prefix_len completion tokens)",
+        "distill", True, _opd(lambda c: losses.prefix_opd(_kl(c, 1.0), c.config.arm.prefix_len))),
+    Arm("opsd", "OPSD: teacher = frozen base seeing a reference solution in its prompt",
+        "distill", True, _opsd),
+)}  # fmt: skip
+
+
+def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:
+    """Train one arm from the base with the shared budget; resumes from its checkpoints."""
+    c = w.config
+    a = c.arm
+    optim = train.OptimConfig(learning_rate=a.learning_rate, warmup_steps=min(5, a.steps),
+                              total_steps=a.steps)  # fmt: skip
+    loop = loops.LoopConfig(steps=a.steps, batch_size=a.prompts_per_step, seed=c.seed + 100,
+                            progress=w.progress, desc=name,
+                            workdir=os.path.join(c.workdir, "arms", name),
+                            checkpoint_every=max(1, a.steps // 3))  # fmt: skip
+    sampling = SamplingConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens)
+    base, tok = models.base, models.base.tokenizer
+    prompts = inputs.encode_prompts(base, [w.task.render_prompt(p) for p in w.train],
+                                    max_new_tokens=a.max_new_tokens, what="training prompts")  # fmt: skip
+
+    def reward(i: int, completion) -> float:
+        return float(w.task.verify_answer(w.train[i], tok.decode(completion)))
+
+    source = PromptSource(prompts=prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return ARMS[name].build(ArmContext(w, models, optim, loop, sampling, source))

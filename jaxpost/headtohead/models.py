@@ -1,0 +1,138 @@
+"""The head-to-head's world (tasks, problems, mesh) and its two models: the base and the teacher.
+
+The *base* student is SFT-trained on a mixture (`inputs.sft_mixture`) of a narrow slice of the
+task's solutions (`base.style`), the retention task (addition), the task's steering probe and
+privileged-context prompts (so it can read a reference solution, which OPSD needs). The *teacher*
+is the base trained longer on the same mixture with the full solution distribution. Both are
+cached in WORKDIR/models/<model_key>/ as Hugging Face directories; a `--model` checkpoint is the
+base as it is (or SFT-trained `base.steps` more), a `--teacher` checkpoint the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from jaxpost import inputs, loops, train
+from jaxpost.headtohead import settings
+from jaxpost.inputs import Model
+from jaxpost.tasks import addition
+
+
+@dataclasses.dataclass
+class World:
+    """The tasks, problem sets and devices every stage of a run shares."""
+
+    config: Any
+    task: Any
+    retention: addition.Addition
+    steer: Any  # the task's steering probe, or None
+    train: list
+    test: list
+    retention_test: list
+    steer_test: list
+    mesh: Any = None
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.config.progress)
+
+
+def world(config) -> World:
+    task = inputs.make_task(config.task)
+    retention = addition.Addition(digits=tuple(config.task.addition_digits))
+    steer = task.steering()
+    e = config.eval
+    return World(
+        config=config, task=task, retention=retention, steer=steer,
+        train=inputs.problems(task, "train", config.base.train_problems, config.seed),
+        test=inputs.problems(task, "test", e.problems, config.seed),
+        retention_test=inputs.problems(retention, "test", e.retention_problems, config.seed),
+        steer_test=inputs.problems(steer, "test", e.steer_problems, config.seed) if steer else [],
+        mesh=inputs.make_mesh(config.mesh),
+    )  # fmt: skip
+
+
+def mixture(w: World, style: str, seed: int) -> list[tuple[str, str]]:
+    """The base's and teacher's SFT texts: `style` solutions plus retention, steering and
+    privileged-context examples (half, a quarter and a quarter as many)."""
+    return inputs.sft_mixture(w.task, w.train, style=style, per_problem=2, seed=seed,
+                              retention=w.retention, retention_share=0.5, steering_share=0.25,
+                              privileged_share=0.25)  # fmt: skip
+
+
+def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: int):
+    c = w.config
+    examples = inputs.encode_examples(model, mixture(w, style, seed), f"{desc} data")
+    optim = train.OptimConfig(learning_rate=c.base.learning_rate, warmup_steps=min(20, steps),
+                              total_steps=steps)  # fmt: skip
+    loop = loops.LoopConfig(steps=steps, batch_size=c.base.batch_size, seed=seed,
+                            progress=w.progress, desc=desc)  # fmt: skip
+    result = loops.run_sft(model.config, model.params, examples, optim, loop,
+                           pad_id=model.tokenizer.pad_id, mesh=w.mesh)  # fmt: skip
+    return result.state.params, result.history
+
+
+@dataclasses.dataclass
+class Models:
+    """The base student and the teacher of a run (the teacher may have another architecture)."""
+
+    base: Model
+    teacher: Model
+    history: dict  # {"base"/"teacher": SFT curve}, empty for a checkpoint used as it is
+    describe: dict  # {"student"/"base"/"teacher": one line for the report}
+
+
+def base_and_teacher(w: World, log=print) -> Models:
+    """The base and teacher, trained once per model_key (or loaded from the given checkpoints)."""
+    c = w.config
+    root = os.path.join(c.workdir, "models", settings.model_key(c))
+    start = inputs.load_model(c.model, tokenizer=c.tokenizer, overrides=c.model_overrides,
+                              dtype=c.dtype, seed=c.seed)  # fmt: skip
+    origin = (f"{c.model} ({start.config.family})" if settings.pretrained(c)
+              else f"built-in {start.config.family}-style decoder")  # fmt: skip
+
+    def cached(path: str, model: Model, style: str, steps: int, desc: str, seed: int):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            log(f"reusing {path}")
+        return inputs.reuse_or_train(path, model,
+                                     lambda: _pretrain(w, model, style, steps, desc, seed))  # fmt: skip
+
+    if c.base.steps > 0:
+        base, base_hist = cached(os.path.join(root, "base"), start, c.base.style, c.base.steps,
+                                 "base (SFT, narrow slice)", c.seed)  # fmt: skip
+    else:
+        base, base_hist = start, []
+    if c.teacher:
+        teacher = inputs.load_model(c.teacher, tokenizer=c.tokenizer, dtype=c.dtype)
+        inputs.check_teacher(base, teacher)
+        teacher_hist = []
+        teacher_line = f"{c.teacher} ({teacher.config.num_params():,} parameters)"
+    else:
+        teacher, teacher_hist = cached(os.path.join(root, "teacher"), base, "all",
+                                       c.teacher_steps, "teacher (SFT, all solutions)", c.seed + 1)  # fmt: skip
+        teacher_line = f"the base trained {c.teacher_steps} more steps with all solutions"
+    base, teacher = _place(base, w.mesh), _place(teacher, w.mesh)
+    extras = " + addition" + (" + steering" if w.steer else "") + " + privileged-context examples"
+    base_line = (f"SFT {c.base.steps} steps × {c.base.batch_size} on {w.task.name} slice "
+                 f"'{c.base.style}'{extras}")  # fmt: skip
+    if c.base.steps == 0:
+        base_line = f"the checkpoint {c.model} as it is"
+    cfg = base.config
+    return Models(
+        base=base, teacher=teacher, history={"base": base_hist, "teacher": teacher_hist},
+        describe={"student": f"{origin}, d_model={cfg.d_model}, {cfg.n_layers} layers "
+                             f"({cfg.num_params():,} parameters)",
+                  "base": base_line, "teacher": teacher_line},
+    )  # fmt: skip
+
+
+def _place(model: Model, mesh) -> Model:
+    """Every model lives on the mesh, so loops and sampling agree on devices."""
+    if mesh is None:
+        return model
+    from jaxpost import sharding
+
+    shardings = sharding.param_shardings(model.config, mesh)
+    return model.replace(params=sharding.shard_params(model.params, shardings))

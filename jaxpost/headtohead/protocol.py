@@ -1,0 +1,218 @@
+"""The whole head-to-head: models, arms, evaluations, claims, the report; resumable.
+
+    result = headtohead.run(config)     # config: experiments/configs/paradigms.py's ConfigDict
+
+Interrupted runs pick up where they stopped: cached models (by `settings.model_key`), arms with
+an eval.json of this `eval_key`, and an arm's latest checkpoint when its directory holds this
+`arm_key`'s training (a directory trained under other settings is moved aside, not resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxpost import inputs, metrics, report
+from jaxpost.errors import UserError
+from jaxpost.headtohead import arms, claims, evaluation, models, settings
+from jaxpost.headtohead.evaluation import Evaluation
+from jaxpost.metrics_log import read_metrics
+
+RADAR_AXES = ("pass@1", "pass@large_k", "diversity", "retention", "steerability", "efficiency")
+ARM_KEY_FILE = "arm_key"
+
+
+def _history(path: str) -> list[dict]:
+    """An arm's training curve from its metrics.jsonl (a resumed run's replayed steps deduped)."""
+    if not os.path.exists(os.path.join(path, "metrics.jsonl")):
+        return []
+    rows = {}
+    for r in read_metrics(path):
+        rows[r["step"]] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                           for k, v in r.items()}  # fmt: skip
+    return [rows[k] for k in sorted(rows)]
+
+
+def _load_eval(path: str, key: str) -> Evaluation | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("key") != key:
+        return None
+    return Evaluation(saved["curves"], saved["scalars"], saved["per_problem"])
+
+
+def _save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, **ev.to_json(), **(extra or {})}, f, default=float)
+    os.replace(tmp, path)
+
+
+def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
+    """Make `arm_dir` hold only this run's training: checkpoints and curves another arm_key left
+    there (other settings, e.g. a new learning rate) would otherwise be resumed as this run's.
+    They are moved aside to `<arm_dir>.stale-<their key>`, not deleted."""
+    marker = os.path.join(arm_dir, ARM_KEY_FILE)
+    if os.path.isdir(arm_dir):
+        old = None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                old = f.read().strip()
+        if old == key:
+            return  # the same run, interrupted: resume it
+        stale = f"{arm_dir}.stale-{old or 'unmarked'}"
+        log(f"{arm}: {arm_dir} holds a run with other settings; moved it to {stale} and "
+            f"starting this arm over")  # fmt: skip
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+        os.replace(arm_dir, stale)
+    os.makedirs(arm_dir)
+    with open(marker, "w") as f:
+        f.write(key)
+
+
+def run(config, log: Callable[[str], None] = print) -> dict:
+    """Run the protocol (reusing whatever an earlier run of the same settings left) and write
+    the report; returns the metrics dictionary the report was rendered from."""
+    start = time.perf_counter()
+    if jax.process_count() > 1:  # caches, reports and arm directories assume one writer
+        raise UserError(f"the head-to-head runs in one process (a mesh over its local devices); "
+                        f"this job has {jax.process_count()} processes: launch it on one host")  # fmt: skip
+    settings.check(config)
+    names = settings.arm_names(config)
+    os.makedirs(config.workdir, exist_ok=True)
+    w = models.world(config)
+    m = models.base_and_teacher(w, log)
+    for model in (m.base, m.teacher):  # both models sample the held-out prompts
+        inputs.encode_prompts(model, [w.task.render_prompt(p) for p in w.test],
+                              max_new_tokens=config.arm.max_new_tokens, what="evaluation prompts")  # fmt: skip
+    log(f"models ready ({time.perf_counter() - start:.0f} s)")
+    arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
+    evals: dict[str, Evaluation] = {}
+    extras: dict[str, dict] = {}
+    # the base is always evaluated in-process: other models' paired metrics need its samples
+    log("evaluating base")
+    evals["base"] = evaluation.evaluate_model(w, m.base, m.base.params, seed=config.seed)
+    log("evaluating teacher")
+    teacher_eval = os.path.join(config.workdir, "models", "teacher_eval.json")
+    evals["teacher"] = _load_eval(teacher_eval, eval_key)
+    if evals["teacher"] is None:
+        evals["teacher"] = evaluation.evaluate_model(w, m.teacher, m.teacher.params,
+                                                     base=evals["base"], base_model=m.base,
+                                                     seed=config.seed)  # fmt: skip
+        _save_eval(teacher_eval, eval_key, evals["teacher"])
+    for arm in names:
+        arm_dir = os.path.join(config.workdir, "arms", arm)
+        eval_path = os.path.join(arm_dir, "eval.json")
+        cached = _load_eval(eval_path, eval_key)
+        if cached is not None:
+            log(f"{arm}: reusing finished arm")
+            evals[arm] = cached
+            with open(eval_path) as f:
+                extras[arm] = json.load(f)["extra"]
+            continue
+        _claim_arm_dir(arm_dir, arm_key, arm, log)
+        t0 = time.perf_counter()
+        result = arms.run_arm(w, arm, m, log)
+        if result.preempted:
+            raise SystemExit(f"preempted during arm {arm}; rerun the same command to resume")
+        train_s = time.perf_counter() - t0
+        log(f"{arm}: trained in {train_s:.0f} s; evaluating")
+        params = result.state.params
+        ev = evaluation.evaluate_model(w, m.base, params, base=evals["base"], base_model=m.base,
+                                       seed=config.seed)  # fmt: skip
+        history = _history(arm_dir)
+        tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
+        extra = {"tokens": tokens, "train_seconds": train_s}
+        if result.last_batch is not None:
+            lp, mask = evaluation.batch_nll(m.base, params, result.last_batch)
+            own = ev.samples
+            extra["state_locality"] = metrics.state_locality(lp, mask, own.logprobs * own.mask,
+                                                              own.mask)  # fmt: skip
+        _save_eval(eval_path, eval_key, ev, {"extra": extra})
+        evals[arm], extras[arm] = ev, extra
+    result = assemble(w, evals, extras, m.history, m.describe)
+    result["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
+    paths = report.write_report(config.workdir, result)
+    log(f"report: {paths['report']}")
+    return result
+
+
+def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, dict],
+             pre_hist: dict, describe: dict) -> dict:  # fmt: skip
+    """The report's metrics dictionary from the evaluations (see `jaxpost.report`)."""
+    c = w.config
+    base_p1 = evals["base"].scalars["pass@1"]["mean"]
+    out_arms = {}
+    for name, ev in evals.items():
+        scalars = dict(ev.scalars)
+        extra = extras.get(name, {})
+        if name == "base":
+            scalars["efficiency"] = {"mean": 0.0}  # no tokens spent, nothing gained
+        if "tokens" in extra:
+            gain = scalars["pass@1"]["mean"] - base_p1
+            scalars["efficiency"] = {"mean": gain / max(extra["tokens"], 1.0) * 1e3}
+            scalars["state_locality"] = {"mean": extra.get("state_locality", float("nan"))}
+        reference = name in ("base", "teacher")
+        out_arms[name] = {
+            "kind": "reference" if reference else "arm",
+            "curves": ev.curves,
+            "scalars": scalars,
+            "history": [] if reference else _history(os.path.join(c.workdir, "arms", name)),
+        }
+    a, e = c.arm, c.eval
+    if c.task.name == "countdown":
+        k = c.task.countdown
+        task = (f"Countdown, 3 numbers in {list(k.number_range)}, targets in "
+                f"{list(k.target_range)}, >= {k.min_solutions} solutions")  # fmt: skip
+    else:
+        task = f"{c.task.name} ({c.task.data_dir or 'TFDS in ' + c.task.tfds_data_dir})"
+    steering = (f"; steering: {e.steer_problems} prompts × {e.steer_samples}" if w.steer
+                else "; steerability not measured (the task has no steering probe)")  # fmt: skip
+    settings_ = {
+        "task": task,
+        "student": describe["student"],
+        "base": describe["base"],
+        "teacher": describe["teacher"],
+        "budget per arm": f"{a.steps} steps × {a.prompts_per_step} prompts × {a.group_size} "
+                          f"samples, lr {a.learning_rate}, ≤ {a.max_new_tokens} new tokens",
+        "evaluation": f"{e.problems} held-out problems × {e.samples} samples at temperature 1; "
+                      f"retention: {e.retention_problems} addition problems × "
+                      f"{e.retention_samples}{steering}",
+        "arms": ", ".join(f"{n} ({arms.ARMS[n].help})" for n in evals if n in arms.ARMS),
+        "efficiency": "pass@1 gained over the base per 1k sampled (on-policy) or trained (SFT) "
+                      "tokens",
+        "seed": c.seed,
+    }  # fmt: skip
+    if c.mesh or c.loss_impl not in ("auto", "materialized"):
+        settings_["devices"] = f"mesh {c.mesh or 'none'}; OPD loss {c.loss_impl}"
+    notes = [
+        "pass@large_k is pass@k at k = the number of samples per problem; diversity is the "
+        "entropy (nats) of the empirical distribution of what the task counts as distinct "
+        "correct solutions (`task.diversity_key`: canonical solutions on Countdown, reasoning "
+        "paths on GSM8K) per problem.",
+        "state_locality: per-token NLL of the final policy on its last training batch minus on "
+        "its own samples (≈0 for on-policy training).",
+        "rank_bias: Spearman correlation, within each problem, between the base's sequence "
+        "logprob of a correct sample and its change under the arm (He et al.).",
+    ]
+    if any(pre_hist.values()):
+        notes.append("Pretraining curves (loss) of base/teacher: final loss "
+                     + ", ".join(f"{k} {v[-1]['loss']:.3f}" for k, v in pre_hist.items() if v))
+    axes = [x for x in RADAR_AXES if w.steer is not None or x != "steerability"]
+    return {
+        "arms": out_arms,
+        "radar_axes": axes,
+        "claims": claims.claims(evals),
+        "settings": settings_,
+        "notes": notes,
+    }

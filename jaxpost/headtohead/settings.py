@@ -1,0 +1,137 @@
+"""The head-to-head's settings: validation, the arm list, and cache keys derived from them.
+
+The settings are the ConfigDict of experiments/configs/paradigms.py. Nothing here lists which
+fields matter: the cache keys hash whole subtrees of the config (plus a content fingerprint of
+any checkpoint it names), minus the fields that cannot change a result (`_NEVER_MATTERS`), so a
+field added to the config later is part of the keys without anyone remembering to add it.
+
+    model_key   what the base and teacher depend on: everything but the arms' and the
+                evaluation's settings
+    arm_key     what an arm's training depends on: everything but the evaluation
+    eval_key    what an arm's evaluation depends on: everything
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from jaxpost import inputs
+from jaxpost.errors import UserError
+
+# Fields that never change a result: where it goes, what is shown, which arms run this time.
+_NEVER_MATTERS = ("workdir", "arms", "progress", "variant")
+
+
+def arm_names(config) -> tuple[str, ...]:
+    from jaxpost.headtohead.arms import ARMS
+
+    names = tuple(a.strip() for a in str(config.arms).split(",") if a.strip())
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise UserError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"arms repeat: {names}")
+    return names
+
+
+def pretrained(config) -> bool:
+    """Whether the base is a Hugging Face checkpoint (else a preset trained here)."""
+    from jaxpost import models
+
+    return config.model not in models.PRESETS
+
+
+def check(config) -> None:
+    """Refuse settings the protocol cannot run, before any work, with the fix named."""
+    arm_names(config)
+    a, b, e = config.arm, config.base, config.eval
+    positive = {"arm.steps": a.steps, "arm.prompts_per_step": a.prompts_per_step,
+                "arm.max_new_tokens": a.max_new_tokens, "arm.prefix_len": a.prefix_len,
+                "base.train_problems": b.train_problems, "base.batch_size": b.batch_size,
+                "eval.problems": e.problems, "eval.retention_problems": e.retention_problems,
+                "eval.retention_samples": e.retention_samples,
+                "eval.steer_problems": e.steer_problems, "eval.steer_samples": e.steer_samples}  # fmt: skip
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if a.group_size < 2:
+        raise UserError(f"arm.group_size must be >= 2 (GRPO needs a group), got {a.group_size}")
+    if e.samples < 2:
+        raise UserError(f"eval.samples must be >= 2 for pass@k curves, got {e.samples}")
+    if not (b.learning_rate > 0 and a.learning_rate > 0):
+        raise UserError("base.learning_rate and arm.learning_rate must be > 0")
+    if config.loss_impl not in inputs.LOSS_IMPLS:
+        raise UserError(f"unknown loss_impl {config.loss_impl!r}; choose from "
+                        f"{', '.join(inputs.LOSS_IMPLS)}")  # fmt: skip
+    if not 0 <= a.beta_rank <= 1:
+        raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
+    if pretrained(config):
+        if config.variant != "pretrained":
+            raise UserError(
+                f"the base {config.model!r} is a checkpoint: run the pretrained defaults, "
+                f"--config=experiments/configs/paradigms.py:pretrained (the built-in ones would "
+                f"SFT it {b.steps} steps at lr {b.learning_rate})"
+            )
+        if b.steps < 0:
+            raise UserError(f"base.steps must be >= 0, got {b.steps}")
+    elif b.steps < 1 or config.teacher_steps < (0 if config.teacher else 1):
+        raise UserError("the built-in base needs base.steps >= 1 and, without --teacher, "
+                        "teacher_steps >= 1")  # fmt: skip
+    if config.task.name == "gsm8k" and not pretrained(config):
+        raise UserError("task gsm8k needs a pretrained --model=DIR (the built-in base is a "
+                        "character-level model) and the pretrained variant")  # fmt: skip
+    for name in ("model", "teacher"):
+        path = config[name]
+        if name == "model" and not pretrained(config):
+            continue
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{name} directory not found or not a Hugging Face checkpoint (no "
+                            f"config.json): {path}")  # fmt: skip
+
+
+def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
+    """A hash of a checkpoint directory's contents: each file's name, size and its first and last
+    `sample` bytes (all of a small file). It changes when the checkpoint is rewritten in place, so
+    caches keyed on it are not reused, and not when the directory is copied or moved (unlike
+    modification times); reading 2 MiB per file keeps it cheap for multi-GB weights."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        size = entry.stat().st_size
+        digest.update(f"{entry.name}\0{size}\0".encode())
+        with open(entry.path, "rb") as f:
+            digest.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+                digest.update(f.read(sample))
+            elif size > sample:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _key(config, leave_out: tuple[str, ...]) -> str:
+    values = {k: v for k, v in config.to_dict().items() if k not in _NEVER_MATTERS + leave_out}
+    for name in ("model", "teacher"):  # a checkpoint rewritten at the same path is another one
+        path = config[name]
+        if path and os.path.isdir(path):
+            values[f"{name}_files"] = checkpoint_fingerprint(path)
+    blob = json.dumps(values, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def model_key(config) -> str:
+    """The base and teacher's cache key (their directory under WORKDIR/models)."""
+    return _key(config, ("arm", "eval", "loss_impl", "mesh"))
+
+
+def arm_key(config) -> str:
+    """An arm's training key (its directory's marker): a changed field retrains the arm."""
+    return _key(config, ("eval",))
+
+
+def eval_key(config) -> str:
+    """An evaluation's cache key (eval.json): a changed field re-evaluates."""
+    return _key(config, ())

@@ -1,0 +1,63 @@
+"""Running the user's commands in tests: a main as one process, or as N processes on loopback
+with the JAX_* variables scripts/launch_gpu_slurm.sh exports (what a launcher would do)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(devices: int, extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env.update({
+        "NO_GCE_CHECK": "true",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        # LLVM's -O0 halves a program's compile time on CPU; the numerics are XLA's either way.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                     "--xla_backend_optimization_level=0",
+    })  # fmt: skip
+    env.update(extra or {})
+    return env
+
+
+def run(module: str, *args: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m module args...` in the repository root with `devices` CPU devices."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(devices),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(module: str, *args: str, processes: int = 2, devices: int = 1,
+                  timeout: int = 600) -> list[subprocess.CompletedProcess]:  # fmt: skip
+    """The same command as `processes` processes joined on a free loopback port, as
+    scripts/launch_gpu_slurm.sh starts them (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID), each with `devices` CPU devices; returns each rank's completed process."""
+    port = _free_port()
+    procs = []
+    for rank in range(processes):
+        env = _env(devices, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                             "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(rank)})  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    done = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
