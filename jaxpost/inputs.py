@@ -374,6 +374,29 @@ def make_mesh(spec: str):
         raise UserError(f"mesh {spec!r} on {jax.device_count()} devices: {e}") from None
 
 
+def check_memory(config, mesh, *, batch: int, seq_len: int, grad_accum: int = 1,
+                 teacher_config=None, sample_batch: int | None = None,
+                 max_new_tokens: int | None = None, fused_kernel: bool = False) -> Any:  # fmt: skip
+    """The memory plan of the step about to compile; a plan that does not fit is a UserError
+    naming the biggest term and the knob that shrinks it."""
+    from jaxpost import plan
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    mesh_shape = dict(mesh.shape) if mesh is not None else (1, 1, 1)
+    try:
+        p = plan.plan(
+            config, mesh_shape, batch=batch, seq_len=min(seq_len, config.max_seq_len),
+            grad_accum=grad_accum, teacher_config=teacher_config, sample_batch=sample_batch,
+            max_new_tokens=max_new_tokens, fused_kernel=fused_kernel,
+            device_memory_bytes=stats.get("bytes_limit"),
+        )  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"memory plan: {e}") from None
+    if not p.fits:
+        raise UserError(p.message)
+    return p
+
+
 __all__ = ["LOSS_IMPLS", "PAD_MULTIPLE", "TASKS", "Model", "check_teacher", "distillation_loss",
            "encode_examples", "encode_prompts", "load_model", "load_tokenizer", "make_mesh", "make_task", "parse_overrides", "problems",
-           "reuse_or_train", "save_model", "sft_mixture"]  # fmt: skip
+           "reuse_or_train", "save_model", "sft_mixture", "check_memory"]  # fmt: skip

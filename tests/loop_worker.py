@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpost import loops, models, train  # noqa: E402
+from jaxpost import loops, models, runner, train  # noqa: E402
 
 
 def examples(n=24, seed=0):
@@ -34,14 +34,14 @@ def main():
                             checkpoint_every=2, progress=False)  # fmt: skip
     optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=steps)
     if pause:
-        real = loops._Run._log
+        real = runner.Runner._log
 
         def slow_log(self, step, metrics):
             real(self, step, metrics)
             print(f"step {step}", flush=True)
             time.sleep(pause)
 
-        loops._Run._log = slow_log
+        runner.Runner._log = slow_log
     result = loops.run_sft(config, models.init(config, seed=1), examples(), optim, loop)
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_leaves_with_path(result.state.params)}  # fmt: skip

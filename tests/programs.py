@@ -52,7 +52,7 @@ def run_processes(module: str, *args: str, processes: int = 2, devices: int = 1,
                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
     done = []
     try:
-        for rank, proc in enumerate(procs):
+        for proc in procs:
             out, err = proc.communicate(timeout=timeout)
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
@@ -61,3 +61,48 @@ def run_processes(module: str, *args: str, processes: int = 2, devices: int = 1,
                 proc.kill()
                 proc.wait()
     return done
+
+
+_FAKE_SRUN = """#!/usr/bin/env bash
+# A stand-in for SLURM's srun on one machine: `srun --ntasks=N ... bash -c TASK` runs TASK N
+# times at once with SLURM_PROCID / SLURM_LOCALID set, each task's output in $SRUN_LOGS.
+ntasks=1
+while [[ "$1" == --* ]]; do
+  case "$1" in --ntasks=*) ntasks="${1#--ntasks=}";; esac
+  shift
+done
+pids=()
+for ((i = 0; i < ntasks; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=0 "$@" >"$SRUN_LOGS/rank$i.out" 2>"$SRUN_LOGS/rank$i.err" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def run_slurm(tmp_path, *command: str, tasks: int = 2, timeout: int = 600):
+    """`bash scripts/launch_gpu_slurm.sh COMMAND...` inside a fake allocation of `tasks` nodes
+    on this machine (a stand-in srun starts the tasks locally; the coordinator is 127.0.0.1).
+    Returns (the launcher's completed process, [(stdout, stderr) per rank])."""
+    bin_dir, logs = Path(tmp_path) / "bin", Path(tmp_path) / "srun_logs"
+    bin_dir.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    python = bin_dir / "python"  # this interpreter (its venv) under the name the command uses
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = _env(1, {
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "PYTHON": sys.executable, "SRUN_LOGS": str(logs), "SLURM_JOB_ID": "1",
+        "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(tasks),
+        "SLURM_NNODES": str(tasks), "JAX_COORDINATOR_PORT": str(_free_port()),
+    })  # fmt: skip
+    launcher = subprocess.run(["bash", str(ROOT / "scripts" / "launch_gpu_slurm.sh"), *command],
+                              cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    ranks = [((logs / f"rank{i}.out").read_text(), (logs / f"rank{i}.err").read_text())
+             for i in range(tasks)]  # fmt: skip
+    return launcher, ranks

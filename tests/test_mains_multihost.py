@@ -1,5 +1,7 @@
-"""The README's launcher commands, run as printed: each main as two local processes with the
-JAX_* variables scripts/launch_gpu_slurm.sh exports, against one process driving two devices.
+"""The README's launcher command, run as printed: each main started by
+scripts/launch_gpu_slurm.sh in a two-node allocation faked on this machine (a stand-in srun starts
+the two tasks locally, each with the JAX_* variables the script exports and one CPU device),
+against one process driving two devices.
 
 Both runs use the main's `tiny` config variant and `--mesh=2,1,1`; the two-process run must say
 it runs on 2 processes, finish, save its model, and end with the same parameters as the
@@ -12,7 +14,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from programs import run, run_processes
+from programs import run, run_slurm
 
 from jaxpost.models import hf
 
@@ -32,12 +34,12 @@ def test_two_processes_train_as_one_process_on_two_devices(main, tmp_path):
     one = run(f"experiments.{main}", *args, f"--workdir={tmp_path / 'one'}", devices=2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process(es), 2 cpu devices" in one.stdout
-    ranks = run_processes(f"experiments.{main}", *args, f"--workdir={tmp_path / 'two'}")
-    for rank, p in enumerate(ranks):
-        assert p.returncode == 0, f"rank {rank}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert "2 process(es), 2 cpu devices (1 local); this is process 0 of 2" in ranks[0].stdout
+    launcher, ranks = run_slurm(tmp_path, "python", "-m", f"experiments.{main}", *args,
+                                f"--workdir={tmp_path / 'two'}")  # fmt: skip
+    assert launcher.returncode == 0, [err[-3000:] for _, err in ranks]
+    assert "2 process(es), 2 cpu devices (1 local); this is process 0 of 2" in ranks[0][0]
     # process 1 computes, process 0 reports (gloo announces its connections on both)
-    assert [line for line in ranks[1].stdout.splitlines() if not line.startswith("[Gloo]")] == []
+    assert [line for line in ranks[1][0].splitlines() if not line.startswith("[Gloo]")] == []
     model = tmp_path / "two" / "model"
     assert os.path.isfile(model / "config.json") and os.path.isfile(tmp_path / "two" / "eval.json")
     a, b = _vector(str(model)), _vector(str(tmp_path / "one" / "model"))

@@ -7,7 +7,7 @@ from jaxpost import metrics
 from jaxpost.tasks import Task, addition, countdown, steer
 from jaxpost.tokenizers import CharTokenizer
 
-TASKS = [countdown.Countdown(), addition.Addition(), steer.Steer()]
+TASKS = [countdown.Countdown(), addition.Addition(), countdown.Countdown().steering()]
 GARBAGE = ["", ";", "=,;", "1+", "((((", "x" * 300, "1" * 50 + ";" + "9" * 50, "\n\n"]
 
 
@@ -52,7 +52,7 @@ def test_addition_verifiers():
 
 
 def test_steer_probe():
-    task = steer.Steer()
+    task = countdown.Countdown().steering()
     problems = task.prompts("train", 10, seed=0)
     assert problems == task.prompts("train", 10, seed=0)
     for p in problems:
@@ -68,7 +68,7 @@ def test_steer_probe():
 
 
 def test_steer_compliance_on_written_chains():
-    task = steer.Steer()
+    task = countdown.Countdown().steering()
     base = countdown.CountdownProblem((2, 3, 4, 6), 11)
     p = steer.SteerProblem(base, "-")
     assert task.complies(p, "6-3=3,2*4=8,8+3=11;(2*4)+(6-3)")
@@ -79,7 +79,7 @@ def test_steer_compliance_on_written_chains():
 
 def test_steer_metrics_end_to_end():
     """A policy that samples uniformly among compliant solutions is perfectly steered."""
-    task = steer.Steer()
+    task = countdown.Countdown().steering()
     p = task.prompts("test", 1, seed=1)[0]
     requested = task.requested_distribution(p)
     sols = list(requested) * 50

@@ -19,8 +19,8 @@ Nothing here asks which task it runs: what differs between tasks is the task's p
 (`task.sft_examples`, `privileged_view`, `diversity_key`, `steering`).
 """
 
-from jaxpost.headtohead.arms import ARMS, Arm, ArmContext
 from jaxpost.headtohead import claims
+from jaxpost.headtohead.arms import ARMS, Arm, ArmContext
 from jaxpost.headtohead.evaluation import Evaluation
 from jaxpost.headtohead.protocol import ARM_KEY_FILE, RADAR_AXES, assemble, run
 from jaxpost.headtohead.settings import arm_key, eval_key, model_key

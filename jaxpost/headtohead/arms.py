@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import inputs, loops, losses, opd, train
+from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.rollouts import PromptSource, SamplingConfig
 
@@ -119,6 +120,17 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("opsd", "OPSD: teacher = frozen base seeing a reference solution in its prompt",
         "distill", True, _opsd),
 )}  # fmt: skip
+
+
+def arm_names(config) -> tuple[str, ...]:
+    """The arms `config.arms` lists (comma-separated), checked against the table."""
+    names = tuple(a.strip() for a in str(config.arms).split(",") if a.strip())
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise UserError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"arms repeat: {names}")
+    return names
 
 
 def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:

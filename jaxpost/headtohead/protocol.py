@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxpost import inputs, metrics, report
+from jaxpost import data, inputs, metrics, report
 from jaxpost.errors import UserError
 from jaxpost.headtohead import arms, claims, evaluation, models, settings
 from jaxpost.headtohead.evaluation import Evaluation
@@ -80,6 +80,20 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
         f.write(key)
 
 
+def _check_memory(w: models.World, m: models.Models) -> None:
+    """Plan the arms' largest step before compiling any: the on-policy rows with the teacher
+    beside the student and the sampler's cache (SFT's step is smaller: no teacher, no cache)."""
+    a = w.config.arm
+    rows = a.prompts_per_step * a.group_size
+    width = max(len(m.base.tokenizer.encode(w.task.render_prompt(p), add_bos=True))
+                for p in w.train)  # fmt: skip
+    inputs.check_memory(m.base.config, w.mesh, batch=rows,
+                        seq_len=data.round_up(width, inputs.PAD_MULTIPLE) + a.max_new_tokens,
+                        teacher_config=m.teacher.config, sample_batch=rows,
+                        max_new_tokens=a.max_new_tokens,
+                        fused_kernel=w.config.loss_impl not in ("auto", "materialized"))  # fmt: skip
+
+
 def run(config, log: Callable[[str], None] = print) -> dict:
     """Run the protocol (reusing whatever an earlier run of the same settings left) and write
     the report; returns the metrics dictionary the report was rendered from."""
@@ -87,14 +101,15 @@ def run(config, log: Callable[[str], None] = print) -> dict:
     if jax.process_count() > 1:  # caches, reports and arm directories assume one writer
         raise UserError(f"the head-to-head runs in one process (a mesh over its local devices); "
                         f"this job has {jax.process_count()} processes: launch it on one host")  # fmt: skip
+    names = arms.arm_names(config)
     settings.check(config)
-    names = settings.arm_names(config)
     os.makedirs(config.workdir, exist_ok=True)
     w = models.world(config)
     m = models.base_and_teacher(w, log)
     for model in (m.base, m.teacher):  # both models sample the held-out prompts
         inputs.encode_prompts(model, [w.task.render_prompt(p) for p in w.test],
                               max_new_tokens=config.arm.max_new_tokens, what="evaluation prompts")  # fmt: skip
+    _check_memory(w, m)
     log(f"models ready ({time.perf_counter() - start:.0f} s)")
     arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
     evals: dict[str, Evaluation] = {}

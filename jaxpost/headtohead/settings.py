@@ -24,18 +24,6 @@ from jaxpost.errors import UserError
 _NEVER_MATTERS = ("workdir", "arms", "progress", "variant")
 
 
-def arm_names(config) -> tuple[str, ...]:
-    from jaxpost.headtohead.arms import ARMS
-
-    names = tuple(a.strip() for a in str(config.arms).split(",") if a.strip())
-    unknown = [a for a in names if a not in ARMS]
-    if unknown or not names:
-        raise UserError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
-    if len(set(names)) != len(names):
-        raise UserError(f"arms repeat: {names}")
-    return names
-
-
 def pretrained(config) -> bool:
     """Whether the base is a Hugging Face checkpoint (else a preset trained here)."""
     from jaxpost import models
@@ -44,8 +32,8 @@ def pretrained(config) -> bool:
 
 
 def check(config) -> None:
-    """Refuse settings the protocol cannot run, before any work, with the fix named."""
-    arm_names(config)
+    """Refuse settings the protocol cannot run, before any work, with the fix named (the arm
+    list is checked against the table by `arms.arm_names`)."""
     a, b, e = config.arm, config.base, config.eval
     positive = {"arm.steps": a.steps, "arm.prompts_per_step": a.prompts_per_step,
                 "arm.max_new_tokens": a.max_new_tokens, "arm.prefix_len": a.prefix_len,

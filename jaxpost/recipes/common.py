@@ -12,9 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-import jax
-
-from jaxpost import distributed, evaluate, inputs, loops, plan, sharding, train
+from jaxpost import distributed, evaluate, inputs, loops, sharding, train
 from jaxpost.errors import UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
@@ -132,27 +130,6 @@ def place(model: Model, mesh) -> Model:
     return model.replace(params=sharding.shard_params(model.params, shardings))
 
 
-def check_plan(config, mesh, *, batch: int, seq_len: int, grad_accum: int = 1,
-               teacher_config=None, sample_batch: int | None = None,
-               max_new_tokens: int | None = None, fused_kernel: bool = False) -> plan.Plan:  # fmt: skip
-    """The memory plan of the step about to compile; a plan that does not fit is a UserError
-    naming the biggest term and the knob that shrinks it."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    mesh_shape = dict(mesh.shape) if mesh is not None else (1, 1, 1)
-    try:
-        p = plan.plan(
-            config, mesh_shape, batch=batch, seq_len=min(seq_len, config.max_seq_len),
-            grad_accum=grad_accum, teacher_config=teacher_config, sample_batch=sample_batch,
-            max_new_tokens=max_new_tokens, fused_kernel=fused_kernel,
-            device_memory_bytes=stats.get("bytes_limit"),
-        )  # fmt: skip
-    except ValueError as e:
-        raise UserError(f"memory plan: {e}") from None
-    if not p.fits:
-        raise UserError(p.message)
-    return p
-
-
 # ---------------------------------------------------------------------------------------------
 # the SFT stage (sft.py's training; grpo/opd's built-in student and teacher)
 
@@ -174,7 +151,7 @@ def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh
     )  # fmt: skip
     examples = inputs.encode_examples(model, pairs, f"{desc} data")
     width = max(len(p) + len(c) for p, c in examples)
-    check_plan(model.config, mesh, batch=stage.loop.batch_size, seq_len=width,
+    inputs.check_memory(model.config, mesh, batch=stage.loop.batch_size, seq_len=width,
                grad_accum=stage.optim.grad_accum)  # fmt: skip
     log(f"{desc}: {len(examples)} examples ({len(train_problems)} {task.name} problems x "
         f"{d.per_problem}, style {d.style!r}), {stage.loop.steps} steps of "
@@ -255,7 +232,7 @@ def eval_sets(config, task) -> dict[str, tuple]:
     return sets
 
 
-def evaluate_model(label: str, model: Model, params, sets: dict, e, *, mesh,
+def evaluate_sets(label: str, model: Model, params, sets: dict, e, *, mesh,
                    render: dict | None = None) -> dict:  # fmt: skip
     """{task name: evaluate.summarize(...)} of one model; `render` maps a task name to a prompt
     renderer (e.g. OPSD's privileged view)."""

@@ -58,12 +58,12 @@ def run(config) -> dict:
 
     source = loops.PromptSource(prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
     rows = L.batch_size * sampling.group_size
-    common.check_plan(model.config, mesh, batch=rows, seq_len=source.width() +
+    inputs.check_memory(model.config, mesh, batch=rows, seq_len=source.width() +
                       sampling.max_new_tokens, grad_accum=config.optim.grad_accum,
                       sample_batch=rows, max_new_tokens=sampling.max_new_tokens)  # fmt: skip
 
     sets = common.eval_sets(config, task)
-    results = {"start": common.evaluate_model("start", model, model.params, sets, config.eval,
+    results = {"start": common.evaluate_sets("start", model, model.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     transform = None
     if g.unlikeliness_beta > 0:
@@ -93,7 +93,7 @@ def run(config) -> dict:
                    f"(first 10 rounds) -> {_window(result.history, 'pass_rate', False):.3f} (last "
                    f"10) ({time.perf_counter() - train_start:.0f} s)")  # fmt: skip
     params = result.state.params
-    results["after GRPO"] = common.evaluate_model("after GRPO", model, params, sets, config.eval,
+    results["after GRPO"] = common.evaluate_sets("after GRPO", model, params, sets, config.eval,
                                                   mesh=mesh)  # fmt: skip
     model_dir = inputs.save_model(os.path.join(workdir, "model"), model, params)
     return common.report(workdir, results, config.eval, start, model_dir)

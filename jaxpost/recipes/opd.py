@@ -85,16 +85,16 @@ def run(config) -> dict:
                                 eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
     rows = L.batch_size * sampling.group_size
     width = source.width(teacher=teacher_prompts is not None)
-    common.check_plan(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
+    inputs.check_memory(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
                       grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
                       sample_batch=rows, max_new_tokens=sampling.max_new_tokens,
                       fused_kernel=config.loss_impl not in ("auto", "materialized"))  # fmt: skip
     sets = common.eval_sets(config, task)
-    results = {"start": common.evaluate_model("start", student, student.params, sets, config.eval,
+    results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     if config.eval.teacher and task.name in sets:
         label = "teacher (privileged)" if config.mode == "opsd" else "teacher"
-        results[label] = common.evaluate_model(
+        results[label] = common.evaluate_sets(
             label, teacher, teacher.params, {task.name: sets[task.name]}, config.eval, mesh=mesh,
             render={task.name: render} if render else None,
         )  # fmt: skip
@@ -124,6 +124,6 @@ def run(config) -> dict:
         )  # fmt: skip
     params = result.state.params
     label = f"after {config.mode.upper()}"
-    results[label] = common.evaluate_model(label, student, params, sets, config.eval, mesh=mesh)
+    results[label] = common.evaluate_sets(label, student, params, sets, config.eval, mesh=mesh)
     model_dir = inputs.save_model(os.path.join(workdir, "model"), student, params)
     return common.report(workdir, results, config.eval, start, model_dir)

@@ -19,14 +19,14 @@ def run(config) -> dict:
     model = common.place(common.load(config, config.model), mesh)
     common.log(f"model: {model.describe()}")
     sets = common.eval_sets(config, task)
-    results = {"before": common.evaluate_model("before", model, model.params, sets, config.eval,
+    results = {"before": common.evaluate_sets("before", model, model.params, sets, config.eval,
                                                mesh=mesh)}  # fmt: skip
     result = common.train_sft(config, task, model, workdir=workdir, seed=config.seed, mesh=mesh)
     if result.preempted:
         common.log("sft: preempted; rerun the same command to resume")
         return {"preempted": True}
     params = result.state.params
-    results["after SFT"] = common.evaluate_model("after SFT", model, params, sets, config.eval,
+    results["after SFT"] = common.evaluate_sets("after SFT", model, params, sets, config.eval,
                                                  mesh=mesh)  # fmt: skip
     model_dir = inputs.save_model(os.path.join(workdir, "model"), model, params)
     return common.report(workdir, results, config.eval, start, model_dir)

@@ -6,7 +6,7 @@
 In-context steerability is whether the policy can still be told *which* of its solutions to
 give. The instruction "first <op>" asks for a chain whose first step uses <op>; that step can
 only combine two given numbers, so a solution can comply iff its expression tree has a node of
-that operation over two leaves (`countdown.opening_ops`). The requested distribution is uniform
+that operation over two leaves (`expressions.opening_ops`). The requested distribution is uniform
 over the solutions that can comply, and a problem is only asked about an operation for which
 some solutions comply and some do not, so the instruction always matters.
 
@@ -17,16 +17,20 @@ Measure with `metrics.compliance_rate([task.complies(p, c) ...])` and
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxpost.tasks import Split
-from jaxpost.tasks import countdown as cd
+from jaxpost.tasks import expressions as ex
+
+if TYPE_CHECKING:  # the probe is built by `Countdown.steering()`, so no import at run time
+    from jaxpost.tasks.countdown import Countdown, CountdownProblem
 
 
 @dataclasses.dataclass(frozen=True)
 class SteerProblem:
-    base: cd.CountdownProblem
+    base: CountdownProblem
     opening: str  # the requested first operation, one of "+-*/"
 
 
@@ -34,7 +38,7 @@ class SteerProblem:
 class Steer:
     """The probe over a Countdown generator; verification and solutions are Countdown's."""
 
-    countdown: cd.Countdown = cd.Countdown()
+    countdown: Countdown
     name: str = "steer"
 
     def compliant_solutions(self, problem: SteerProblem) -> list[str]:
@@ -42,7 +46,7 @@ class Steer:
         return [
             s
             for s in self.countdown.solutions(problem.base)
-            if problem.opening in cd.opening_ops(s)
+            if problem.opening in ex.opening_ops(s)
         ]
 
     def prompts(self, split: Split, n: int, seed: int) -> list[SteerProblem]:
@@ -54,7 +58,7 @@ class Steer:
             out: list[SteerProblem] = []
             for base in self.countdown.prompts(split, size, seed):
                 sols = self.countdown.solutions(base)
-                counts = {op: sum(op in cd.opening_ops(s) for s in sols) for op in cd.OPS}
+                counts = {op: sum(op in ex.opening_ops(s) for s in sols) for op in ex.OPS}
                 ops = [op for op, k in counts.items() if 0 < k < len(sols)]
                 if ops:
                     out.append(SteerProblem(base, ops[int(rng.integers(len(ops)))]))
@@ -68,7 +72,7 @@ class Steer:
 
     def render_completion(self, problem: SteerProblem, solution: str) -> str:
         """The Countdown completion, starting with the requested operation when it can."""
-        can = problem.opening in cd.opening_ops(solution)
+        can = problem.opening in ex.opening_ops(solution)
         opening = problem.opening if can else None
         return self.countdown.render_completion(problem.base, solution, opening=opening)
 
@@ -113,7 +117,7 @@ class Steer:
         if not self.verify_chain(problem, completion):
             return False
         first_step = completion.replace(" ", "").strip().split(",", 1)[0]
-        return next((ch for ch in first_step[1:] if ch in cd.OPS), None) == problem.opening
+        return next((ch for ch in first_step[1:] if ch in ex.OPS), None) == problem.opening
 
     def compliant_canonical(self, problem: SteerProblem, completion: str) -> str | None:
         """The canonical solution if the completion complies, else None (for steer_distance)."""
