@@ -146,9 +146,14 @@ def _generate_program(
     positions = models.positions_from_mask(prompt_mask_NxP)
     prompt_lengths = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
     cache = models.init_cache(config, N, P + M)
+    # The stacked blocks' weights sliced per layer once, before the decode loop: XLA:CPU copies
+    # slices taken inside the loop on every step (~1.5x slower decode, benchmarks/memory.md).
+    # It costs a copy of the weights while generating, so accelerators (unmeasured) slice inside.
+    layers = models.layer_params(config, params) if jax.default_backend() == "cpu" else None
     logits, cache = models.forward_cached(
-        config, params, prompt_NxP, positions, prompt_mask_NxP, cache, 0, last_only=True
-    )
+        config, params, prompt_NxP, positions, prompt_mask_NxP, cache, 0, last_only=True,
+        layers=layers,
+    )  # fmt: skip
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_N)
     stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
@@ -188,7 +193,7 @@ def _generate_program(
         new["done"] = st["done"] | (live & jnp.any(token[:, None] == stop_ids[None, :], axis=1))
         logits, new["cache"] = models.forward_cached(
             config, params, token[:, None], (prompt_lengths + t)[:, None], live[:, None],
-            st["cache"], P + t,
+            st["cache"], P + t, layers=layers,
         )  # fmt: skip
         new["logits"] = logits[:, 0]
         new["step"] = t + 1
@@ -329,3 +334,74 @@ def generate(
 def compiled_program_count() -> int:
     """How many distinct generation programs have been compiled in this process."""
     return _generate_program._cache_size()
+
+
+@dataclasses.dataclass
+class HostRollouts:
+    """`generate_rows`' result: numpy arrays of the caller's rows (see `Rollouts`)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    sample_logprobs: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    entropy: np.ndarray | None
+
+
+def generate_rows(
+    config: ModelConfig,
+    params,
+    prompt_NxP: np.ndarray,
+    prompt_mask_NxP: np.ndarray,
+    row_ids_N: np.ndarray,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None,
+    seed: int,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    with_entropy: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> HostRollouts:
+    """Sample one completion per row of already-padded prompts: a training loop's path.
+
+    Unlike `generate`, the prompts arrive as the loop padded them (left-padded [N, P] at a
+    run-wide width, never padded again, no bucketing), `row_ids_N` are the rows' indices in the
+    global batch (their random keys, see the module docstring), and with a mesh each process
+    passes only the rows its devices hold (`distributed.local_rows`): the program runs over the
+    global mesh and each process gets back its own rows, as numpy arrays.
+    """
+    from jaxpost import distributed, sharding
+
+    lengths = np.asarray(prompt_mask_NxP).sum(1)
+    if (lengths < 1).any():
+        raise ValueError("every prompt row needs at least one real token")
+    if max_new_tokens < 1 or prompt_NxP.shape[1] + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"prompts of width {prompt_NxP.shape[1]} plus max_new_tokens={max_new_tokens} exceed "
+            f"the model's maximum sequence length {config.max_seq_len}"
+        )
+    P = prompt_NxP.shape[1]
+    M = min(_bucket(max_new_tokens, 16), config.max_seq_len - P)
+    stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
+    static = _Static(
+        config=config, greedy=temperature == 0, top_k=top_k,
+        use_top_p=top_p is not None and top_p < 1.0, with_entropy=with_entropy,
+        stop_ids=stops, pad_id=pad_id,
+    )  # fmt: skip
+    arrays = (np.asarray(prompt_NxP, np.int32), np.asarray(prompt_mask_NxP, np.int32),
+              np.asarray(row_ids_N, np.int32))  # fmt: skip
+    if mesh is not None:
+        arrays = sharding.global_batch_from_local(arrays, mesh)
+    out = _generate_program(
+        static, M, params, *arrays, jnp.uint32(seed), jnp.int32(max_new_tokens),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
+    )  # fmt: skip
+    tokens, logprobs, sample_lp, entropy, mask, lengths = (
+        None if x is None else distributed.host_rows(x)[:, :max_new_tokens] if x.ndim == 2
+        else distributed.host_rows(x) for x in out
+    )  # fmt: skip
+    return HostRollouts(tokens, logprobs, sample_lp, mask, lengths, entropy)

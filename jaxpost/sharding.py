@@ -7,7 +7,9 @@ One mesh with three named axes serves every run, on one CPU or a pod:
     tensor  Megatron-style tensor parallelism over heads, MLP width and vocabulary
 
 Parameters carry logical axis names (`jaxpost.models.logical_axes`); `DEFAULT_RULES` maps each
-logical name to mesh axes, and shardings are computed from shapes alone (`jax.eval_shape`), so
+logical name to mesh axes (the rules and `with_logical_constraint` live in
+`jaxpost.models.partitioning`, which the model imports without importing this module; they are
+re-exported here), and shardings are computed from shapes alone (`jax.eval_shape`), so
 a model can be initialized directly into its shards:
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -38,10 +39,22 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpost import models
+from jaxpost.errors import UserError
 from jaxpost.models.configs import ModelConfig
 
-DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
-MESH_AXES = (DATA, FSDP, TENSOR)
+# The rules live beside the model (which imports them, never this module); re-exported here.
+from jaxpost.models.partitioning import (  # noqa: F401
+    DATA,
+    DEFAULT_RULES,
+    FSDP,
+    MESH_AXES,
+    TENSOR,
+    Rule,
+    logical_to_spec,
+    with_logical_constraint,
+)
+from jaxpost.models.partitioning import check_axis_names as _check_axis_names
+from jaxpost.models.partitioning import rule_table as _rule_table
 
 # ---------------------------------------------------------------------------------------------
 # Meshes
@@ -54,34 +67,28 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
     """
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
-        raise ValueError(f"empty mesh shape {text!r}; expected e.g. '2,2,2' or 'fsdp=4,tensor=2'")
+        raise UserError(f"empty mesh shape {text!r}; expected e.g. '2,2,2' or 'fsdp=4,tensor=2'")
     named = ["=" in s for s in items]
     if any(named) and not all(named):
-        raise ValueError(f"mesh shape {text!r} mixes positional and named sizes")
+        raise UserError(f"mesh shape {text!r} mixes positional and named sizes")
     try:
         if all(named):
             pairs = [s.split("=", 1) for s in items]
             sizes = {k.strip(): int(v) for k, v in pairs}
             if len(sizes) != len(pairs):
-                raise ValueError(f"mesh shape {text!r} names an axis twice")
+                raise UserError(f"mesh shape {text!r} names an axis twice")
         else:
             if len(items) != len(MESH_AXES):
-                raise ValueError(
+                raise UserError(
                     f"positional mesh shape {text!r} needs {len(MESH_AXES)} sizes {MESH_AXES}"
                 )
             sizes = dict(zip(MESH_AXES, (int(s) for s in items)))
     except ValueError as e:
         if "mesh shape" in str(e):
             raise
-        raise ValueError(f"mesh shape {text!r}: sizes must be integers") from e
+        raise UserError(f"mesh shape {text!r}: sizes must be integers") from e
     _check_axis_names(sizes)
     return sizes
-
-
-def _check_axis_names(names) -> None:
-    unknown = [n for n in names if n not in MESH_AXES]
-    if unknown:
-        raise ValueError(f"unknown mesh axis name(s) {unknown}; the mesh axes are {MESH_AXES}")
 
 
 def _mesh_sizes(shape, num_devices: int) -> tuple[int, int, int]:
@@ -94,21 +101,21 @@ def _mesh_sizes(shape, num_devices: int) -> tuple[int, int, int]:
     else:
         sizes = [int(s) for s in shape]
         if len(sizes) != len(MESH_AXES):
-            raise ValueError(f"mesh shape {tuple(shape)} must have one size per axis {MESH_AXES}")
+            raise UserError(f"mesh shape {tuple(shape)} must have one size per axis {MESH_AXES}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(sizes)}: at most one axis may be -1")
+        raise UserError(f"mesh shape {tuple(sizes)}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh shape {tuple(sizes)}: sizes must be positive (or one -1)")
+        raise UserError(f"mesh shape {tuple(sizes)}: sizes must be positive (or one -1)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(
+            raise UserError(
                 f"mesh shape {tuple(sizes)}: cannot fill -1, {num_devices} devices are not a "
                 f"multiple of {known}"
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh shape {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
             f"{num_devices} are available; the sizes must multiply to the device count"
         )
@@ -128,93 +135,7 @@ def make_mesh(shape, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules
-
-
-class Rule(NamedTuple):
-    """Logical axis -> mesh axes (None: replicated), with the reason it is sharded so."""
-
-    logical: str
-    mesh_axes: tuple[str, ...] | None
-    why: str
-
-
-DEFAULT_RULES: tuple[Rule, ...] = (
-    # Parameters.
-    Rule("vocab", (TENSOR,), "embedding/LM head split by vocabulary: the largest matrices"),
-    Rule("embed", (FSDP,), "FSDP splits every weight's residual dim; gathered just before use"),
-    Rule("heads", (TENSOR,), "attention is independent per head: no communication inside it"),
-    Rule("kv_heads", (TENSOR,), "k/v follow their query groups; replicated when K < tensor"),
-    Rule("head_dim", None, "contracted inside each head; splitting it all-reduces every score"),
-    Rule("mlp", (TENSOR,), "gate/up columns and down rows split: one all-reduce per MLP"),
-    Rule("layers", None, "layers run in sequence; no pipeline parallelism"),
-    # Activations and decode state.
-    Rule("batch", (DATA, FSDP), "examples are independent: both data-parallel axes split them"),
-    Rule("residual", None, "activations' width: whole, since fsdp splits their batch instead"),
-    Rule("length", None, "attention mixes positions: no sequence parallelism"),
-    Rule("cache_length", None, "decode writes one slot at a time anywhere in the cache"),
-)  # fmt: skip
-
-
-def _rule_table(rules: Sequence[Rule]) -> dict[str, tuple[str, ...]]:
-    table = {}
-    for rule in rules:
-        logical, mesh_axes = rule[0], rule[1]
-        if logical in table:
-            raise ValueError(f"sharding rules name logical axis {logical!r} twice")
-        if mesh_axes is None:
-            axes = ()
-        elif isinstance(mesh_axes, str):
-            axes = (mesh_axes,)
-        else:
-            axes = tuple(mesh_axes)
-        _check_axis_names(axes)
-        table[logical] = axes
-    return table
-
-
-def logical_to_spec(
-    logical_axes: Sequence[str | None],
-    mesh: Mesh,
-    rules: Sequence[Rule] = DEFAULT_RULES,
-    *,
-    shape: Sequence[int] | None = None,
-) -> PartitionSpec:
-    """The PartitionSpec of an array whose dims carry `logical_axes` (None: replicated dim).
-
-    Each dim takes the mesh axes its rule names, in order, skipping an axis when
-      - the dim's size (if `shape` is given) is not divisible by the product of the axes kept
-        so far times that axis's size: e.g. kv_heads = 2 on tensor = 4 is replicated, since
-        jax refuses to place an array in uneven shards, and padding two heads to four shards
-        would waste half the devices' work anyway;
-      - an earlier dim of the same array already uses it (a mesh axis can split one dim only).
-    A logical name missing from the rules is an error, raised before anything is compiled.
-    """
-    table = _rule_table(rules)
-    if shape is not None and len(shape) != len(logical_axes):
-        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for i, name in enumerate(logical_axes):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(
-                f"unknown logical axis {name!r} (in {tuple(logical_axes)}); the sharding rules "
-                f"know {sorted(table)}"
-            )
-        kept: list[str] = []
-        for axis in table[name]:
-            size = mesh.shape[axis]
-            if axis in used:
-                continue
-            if shape is not None and shape[i] % (math.prod(mesh.shape[a] for a in kept) * size):
-                continue
-            kept.append(axis)
-        used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*spec)
+# Parameters and optimizer state
 
 
 def shardings_from_logical(abstract_tree, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
@@ -225,34 +146,10 @@ def shardings_from_logical(abstract_tree, axes_tree, mesh: Mesh, rules=DEFAULT_R
         try:
             spec = logical_to_spec(axes, mesh, rules, shape=leaf.shape)
         except ValueError as e:
-            raise ValueError(f"{jax.tree_util.keystr(path)}: {e}") from None
+            raise UserError(f"{jax.tree_util.keystr(path)}: {e}") from None
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_tree, axes_tree)
-
-
-def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None],
-                            rules: Sequence[Rule] = DEFAULT_RULES) -> jax.Array:  # fmt: skip
-    """Constrain an activation inside a traced program to the rules' sharding of `logical_axes`,
-    on the mesh set by `jax.set_mesh(mesh)`; without one (or on one device) return `x` as is.
-
-    Why the model needs it: under FSDP a weight's embed dim and the batch are split over the same
-    fsdp axis, and XLA's propagation, left alone, lets the weights' layout win, so every device
-    would hold full-batch activations. The constraint pins the residual stream to batch-split
-    (data x fsdp); the weights are then all-gathered just before use, as FSDP intends. Dims that
-    do not divide stay whole (`logical_to_spec` with the shape), and a mesh without the jaxpost
-    axes (someone else's) is left alone. Only the layout changes; values agree up to the order
-    of floating-point reductions.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
-        return x
-    spec = logical_to_spec(logical_axes, mesh, rules, shape=x.shape)
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters and optimizer state
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES):
@@ -334,7 +231,7 @@ def data_parallel_size(mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> int
 def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[Rule] = DEFAULT_RULES) -> NamedSharding:
     """Dim 0 split over the batch axes (data, fsdp), the other `ndim - 1` dims replicated."""
     if ndim < 1:
-        raise ValueError("a batch array needs a leading batch dim; got a scalar")
+        raise UserError("a batch array needs a leading batch dim; got a scalar")
     axes = _batch_axes(rules)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
@@ -343,7 +240,7 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[Rule] = DEFAULT_RULES)
 def _check_batch_dim(path, size: int, divisor: int, mesh: Mesh, rules, what: str) -> None:
     if size % divisor:
         axes = " x ".join(f"{a} {mesh.shape[a]}" for a in _batch_axes(rules))
-        raise ValueError(
+        raise UserError(
             f"{what} {size} of {jax.tree_util.keystr(path) or 'the batch'} is not divisible by "
             f"{divisor} (data-parallel size {data_parallel_size(mesh, rules)} = {axes})"
         )
@@ -359,7 +256,7 @@ def shard_batch(batch, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES):
 
     def one(path, x):
         if np.ndim(x) < 1:
-            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar")
+            raise UserError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar")
         _check_batch_dim(path, np.shape(x)[0], dp, mesh, rules, "batch size")
         return jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules))
 
@@ -390,7 +287,7 @@ def global_batch_from_local(local_batch, mesh: Mesh, rules: Sequence[Rule] = DEF
     def one(path, x):
         x = np.asarray(x)
         if x.ndim < 1:
-            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar")
+            raise UserError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar")
         _check_batch_dim(path, x.shape[0], shards, mesh, rules, "local batch size")
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
 
@@ -406,9 +303,9 @@ def cache_shardings(
 ) -> models.KVCache:
     """Shardings for `models.init_cache(config, batch, capacity)`, as a `KVCache` of them.
 
-    Keys and values [B, K, S, E] split the batch over data x fsdp and the kv heads over tensor,
-    each only where it divides (a single prompt, or K < tensor size, stays replicated on that
-    dim); slots and head_dim are whole on every device.
+    Keys and values [B, K, S, E] (one buffer per layer) split the batch over data x fsdp and the
+    kv heads over tensor, each only where it divides (a single prompt, or K < tensor size, stays
+    replicated on that dim); slots and head_dim are whole on every device.
     """
     capacity = config.max_seq_len if capacity is None else capacity
     kv_shape = (batch, config.n_kv_heads, capacity, config.head_dim)

@@ -1,11 +1,14 @@
 """Properties of the decoder: causality, padding invariance, KV-cache equivalence, axes, configs."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpost
 from jaxpost import models
 
 CONFIGS = {
@@ -55,8 +58,11 @@ def test_padding_on_either_side_never_changes_real_logits(name):
     chex.assert_trees_all_close(got_right, alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("presliced", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_prefill_and_decode_equal_full_forward(name):
+def test_cached_prefill_and_decode_equal_full_forward(name, presliced):
+    """`presliced`: the blocks' weights sliced per layer once (`layer_params`), as the sampler's
+    decode loop passes them."""
     config = CONFIGS[name]
     params = _params(config)
     rng = np.random.default_rng(2)
@@ -69,7 +75,8 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
 
     cache = models.init_cache(config, batch=2, capacity=prompt_len + steps)
     positions = models.positions_from_mask(jnp.asarray(mask))
-    step = jax.jit(models.forward_cached, static_argnums=0)
+    layers = models.layer_params(config, params) if presliced else None
+    step = jax.jit(functools.partial(models.forward_cached, layers=layers), static_argnums=0)
     logits, cache = step(
         config, params, jnp.asarray(tokens[:, :prompt_len]), positions[:, :prompt_len],
         jnp.asarray(mask[:, :prompt_len]), cache, 0,
@@ -122,17 +129,47 @@ def test_bfloat16_compute_and_params():
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.1
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_the_same_gradients(remat):
-    config = models.get_config("tiny")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_scanned_and_unrolled_layers_compute_the_same_function(name):
+    """One stacked parameter tree, two ways to apply it: `lax.scan` and a Python loop."""
+    config = CONFIGS[name]
+    params = _params(config)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, 9)))
+    scanned = models.apply(config.replace(scan_layers=True), params, tokens)
+    unrolled = models.apply(config.replace(scan_layers=False), params, tokens)
+    chex.assert_trees_all_close(scanned, unrolled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_stacked_init_draws_what_blocks_built_one_by_one_draw(name):
+    """The stack's layer i equals a lone block built i-th from the same key stream (the layout
+    before the stack), so a seed gives the same model as it always did."""
+    from flax import nnx
+
+    from jaxpost.models import transformer
+
+    config = CONFIGS[name].replace(n_layers=3)
+    stacked = models.init(config, seed=4)["layers"]
+    rngs = nnx.Rngs(params=jax.random.key(4))
+    rngs.params()  # the embedding's draw comes first
+    for i in range(config.n_layers):
+        block = nnx.to_pure_dict(nnx.state(transformer.Block(config, rngs), nnx.Param))
+        chex.assert_trees_all_equal(jax.tree.map(lambda a, i=i: a[i], stacked), block)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat", ["full", "dots", "attn"])
+def test_remat_gives_the_same_gradients(remat, scan_layers):
+    config = models.get_config("tiny", n_layers=3)
     params = _params(config)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 8)))
 
     def loss(p, c):
         return jnp.mean(jax.nn.log_softmax(models.apply(c, p, tokens))[..., 0])
 
-    g = jax.grad(loss)(params, config)
-    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, config.replace(remat=remat))
+    g = jax.grad(loss)(params, config.replace(scan_layers=False))
+    changed = config.replace(remat=remat, scan_layers=scan_layers)
+    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, changed)
     chex.assert_trees_all_close(g_remat, g, atol=1e-6, rtol=1e-5)
 
 
@@ -144,10 +181,11 @@ def test_remat_gives_the_same_gradients(remat):
         (dict(head_dim=15), "head_dim must be even"),
         (dict(dtype="float8"), "dtype must be one of"),
         (dict(vocab_size=0), "vocab_size must be >= 1"),
+        (dict(remat="selective"), r"unknown remat policy 'selective'; use one of"),
     ],
 )
 def test_bad_config_raises_with_the_problem_named(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(jaxpost.UserError, match=match):
         models.get_config("tiny", **overrides)
 
 

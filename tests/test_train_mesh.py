@@ -1,11 +1,13 @@
 """The same steps on 1 device and on 8 simulated devices under several meshes agree."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost import losses, models, sharding, train
+from jaxpost import data, losses, models, sharding, train
 
 CONFIG = models.get_config("tiny", vocab_size=64)
 TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
@@ -18,22 +20,22 @@ def _rollout_batch(seed=0, N=8, P=6, M=5):
     prompt_mask = np.ones((N, P), np.int32)
     prompt_mask[::2, :2] = 0  # left padding on some rows
     completion_mask = (np.arange(M)[None] < rng.integers(2, M + 1, N)[:, None]).astype(np.int32)
-    return {
-        "prompt_tokens": rng.integers(3, 64, (N, P)).astype(np.int32) * prompt_mask,
-        "prompt_mask": prompt_mask,
-        "completion": rng.integers(3, 64, (N, M)).astype(np.int32) * completion_mask,
-        "completion_mask": completion_mask,
-        "old_logp": -rng.uniform(2.0, 5.0, (N, M)).astype(np.float32) * completion_mask,
-        "advantages": rng.normal(size=N).astype(np.float32),
-    }
+    return data.CompletionBatch(
+        prompt_tokens=rng.integers(3, 64, (N, P)).astype(np.int32) * prompt_mask,
+        prompt_mask=prompt_mask,
+        completion=rng.integers(3, 64, (N, M)).astype(np.int32) * completion_mask,
+        completion_mask=completion_mask,
+        old_logp=-rng.uniform(2.0, 5.0, (N, M)).astype(np.float32) * completion_mask,
+        advantages=rng.normal(size=N).astype(np.float32),
+    )
 
 
 def _sft_batch(seed=0, B=8, L=12):
     rng = np.random.default_rng(seed)
     loss_mask = np.zeros((B, L), np.int32)
     loss_mask[:, 4:] = 1
-    return {"tokens": rng.integers(3, 64, (B, L)).astype(np.int32),
-            "attention_mask": np.ones((B, L), np.int32), "loss_mask": loss_mask}  # fmt: skip
+    return data.SequenceBatch(tokens=rng.integers(3, 64, (B, L)).astype(np.int32),
+                              attention_mask=np.ones((B, L), np.int32), loss_mask=loss_mask)  # fmt: skip
 
 
 def _setup(paradigm):
@@ -50,6 +52,7 @@ def _run(paradigm, mesh_shape):
     optimizer = train.make_optimizer(OPTIM)
     step = train.make_step(objective, optimizer)
     state = train.init_state(models.init(CONFIG, seed=0), optimizer, seed=0)
+    mesh = None
     if mesh_shape is None:
         jitted = train.jit_step(step)
     else:
@@ -61,12 +64,16 @@ def _run(paradigm, mesh_shape):
         frozen = tuple(jax.device_put(f, s) for f, s in zip(frozen, frozen_sh))
         jitted = train.jit_step(
             step, state_sharding=state_sh, batch_sharding=batch_sh,
-            frozen_sharding=frozen_sh[0] if frozen_sh else None,
+            frozen_sharding=frozen_sh,
         )  # fmt: skip
     losses_seen = []
     for i in range(3):
+        # Built outside the mesh context: under `jax.set_mesh` a fresh array is committed
+        # replicated, which the jitted step's batch sharding would refuse.
         batch = jax.tree.map(jnp.asarray, make_batch(seed=i))
-        state, metrics = jitted(state, batch, *frozen)
+        # Traced under the mesh, so the model's activation constraints apply (jaxpost.sharding).
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            state, metrics = jitted(state, batch, *frozen)
         losses_seen.append(float(metrics["loss"]))
     return state, losses_seen
 
@@ -89,7 +96,7 @@ def test_sharded_steps_match_one_device(paradigm):
         embed = state.params["embed"]  # (vocab -> tensor, embed -> fsdp)
         d, f, t = mesh_shape
         assert embed.sharding.shard_shape(embed.shape) == (64 // t, 64 // f)
-        q = state.params["layers"][0]["attn"]["q"]  # (embed, heads, head_dim)
-        assert q.sharding.shard_shape(q.shape) == (64 // f, 4 // t, 16)
-        mu = state.opt_state[1][0].mu["layers"][0]["mlp"]["gate"]
-        assert mu.sharding == state.params["layers"][0]["mlp"]["gate"].sharding
+        q = state.params["layers"]["attn"]["q"]  # (layers, embed, heads, head_dim)
+        assert q.sharding.shard_shape(q.shape) == (CONFIG.n_layers, 64 // f, 4 // t, 16)
+        mu = state.opt_state[1][0].mu["layers"]["mlp"]["gate"]
+        assert mu.sharding == state.params["layers"]["mlp"]["gate"].sharding

@@ -18,6 +18,7 @@ from jaxpost.models.functional import (
     hidden_states,
     init,
     init_cache,
+    layer_params,
     logical_axes,
     positions_from_mask,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "hidden_states",
     "init",
     "init_cache",
+    "layer_params",
     "logical_axes",
     "positions_from_mask",
 ]

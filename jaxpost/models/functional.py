@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxpost.errors import UserError
 from jaxpost.models.configs import ModelConfig
 from jaxpost.models.transformer import Transformer
 
@@ -61,7 +62,7 @@ def check_tokens(config: ModelConfig, tokens) -> None:
         return
     arr = np.asarray(tokens)
     if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
-        raise ValueError(
+        raise UserError(
             f"token ids must lie in [0, {config.vocab_size}) for this model; got min "
             f"{int(arr.min())}, max {int(arr.max())}"
         )
@@ -115,7 +116,9 @@ class KVCache:
     """Preallocated keys and values of every layer, plus which slots hold real tokens.
 
     k, v: tuples over layers of [B, K, S, E] arrays (kv heads before slots, so attention reads the
-    cache without transposing it); valid_BxS: bool, slot holds a real token.
+    cache without transposing it). One buffer per layer rather than a [n_layers, ...] stack like
+    the parameters: decode updates each in place, one slot per step, and reads it whole (see
+    `Transformer.hidden`). valid_BxS: bool, slot holds a real token.
     """
 
     k: tuple
@@ -130,16 +133,20 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCache:
     """An empty cache of `capacity` slots per row (prompt plus generated tokens)."""
     if capacity > config.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"cache capacity {capacity} exceeds the model's max_seq_len {config.max_seq_len}"
         )
     dtype = dtype or config.compute_dtype
     shape = (batch, config.n_kv_heads, capacity, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-    return KVCache(
-        k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
-        valid_BxS=jnp.zeros((batch, capacity), dtype=bool),
-    )  # fmt: skip
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+    return KVCache(k=zeros(), v=zeros(), valid_BxS=jnp.zeros((batch, capacity), dtype=bool))
+
+
+def layer_params(config: ModelConfig, params) -> tuple:
+    """The blocks' parameters as one tree per layer (static slices of the stacked tree). A
+    decode loop takes them once, before the loop, and passes them to `forward_cached`."""
+    stack = params["layers"]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(config.n_layers))
 
 
 def forward_cached(
@@ -152,6 +159,7 @@ def forward_cached(
     cache_index,
     *,
     last_only: bool = False,
+    layers: tuple | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run T new tokens per row through the model, writing their keys/values at slots
     [cache_index, cache_index + T) of the cache.
@@ -162,6 +170,8 @@ def forward_cached(
 
     Returns float32 logits [B, T, V] (or [B, 1, V] for the last slot only when `last_only`, which
     is what a left-padded prefill needs and saves a [B, T, V] head matmul) and the updated cache.
+    Inside a loop, pass `layers=layer_params(config, params)` computed outside it: the same
+    numbers, without copying every weight out of the stack on every step.
     """
     T = tokens_BxT.shape[1]
     valid = jax.lax.dynamic_update_slice(
@@ -173,7 +183,7 @@ def forward_cached(
     mask_BxTxS = causal_TxS[None] & valid[:, None, :]
     model = _model(config, params)
     hidden, new = model.hidden(
-        tokens_BxT, positions_BxT, mask_BxTxS, list(zip(cache.k, cache.v)), cache_index
+        tokens_BxT, positions_BxT, mask_BxTxS, list(zip(cache.k, cache.v)), cache_index, layers
     )
     new_cache = KVCache(k=tuple(kv[0] for kv in new), v=tuple(kv[1] for kv in new), valid_BxS=valid)
     if last_only:

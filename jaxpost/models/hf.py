@@ -6,7 +6,9 @@ directory that `transformers.AutoModelForCausalLM.from_pretrained` loads. Nothin
 network. Pickled `.bin` weights are refused: unpickling runs arbitrary code.
 
 Weight layout: transformers stores a Linear as [out, in]; jaxpost stores [in, out] with heads
-split out, e.g. q_proj.weight [H·E, D] <-> attn.q [D, H, E].
+split out, e.g. q_proj.weight [H·E, D] <-> attn.q [D, H, E], and stacks the blocks along a
+leading layer axis: model.layers.{i}.self_attn.q_proj.weight <-> layers.attn.q[i] [n, D, H, E].
+Loading stacks the per-layer tensors; saving slices them apart again.
 """
 
 from __future__ import annotations
@@ -21,127 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.models.configs import DTYPES, ModelConfig, RopeScaling
+from jaxpost.models.configs import DTYPES, ModelConfig
 from jaxpost.models.functional import abstract_params
 
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+# config.json <-> ModelConfig lives beside; re-exported so `hf.config_from_hf` etc. keep working.
+from jaxpost.models.hf_config import (  # noqa: F401
+    ARCHITECTURES,
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+)
+
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 # Buffers some exporters write that carry no parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as the model it claims to be."""
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-
-
-def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
-    """A `ModelConfig` from a parsed transformers `config.json`."""
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        archs = hf.get("architectures")
-        raise CheckpointError(
-            f"unsupported architecture: model_type={model_type!r} architectures={archs}; "
-            f"jaxpost supports {sorted(ARCHITECTURES)} ({sorted(ARCHITECTURES.values())})"
-        )
-    for flag in ("mlp_bias",):
-        if hf.get(flag):
-            raise CheckpointError(f"unsupported architecture option {flag}=true in config.json")
-    if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
-        raise CheckpointError("unsupported architecture option attention_bias=true in config.json")
-    if hf.get("use_sliding_window"):
-        raise CheckpointError("unsupported architecture option use_sliding_window=true")
-
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position=int(rope["original_max_position_embeddings"]),
-        )
-    elif rope_type in ("default", None):
-        scaling = None
-    else:
-        raise CheckpointError(f"unsupported rope type {rope_type!r} (supported: default, llama3)")
-
-    heads = int(hf["num_attention_heads"])
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return ModelConfig(
-        family=model_type,
-        vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]),
-        n_heads=heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        mlp_dim=int(hf["intermediate_size"]),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
-        dtype=dtype or "float32",
-        param_dtype=dtype or "float32",
-        bos_id=hf.get("bos_token_id"),
-        eos_id=eos,
-        pad_id=hf.get("pad_token_id"),
-    )
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-    """The `config.json` dictionary transformers reads for this config."""
-    rope: dict = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        rope = {
-            "rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position,
-        }  # fmt: skip
-    hf = {
-        "architectures": [ARCHITECTURES[config.family]],
-        "model_type": config.family,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.mlp_dim,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "rope_parameters": rope,
-        # Older transformers releases read these two keys instead of rope_parameters.
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None if config.rope_scaling is None else rope,
-        "dtype": config.param_dtype,
-        "torch_dtype": config.param_dtype,
-        "bos_token_id": config.bos_id,
-        "eos_token_id": config.eos_id,
-        "pad_token_id": config.pad_id,
-        "use_cache": True,
-    }
-    if config.family == "qwen2":
-        hf["use_sliding_window"] = False
-    return hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +78,13 @@ def _layer_map(c: ModelConfig) -> dict[tuple[str, ...], tuple[str, Callable, Cal
 
 
 def _name_map(c: ModelConfig) -> dict[tuple, tuple[str, Callable | None, Callable | None]]:
-    """Every jaxpost parameter path -> (HF tensor name, to_hf, from_hf)."""
+    """Every jaxpost parameter path outside the blocks -> (HF tensor name, to_hf, from_hf)."""
     names = {
         ("embed",): ("model.embed_tokens.weight", None, None),
         ("final_norm", "scale"): ("model.norm.weight", None, None),
     }
     if not c.tie_embeddings:
         names[("lm_head",)] = ("lm_head.weight", _T, _T)
-    for i in range(c.n_layers):
-        for path, (hf_name, to_hf, from_hf) in _layer_map(c).items():
-            names[("layers", i, *path)] = (f"model.layers.{i}.{hf_name}", to_hf, from_hf)
     return names
 
 
@@ -283,14 +176,12 @@ def load_hf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     config = config.replace(dtype=dtype, param_dtype=dtype)
 
     expected = abstract_params(config)
-    names = _name_map(config)
-    params: dict = {}
-    for path_, (hf_name, _, from_hf) in names.items():
+
+    def take(hf_name: str, from_hf, want: tuple) -> np.ndarray:
         if hf_name not in tensors:
             raise CheckpointError(f"tensor {hf_name} is missing from the checkpoint in {path}")
         value = tensors.pop(hf_name)
         stored_shape = tuple(value.shape)
-        want = tuple(_get_path(expected, path_).shape)
         try:
             value = from_hf(value) if from_hf is not None else value
             ok = tuple(value.shape) == want
@@ -301,7 +192,19 @@ def load_hf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
                 f"tensor {hf_name} has shape {stored_shape}, which disagrees with config.json "
                 f"(jaxpost expects {want} after re-layout)"
             )
-        _set_path(params, path_, jnp.asarray(value, DTYPES[dtype]))
+        return value
+
+    params: dict = {}
+    for path_, (hf_name, _, from_hf) in _name_map(config).items():
+        want = tuple(_get_path(expected, path_).shape)
+        _set_path(params, path_, jnp.asarray(take(hf_name, from_hf, want), DTYPES[dtype]))
+    for path_, (hf_name, _, from_hf) in _layer_map(config).items():
+        want = tuple(_get_path(expected, ("layers", *path_)).shape[1:])
+        per_layer = [
+            take(f"model.layers.{i}.{hf_name}", from_hf, want) for i in range(config.n_layers)
+        ]
+        stacked = jnp.stack([jnp.asarray(w, DTYPES[dtype]) for w in per_layer])
+        _set_path(params, ("layers", *path_), stacked)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # some exporters write the tied head anyway
     leftover = [n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)]
@@ -338,8 +241,8 @@ def save_hf(
     if got != want:
         raise ValueError("params do not match the config's parameter shapes; cannot export")
     tensors: dict[str, np.ndarray] = {}
-    for path_, (hf_name, to_hf, _) in _name_map(config).items():
-        value = jnp.asarray(_get_path(params, path_))
+
+    def put(hf_name: str, path_: tuple, value, to_hf) -> None:
         if not bool(jnp.all(jnp.isfinite(value))):
             raise ValueError(
                 f"parameter {'/'.join(map(str, path_))} holds NaN or inf; refusing to save"
@@ -349,6 +252,15 @@ def save_hf(
         tensors[hf_name] = np.ascontiguousarray(
             np.asarray(value.astype(DTYPES[config.param_dtype]))
         )
+
+    for path_, (hf_name, to_hf, _) in _name_map(config).items():
+        put(hf_name, path_, jnp.asarray(_get_path(params, path_)), to_hf)
+    for i in range(config.n_layers):
+        for path_, (hf_name, to_hf, _) in _layer_map(config).items():
+            stacked = _get_path(params, ("layers", *path_))
+            put(
+                f"model.layers.{i}.{hf_name}", ("layers", i, *path_), jnp.asarray(stacked[i]), to_hf
+            )
 
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)

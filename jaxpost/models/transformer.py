@@ -4,16 +4,21 @@ Shape letters: B batch, T query length, S key (cache) length, D model width, H q
 K key/value heads, G = H / K query heads per kv head, E head_dim, F MLP width, V vocabulary.
 
 Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from
-`LOGICAL_AXES`), from which `jaxpost.sharding` derives mesh shardings. The numerics follow the
-Hugging Face reference implementations: RMSNorm in float32 then cast back, rotate-half rotary
-embeddings with float32 frequencies, softmax in float32.
+`LOGICAL_AXES`), from which `jaxpost.sharding` derives mesh shardings. The blocks' parameters
+are stacked: `layers` is one `Block` whose every parameter has a leading [n_layers] axis
+(logical axis "layers"). Training and teacher-forced passes apply it with `jax.lax.scan` over
+the stack (`config.scan_layers`, the default) or a Python loop over its slices, under the remat
+policy (`jax.checkpoint` around one block: under the scan XLA keeps the rematerialization, in an
+unrolled loop XLA:CPU undoes it). Prefill and decode loop over the layers, each with its own KV
+cache buffer. The numerics follow the Hugging Face reference implementations: RMSNorm in float32
+then cast back, rotate-half rotary embeddings with float32 frequencies, softmax in float32.
 
 Attention masks are built from *slots* rather than positions: a query in slot i may attend a key
 in slot j when j <= i and slot j holds a real token. Positions (what rope sees) are counted per
 row from its first real token, so padding, left or right, never changes a real token's logits.
 
 Under `jax.set_mesh(mesh)` the residual stream and the logits are pinned to batch-split layouts
-(`jaxpost.sharding.with_logical_constraint`), so FSDP splits activations by examples rather than
+(`partitioning.with_logical_constraint`), so FSDP splits activations by examples rather than
 following the weights' embed-dim split; without a mesh, or on one device, these are identities.
 """
 
@@ -25,36 +30,78 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxpost.models.configs import ModelConfig
+from jaxpost.models.partitioning import with_logical_constraint
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
 
 _init = nnx.initializers.normal(stddev=0.02)
 
+# What each remat policy saves of a block's forward for its backward; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint: every residual of the backward is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input (the scan carry)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
+    "attn": jax.checkpoint_policies.save_only_these_names("attn_out"),  # attention's output
+}
+
 
 def _constrain(x, *logical_axes):
-    """Pin an activation's layout by logical axes under `jax.set_mesh`; identity without a mesh.
-    (`jaxpost.sharding` imports this package, hence the import at trace time.)"""
-    from jaxpost import sharding
-
-    return sharding.with_logical_constraint(x, logical_axes)
+    """Pin an activation's layout by logical axes under `jax.set_mesh`; identity without a mesh."""
+    return with_logical_constraint(x, logical_axes)
 
 
 _RESIDUAL = ("batch", "length", "residual")
 
 
-def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init=_init) -> nnx.Param:
-    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
+def _param(rngs, shape, dtype, axes, init=_init, stack=None) -> nnx.Param:
+    """A parameter; with `stack` = n, n draws along a leading "layers" axis, one per layer from
+    the n keys `rngs.params()` then returns (`_LayerKeys`)."""
+    key = None if rngs is None else rngs.params()
+    if stack is not None:
+        axes = ("layers", *axes)
+        if key is None:
+            shape = (stack, *shape)
+        else:
+            return nnx.Param(jax.vmap(lambda k: init(k, shape, dtype))(key), logical_axes=axes)
+    value = jnp.zeros(shape, dtype) if key is None and init is _init else init(key, shape, dtype)
     return nnx.Param(value, logical_axes=axes)
+
+
+class _LayerKeys:
+    """Keys for a stack of n blocks, drawn as n separate blocks would draw them: all n·P keys
+    are taken from `rngs` in block order up front (P: draws per block), and the block's j-th
+    parameter gets the j-th key of every block. So stacked initialization equals, draw for
+    draw, initializing the blocks one after another (the layout before the stack)."""
+
+    def __init__(self, rngs: nnx.Rngs, n_layers: int, per_block: int):
+        self._keys = [rngs.params() for _ in range(n_layers * per_block)]
+        self._n, self._per_block, self._drawn = n_layers, per_block, 0
+
+    def params(self):
+        j, self._drawn = self._drawn, self._drawn + 1
+        if j >= self._per_block:
+            raise RuntimeError(f"a block drew more than the {self._per_block} keys planned")
+        return jnp.stack([self._keys[i * self._per_block + j] for i in range(self._n)])
+
+
+def _draws_per_block(config: ModelConfig) -> int:
+    """q, k, v, o, (q/k/v biases, zero-initialised but drawn for), gate, up, down."""
+    return 7 + (3 if config.qkv_bias else 0)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
 
 
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 and cast back (as HF does)."""
 
-    def __init__(self, dim: int, eps: float, dtype, axis_name: str):
+    def __init__(self, dim: int, eps: float, dtype, axis_name: str, stack: int | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+        self.scale = _param(None, (dim,), dtype, (axis_name,), _ones, stack)
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -97,25 +144,28 @@ def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         c = config
         D, H, K, E = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         pd = c.weight_dtype
         self.config = c
-        self.q = _param(rngs, (D, H, E), pd, ("embed", "heads", "head_dim"))
-        self.k = _param(rngs, (D, K, E), pd, ("embed", "kv_heads", "head_dim"))
-        self.v = _param(rngs, (D, K, E), pd, ("embed", "kv_heads", "head_dim"))
-        self.o = _param(rngs, (H, E, D), pd, ("heads", "head_dim", "embed"))
+        self.q = _param(rngs, (D, H, E), pd, ("embed", "heads", "head_dim"), stack=stack)
+        self.k = _param(rngs, (D, K, E), pd, ("embed", "kv_heads", "head_dim"), stack=stack)
+        self.v = _param(rngs, (D, K, E), pd, ("embed", "kv_heads", "head_dim"), stack=stack)
+        self.o = _param(rngs, (H, E, D), pd, ("heads", "head_dim", "embed"), stack=stack)
         if c.qkv_bias:
             zeros = nnx.initializers.zeros
-            self.q_bias = _param(rngs, (H, E), pd, ("heads", "head_dim"), zeros)
-            self.k_bias = _param(rngs, (K, E), pd, ("kv_heads", "head_dim"), zeros)
-            self.v_bias = _param(rngs, (K, E), pd, ("kv_heads", "head_dim"), zeros)
+            self.q_bias = _param(rngs, (H, E), pd, ("heads", "head_dim"), zeros, stack)
+            self.k_bias = _param(rngs, (K, E), pd, ("kv_heads", "head_dim"), zeros, stack)
+            self.v_bias = _param(rngs, (K, E), pd, ("kv_heads", "head_dim"), zeros, stack)
         if c.qk_norm:
-            self.q_norm = RMSNorm(E, c.norm_eps, pd, "head_dim")
-            self.k_norm = RMSNorm(E, c.norm_eps, pd, "head_dim")
+            self.q_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
+            self.k_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+        """Attention output [B, T, D]; with `cache` = (k_BxKxSxE, v_BxKxSxE), this layer's
+        cache, the new keys and values are written at slots [cache_index, cache_index + T),
+        attention reads the whole cache, and the updated (k, v) return."""
         c = self.config
         dt = c.compute_dtype
         x = x_BxTxD.astype(dt)
@@ -136,14 +186,13 @@ class Attention(nnx.Module):
         # layout XLA's dot wants, so attention over a long cache never transposes the cache.
         k = jnp.swapaxes(k, 1, 2)
         v = jnp.swapaxes(v, 1, 2)
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             new_cache = (k, v)
-        else:
-            new_cache = None
 
         B, T = x.shape[:2]
         K, G, E = c.n_kv_heads, c.group_size, c.head_dim
@@ -152,23 +201,26 @@ class Attention(nnx.Module):
         scores = jnp.einsum(
             "bkqe,bkse->bkqs", q, k.astype(dt), preferred_element_type=jnp.float32
         ) * (E**-0.5)
-        scores = scores.reshape(B, K, G, T, -1)
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        # An additive mask (0 or float32 min): the same numbers as a `where`, but its derivative
+        # needs nothing saved, where a `where` keeps a [B, K, G, T, S] mask for the backward.
+        bias = jnp.where(mask_BxTxS, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+        scores = scores.reshape(B, K, G, T, -1) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, K, G * T, -1)
         out = jnp.einsum("bkqs,bkse->bkqe", probs, v.astype(dt))
         out = out.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, E)
+        out = checkpoint_name(out, "attn_out")  # what remat="attn" keeps
         return jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dt)), new_cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x·gate) * (x·up))."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         D, F, pd = config.d_model, config.mlp_dim, config.weight_dtype
         self.dtype = config.compute_dtype
-        self.gate = _param(rngs, (D, F), pd, ("embed", "mlp"))
-        self.up = _param(rngs, (D, F), pd, ("embed", "mlp"))
-        self.down = _param(rngs, (F, D), pd, ("mlp", "embed"))
+        self.gate = _param(rngs, (D, F), pd, ("embed", "mlp"), stack=stack)
+        self.up = _param(rngs, (D, F), pd, ("embed", "mlp"), stack=stack)
+        self.down = _param(rngs, (F, D), pd, ("mlp", "embed"), stack=stack)
 
     def __call__(self, x_BxTxD):
         dt = self.dtype
@@ -178,36 +230,35 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+    With `stack` = n it holds n blocks' parameters along a leading "layers" axis; call a slice
+    of it (`Transformer.hidden` does, by scan or loop), not the stack itself.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         pd = config.weight_dtype
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed")
-        self.attn = Attention(config, rngs)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed")
-        self.mlp = MLP(config, rngs)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed", stack)
+        self.attn = Attention(config, rngs, stack)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed", stack)
+        self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_index)
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
         x = _constrain(x + h, *_RESIDUAL)
         x = _constrain(x + self.mlp(self.mlp_norm(x)), *_RESIDUAL)
         return x, new_cache
 
 
-def _remat_policy(name: str):
-    if name == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return jax.checkpoint_policies.nothing_saveable
-
-
 class Transformer(nnx.Module):
-    """Embedding, `n_layers` blocks, final RMSNorm and (tied or untied) LM head."""
+    """Embedding, `n_layers` stacked blocks, final RMSNorm and (tied or untied) LM head."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
         c = config
         self.config = c
         self.embed = _param(rngs, (c.vocab_size, c.d_model), c.weight_dtype, ("vocab", "embed"))
-        self.layers = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
+        keys = None if rngs is None else _LayerKeys(rngs, c.n_layers, _draws_per_block(c))
+        self.layers = Block(c, keys, stack=c.n_layers)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.weight_dtype, "embed")
         if not c.tie_embeddings:
             self.lm_head = _param(
@@ -218,22 +269,47 @@ class Transformer(nnx.Module):
         """The LM-head weight [D, V] (the transposed embedding table when tied)."""
         return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
-    def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, kv_caches=None, cache_index=None):
-        """Final-normed hidden states [B, T, D] and the updated per-layer caches."""
+    def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, caches=None, cache_index=None,
+               layers=None):  # fmt: skip
+        """Final-normed hidden states [B, T, D] and, with `caches` (one (k, v) pair per layer,
+        each [B, K, S, E]), the updated caches.
+
+        Without caches (training, teacher forcing) the blocks run as `config.scan_layers` says,
+        under the remat policy. With caches (prefill and decode) they always run as a Python
+        loop, each layer writing its new keys and values into its own cache buffer in place.
+        `layers` are the blocks' parameters already sliced per layer (`layer_params`): a decode
+        loop passes them in, because XLA:CPU copies slices of the stack taken inside the loop
+        on every step."""
         c = self.config
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.compute_dtype)
         # Under FSDP the batch, not the weights' embed dim, decides the residual stream's layout.
         x = _constrain(x, *_RESIDUAL)
-        new_caches = []
-        for i, layer in enumerate(self.layers):
-            cache_i = None if kv_caches is None else kv_caches[i]
-            if c.remat != "none" and kv_caches is None:
-                call = nnx.remat(lambda blk, *a: blk(*a), policy=_remat_policy(c.remat))
-                x, new_cache = call(layer, x, positions_BxT, mask_BxTxS)
-            else:
-                x, new_cache = layer(x, positions_BxT, mask_BxTxS, cache_i, cache_index)
-            new_caches.append(new_cache)
-        return _constrain(self.final_norm(x), *_RESIDUAL), new_caches
+        graphdef, stack = nnx.split(self.layers)
+        layer = lambda i: jax.tree.map(lambda a: a[i], stack)  # noqa: E731
+
+        if caches is not None:
+            new_caches = []
+            for i, cache in enumerate(caches):
+                blk = nnx.merge(graphdef, layer(i) if layers is None else layers[i])
+                x, new_cache = blk(x, positions_BxT, mask_BxTxS, cache, cache_index)
+                new_caches.append(new_cache)
+            return _constrain(self.final_norm(x), *_RESIDUAL), new_caches
+
+        def block(layer_params, x):
+            return nnx.merge(graphdef, layer_params)(x, positions_BxT, mask_BxTxS)[0]
+
+        if c.remat != "none":
+            # Inside a scan the body's boundary already keeps XLA from merging the
+            # recomputation into the forward, so CSE need not be prevented (jax's advice).
+            block = jax.checkpoint(
+                block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers
+            )
+        if c.scan_layers:
+            x, _ = jax.lax.scan(lambda h, p: (block(p, h), None), x, stack)
+        else:
+            for i in range(c.n_layers):
+                x = block(layer(i), x)
+        return _constrain(self.final_norm(x), *_RESIDUAL), None
 
     def logits(self, hidden_BxTxD):
         """float32 logits [B, T, V]; the matmul accumulates in float32 whatever the dtype."""
