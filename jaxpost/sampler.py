@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxpost import models
+from jaxpost import models, token_choice
 from jaxpost.models import ModelConfig
 
 
@@ -68,19 +68,6 @@ class Rollouts:
         return tokens, mask
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything that shapes the compiled program (hashable, a jit static argument)."""
-
-    config: ModelConfig
-    greedy: bool
-    top_k: int | None
-    use_top_p: bool
-    with_entropy: bool
-    stop_ids: tuple[int, ...]
-    pad_id: int
-
-
 def _bucket(n: int, minimum: int) -> int:
     """Round up to a power of two, at least `minimum` (few distinct compiled shapes)."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -90,54 +77,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _truncate(scaled_NxV, s: _Static, top_p):
-    """Logits of the sampling distribution: top-k then top-p (nucleus) truncation, -inf outside.
-
-    Top-p keeps the smallest set of most likely tokens whose probability reaches p: a token is kept
-    when the mass strictly before it (in descending order) is below p, so the top token always is.
-    """
-    neg_inf = jnp.float32(-jnp.inf)
-    if s.top_k is not None and s.top_k < scaled_NxV.shape[-1]:
-        kth = jax.lax.top_k(scaled_NxV, s.top_k)[0][:, -1:]
-        scaled_NxV = jnp.where(scaled_NxV >= kth, scaled_NxV, neg_inf)
-    if s.use_top_p:
-        order = jnp.argsort(-scaled_NxV, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled_NxV, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p
-        keep = (
-            jnp.zeros_like(keep_sorted)
-            .at[jnp.arange(order.shape[0])[:, None], order]
-            .set(keep_sorted)
-        )
-        scaled_NxV = jnp.where(keep, scaled_NxV, neg_inf)
-    return scaled_NxV
-
-
-def _choose(logits_NxV, keys_N, s: _Static, temperature, top_p):
-    """Pick one token per row; return it with its policy logprob, sampling logprob, entropy."""
-    logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
-    if s.greedy:
-        token = jnp.argmax(logits_NxV, axis=-1)
-        sample_lp = jnp.zeros(token.shape, jnp.float32)
-    else:
-        sampling = _truncate(logits_NxV / temperature, s, top_p)
-        token = jax.vmap(jax.random.categorical)(keys_N, sampling)
-        sample_lp = jnp.take_along_axis(
-            jax.nn.log_softmax(sampling, axis=-1), token[:, None], axis=-1
-        )[:, 0]
-    policy_lp = jnp.take_along_axis(logp_NxV, token[:, None], axis=-1)[:, 0]
-    entropy = None
-    if s.with_entropy:
-        p = jnp.exp(logp_NxV)
-        entropy = -jnp.sum(jnp.where(p > 0, p * logp_NxV, 0.0), axis=-1)
-    return token.astype(jnp.int32), policy_lp, sample_lp, entropy
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate_program(
-    s: _Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP, row_ids_N, seed,
+    s: token_choice.Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP, row_ids_N, seed,
     max_new_tokens, temperature, top_p,
 ):  # fmt: skip
     config = s.config
@@ -177,7 +119,7 @@ def _generate_program(
     def body(st):
         t = st["step"]
         keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-        token, lp, slp, ent = _choose(st["logits"], keys, s, temperature, top_p)
+        token, lp, slp, ent = token_choice.choose(st["logits"], keys, s, temperature, top_p)
         live = ~st["done"]
         token = jnp.where(live, token, s.pad_id)
         put = lambda buf, val: jax.lax.dynamic_update_slice(  # noqa: E731
@@ -245,6 +187,21 @@ def _validate(config, prompts, max_new_tokens, temperature, top_k, top_p, num_sa
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
 
+def _run(config, params, arrays, max_new_bucket: int, *, max_new_tokens, temperature, top_k,
+         top_p, eos_id, seed, stop_ids, pad_id, with_entropy):  # fmt: skip
+    """The compiled program on (prompt, prompt mask, row ids) arrays: its six outputs."""
+    stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
+    static = token_choice.Static(
+        config=config, greedy=temperature == 0, top_k=top_k,
+        use_top_p=top_p is not None and top_p < 1.0, with_entropy=with_entropy,
+        stop_ids=stops, pad_id=pad_id,
+    )  # fmt: skip
+    return _generate_program(
+        static, max_new_bucket, params, *arrays, jnp.uint32(seed), jnp.int32(max_new_tokens),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
+    )  # fmt: skip
+
+
 def generate(
     config: ModelConfig,
     params,
@@ -298,25 +255,16 @@ def generate(
             prompt_mask[r, P - len(p) :] = 1
     prompt[n_rows:, -1] = pad_id  # bucket-filler rows: one dummy token so attention is defined
     prompt_mask[n_rows:, -1] = 1
-    stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
-    static = _Static(
-        config=config,
-        greedy=temperature == 0,
-        top_k=top_k,
-        use_top_p=top_p is not None and top_p < 1.0,
-        with_entropy=with_entropy,
-        stop_ids=stops,
-        pad_id=pad_id,
-    )
     args = (jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.arange(N, dtype=jnp.int32))
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
 
         batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         args = tuple(jax.device_put(a, batch) for a in args)
-    tokens, logprobs, sample_lp, entropy, mask, lengths = _generate_program(
-        static, M, params, *args, jnp.uint32(seed), jnp.int32(max_new_tokens),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
+    tokens, logprobs, sample_lp, entropy, mask, lengths = _run(
+        config, params, args, M, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
+        with_entropy=with_entropy,
     )  # fmt: skip
     m = max_new_tokens
     return Rollouts(
@@ -386,20 +334,13 @@ def generate_rows(
         )
     P = prompt_NxP.shape[1]
     M = min(_bucket(max_new_tokens, 16), config.max_seq_len - P)
-    stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
-    static = _Static(
-        config=config, greedy=temperature == 0, top_k=top_k,
-        use_top_p=top_p is not None and top_p < 1.0, with_entropy=with_entropy,
-        stop_ids=stops, pad_id=pad_id,
-    )  # fmt: skip
     arrays = (np.asarray(prompt_NxP, np.int32), np.asarray(prompt_mask_NxP, np.int32),
               np.asarray(row_ids_N, np.int32))  # fmt: skip
     if mesh is not None:
         arrays = sharding.global_batch_from_local(arrays, mesh)
-    out = _generate_program(
-        static, M, params, *arrays, jnp.uint32(seed), jnp.int32(max_new_tokens),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
-    )  # fmt: skip
+    out = _run(config, params, arrays, M, max_new_tokens=max_new_tokens, temperature=temperature,
+               top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, stop_ids=stop_ids,
+               pad_id=pad_id, with_entropy=with_entropy)  # fmt: skip
     tokens, logprobs, sample_lp, entropy, mask, lengths = (
         None if x is None else distributed.host_rows(x)[:, :max_new_tokens] if x.ndim == 2
         else distributed.host_rows(x) for x in out
