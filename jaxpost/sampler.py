@@ -79,8 +79,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate_program(
-    s: token_choice.Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP, row_ids_N, seed,
-    max_new_tokens, temperature, top_p,
+    s: token_choice.Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP,
+    row_ids_N, seed, max_new_tokens, temperature, top_p,
 ):  # fmt: skip
     config = s.config
     N, P = prompt_NxP.shape
