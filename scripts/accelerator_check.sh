@@ -16,6 +16,7 @@
 #   sampler       scripts/bench_sampler.py --size large (jaxpost vs transformers on CUDA; on a
 #                 TPU jaxpost alone)
 #   train_step    scripts/bench_train_step.py: an SFT step at the Qwen2.5-0.5B shape
+#   memory        scripts/bench_memory.py: compiled temp bytes vs the planner (4/24 layers)
 # Every part writes OUTDIR/<part>.jsonl (JSON lines) and OUTDIR/<part>.log; OUTDIR/summary.jsonl
 # holds one line per part (status ok | failed | timeout | no_time, rc, seconds). A failing part
 # does not stop the others; the exit status is 1 if any part failed.
@@ -145,10 +146,12 @@ if ((TINY)); then
   BENCH_KERNELS=(--memory --rows 64 --width 32 --vocab 512 --impls fused fused_linear)
   SAMPLER=(--layers 1 --width 64 --vocab 128 --batch 2 --prompt 4 --new 4 --repeats 1)
   TRAIN=(--model tiny --batch 2 --seq-len 16 --repeats 2)
+  MEMORY=(--layers 1 --remat full --repeats 1)
 else
   BENCH_KERNELS=(--time --repeats 10)
   SAMPLER=(--size large --repeats 3)
   TRAIN=(--model qwen2.5-0.5b --batch 8 --seq-len 1024 --repeats 5)
+  MEMORY=(--layers 4,24 --remat none,full --repeats 1)
 fi
 
 export OUT PY TINY
@@ -164,6 +167,8 @@ part bench_kernels 120 "$OUT/bench_kernels.jsonl" \
 part sampler 120 - "$PY" scripts/bench_sampler.py "${SAMPLER[@]}" --out "$OUT/sampler.jsonl"
 part train_step 180 - \
   "$PY" scripts/bench_train_step.py "${TRAIN[@]}" --out "$OUT/train_step.jsonl"
+# the compiled step's memory on this backend against the planner's estimate for it
+part memory 120 "$OUT/memory.jsonl" "$PY" scripts/bench_memory.py "${MEMORY[@]}"
 
 echo "== summary ($OUT/summary.jsonl, ${SECONDS}s)"
 cat "$OUT/summary.jsonl"

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "accelerator_check.sh")
-PARTS = ["install", "device", "kernel_tests", "bench_kernels", "sampler", "train_step"]
+PARTS = ["install", "device", "kernel_tests", "bench_kernels", "sampler", "train_step", "memory"]
 
 
 def _run(outdir, **env):
@@ -61,3 +61,5 @@ def test_smoke_mode_runs_every_part(tmp_path):
     (step,) = _lines(tmp_path / "train_step.jsonl")
     assert step["bench"] == "train_step" and step["tokens"] == 2 * 16
     assert step["finite"] == 1 and step["tokens_per_s"] > 0 and step["compile_s"] > 0
+    memory = [r for r in _lines(tmp_path / "memory.jsonl") if r["bench"] == "activation_memory"]
+    assert memory and all(r["temp_bytes"] > 0 and r["planned_bytes"] > 0 for r in memory)
