@@ -1,6 +1,6 @@
 """Losses for the three paradigms, as pure functions of arrays returning `(scalar, aux)`.
 
-  * SFT:  `sft_loss` (token NLL over a mask), `token_logprobs`.
+  * SFT:  `sft_loss` (token NLL over a mask), `sft_loss_from_logprobs`, `token_logprobs`.
   * RL:   `group_advantages`, `unlikeliness_rewards`, `grpo_loss` (GRPO / DAPO / Dr. GRPO
           aggregation, GSPO's sequence-level ratio, k3 KL to a reference).
   * OPD:  `opd_kl(alpha)` and its variants, defined in `jaxpost.opd` and re-exported here.
@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxpost.opd import (
     OPDLoss,
+    OPDLossSpec,
     align_completion,
     entropy_aware_opd_kl,
     generalized_jsd,
@@ -87,12 +88,25 @@ def sft_loss(
     # Zero the padded rows first: their logits may be anything, and a row of −inf would make
     # log_softmax NaN there, which a later `where` hides from the value but not the gradient.
     logits = jnp.where(valid_BxL[:, :, None], logits_BxLxV, 0)
-    nll_BxL = -token_logprobs(logits, targets_BxL)
-    nll_sum, count = _masked_sum_count(nll_BxL, valid_BxL)
-    correct_BxL = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(nll_BxL.dtype)
-    correct_sum, _ = _masked_sum_count(correct_BxL, valid_BxL)
+    correct_BxL = jnp.argmax(logits, axis=-1) == targets_BxL
+    return sft_loss_from_logprobs(token_logprobs(logits, targets_BxL), mask_BxL, correct_BxL)
+
+
+def sft_loss_from_logprobs(
+    logp_BxL: jax.Array, mask_BxL: jax.Array, correct_BxL: jax.Array | None = None
+) -> tuple[jax.Array, Aux]:
+    """`sft_loss` from the targets' log-probabilities (e.g. `kernels.fused_linear_logprobs`,
+    which never forms the logits): −Σ m·logp / max(Σ m, 1), the same aux; `accuracy` needs
+    `correct_BxL` (argmax = target), and is left out without it."""
+    if logp_BxL.shape != mask_BxL.shape:
+        raise ValueError(f"logp {logp_BxL.shape} and mask {mask_BxL.shape} must match")
+    valid_BxL = mask_BxL.astype(bool)
+    nll_sum, count = _masked_sum_count(-logp_BxL, valid_BxL)
     denom = jnp.maximum(count, 1)
-    aux = {"num_tokens": count, "nll_sum": nll_sum, "accuracy": correct_sum / denom}
+    aux = {"num_tokens": count, "nll_sum": nll_sum}
+    if correct_BxL is not None:
+        correct_sum, _ = _masked_sum_count(correct_BxL.astype(logp_BxL.dtype), valid_BxL)
+        aux["accuracy"] = correct_sum / denom
     return nll_sum / denom, aux
 
 
@@ -354,6 +368,7 @@ __all__ = [
     "IMPORTANCE_LEVELS",
     "LOSS_TYPES",
     "OPDLoss",
+    "OPDLossSpec",
     "align_completion",
     "entropy_aware_opd_kl",
     "generalized_jsd",
@@ -364,6 +379,7 @@ __all__ = [
     "prefix_opd",
     "reverse_kl_token_advantages",
     "sft_loss",
+    "sft_loss_from_logprobs",
     "token_logprobs",
     "unlikeliness_rewards",
 ]

@@ -1,13 +1,19 @@
 """On-policy distillation losses: the student's own tokens, scored by a teacher's distribution.
 
-Every loss here has the signature of `opd_kl(alpha)`'s return value,
+Every loss here is an `OPDLossSpec`, a small frozen description (kind, α, τ, threshold, prefix,
+kernel) with two faces that give the same value, gradient and aux:
 
-    (student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL) -> (scalar, aux),
+    spec(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL) -> (scalar, aux)
+    spec.from_hidden(student_hidden_BxLxD, student_head, teacher_hidden_BxLxDt, teacher_head,
+                     mask_BxL, head_layout=..., ...) -> (scalar, aux)
 
-where row b, position t of both logit arrays predicts the same completion token (see
-`align_completion` for the OPSD case, where the teacher sees a longer, privileged prompt). The
-scalar is the mean over valid positions (mask ≠ 0) of a per-token divergence over the full
-vocabulary. The teacher is always wrapped in `stop_gradient`: it is a fixed target.
+The first takes materialized logits; the second takes the final hidden states and LM heads and
+never forms [B, L, V] logits, of either model (`kernels.fused_linear_*`, via
+`jaxpost.opd_divergence`): the form `train.opd_objective(..., loss_impl="fused_linear")` calls.
+Row b, position t of both sides predicts the same completion token (see `align_completion` for
+OPSD, where the teacher sees a longer, privileged prompt). The scalar is the mean over valid
+positions (mask ≠ 0) of a per-token divergence over the full vocabulary. The teacher is always
+wrapped in `stop_gradient`: it is a fixed target.
 
 Divergence convention (TRL's GKD, Liger's JSD): with p_T = softmax(teacher / τ), p_S =
 softmax(student / τ) and M = α·p_T + (1 − α)·p_S,
@@ -30,14 +36,17 @@ neither the loss nor the gradient, and the gradient at those positions is exactl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from jaxpost import opd_divergence
 
 OPDLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, Any]]]
+KINDS = ("kl", "entropy_aware")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,26 +66,6 @@ def _masked_mean(x_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.
     return total / jnp.maximum(count, 1), count
 
 
-def _check_pair(student_BxLxV: jax.Array, teacher_BxLxV: jax.Array, mask_BxL: jax.Array) -> None:
-    if student_BxLxV.ndim != 3 or teacher_BxLxV.ndim != 3:
-        raise ValueError(
-            f"expected logits [B, L, V]; got student {student_BxLxV.shape}, "
-            f"teacher {teacher_BxLxV.shape}"
-        )
-    if student_BxLxV.shape[-1] != teacher_BxLxV.shape[-1]:
-        raise ValueError(
-            f"teacher and student vocabularies differ (teacher V={teacher_BxLxV.shape[-1]}, "
-            f"student V={student_BxLxV.shape[-1]}); token-level distillation needs one vocabulary"
-        )
-    if student_BxLxV.shape != teacher_BxLxV.shape:
-        raise ValueError(
-            f"student logits {student_BxLxV.shape} and teacher logits {teacher_BxLxV.shape} must "
-            "cover the same [B, L] positions (see align_completion for OPSD)"
-        )
-    if mask_BxL.shape != student_BxLxV.shape[:2]:
-        raise ValueError(f"mask {mask_BxL.shape} must be [B, L] = {student_BxLxV.shape[:2]}")
-
-
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -89,21 +78,6 @@ def _prepare(student_BxLxV, teacher_BxLxV, mask_BxL):
     student = jnp.where(valid_BxLx1, student_BxLxV.astype(dtype), 0)
     teacher = jnp.where(valid_BxLx1, jax.lax.stop_gradient(teacher_BxLxV).astype(dtype), 0)
     return student, teacher
-
-
-def _kl_from_logprobs(logp_a: jax.Array, logp_b: jax.Array) -> jax.Array:
-    """KL(a ‖ b) over the last axis with 0·log 0 = 0, "double where" guarded: the helper of the
-    one dense D_α (`kernels.jsd.kl_from_logprobs`), reused by the entropy-aware variant."""
-    from kernels import jsd
-
-    return jsd.kl_from_logprobs(logp_a, logp_b)
-
-
-def _entropy_from_logprobs(logp: jax.Array) -> jax.Array:
-    """H = −Σ_v p_v log p_v over the last axis, with 0·log 0 = 0."""
-    support = logp > -jnp.inf
-    safe = jnp.where(support, logp, 0)
-    return -jnp.where(support, jnp.exp(safe) * safe, 0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +97,7 @@ def generalized_jsd(
     Returns:
       divergences with the logits' shape minus the last axis, in float32 (float64 for f64 input).
     """
-    # Imported here, as in `_kernel_divergence`: jaxpost.opd imports without the kernels package.
-    from kernels import jsd
+    from kernels import jsd  # imported here: jaxpost.opd imports without the kernels package
 
     _check_alpha(alpha)
     _check_temperature(temperature)
@@ -140,8 +113,132 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
 
 
-def opd_kl(alpha: float, *, temperature: float = 1.0, impl: str | None = None) -> OPDLoss:
-    """The on-policy distillation loss with divergence D_α (module docstring), as a function.
+@dataclasses.dataclass(frozen=True)
+class OPDLossSpec:
+    """An OPD loss as data: callable on logits, and on hidden states via `from_hidden`.
+
+    Build it with `opd_kl`, `entropy_aware_opd_kl` and `prefix_opd` (which check the values and
+    document the formulas); it is hashable, so it can be a static argument.
+
+    Attributes:
+      kind: "kl" (D_α of the module docstring) or "entropy_aware" (`entropy_aware_opd_kl`).
+      alpha: α of D_α (kind "kl"); 0 forward KL, 1 reverse KL.
+      temperature: both models' logits are divided by it before the softmax.
+      threshold: entropy-aware only: None for the soft weight, else the hard switch's level.
+      prefix_len: None, or count only the first `prefix_len` valid tokens of each row.
+      impl: kind "kl" on logits: None for the dense `jnp` formula, or a `kernels.IMPLS` name
+        for `kernels.generalized_jsd(impl=...)`. `from_hidden` ignores it (its ops are the
+        fused-linear ones).
+    """
+
+    kind: str = "kl"
+    alpha: float = 1.0
+    temperature: float = 1.0
+    threshold: float | None = None
+    prefix_len: int | None = None
+    impl: str | None = None
+
+    def __post_init__(self):
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        _check_alpha(self.alpha)
+        _check_temperature(self.temperature)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        t, n = self.threshold, self.prefix_len
+        need(t is None or self.kind == "entropy_aware", "threshold is for entropy_aware only")
+        need(t is None or 0.0 <= t <= 1.0, f"threshold is a normalized entropy in [0, 1], got {t}")
+        need(n is None or (isinstance(n, int) and n >= 0), f"prefix_len must be ≥ 0, got {n}")
+        need(self.impl is None or isinstance(self.impl, str),
+             f"impl must be None or a kernels implementation name, got {self.impl!r}")  # fmt: skip
+        need(self.impl is None or self.kind == "kl", "entropy-aware OPD has no kernel over "
+             "materialized logits; its fused form is from_hidden (loss_impl='fused_linear')")  # fmt: skip
+
+    def on_kernel(self, impl: str) -> OPDLossSpec:
+        """This loss with D_α computed by `kernels.generalized_jsd(impl=impl)` on logits.
+
+        Entropy-aware losses have no such kernel and are returned unchanged (dense formula).
+        """
+        return dataclasses.replace(self, impl=impl) if self.kind == "kl" else self
+
+    def _mask(self, mask_BxL: jax.Array) -> jax.Array:
+        return mask_BxL if self.prefix_len is None else prefix_mask(mask_BxL, self.prefix_len)
+
+    def __call__(self, student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
+        """(loss, aux) from both models' logits [B, L, V] (the module docstring's first face)."""
+        opd_divergence.check_logits(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
+        mask_BxL = self._mask(mask_BxL)
+        if self.kind == "kl":
+            if self.impl is None:
+                student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
+                div_BxL = generalized_jsd(student, teacher, alpha=self.alpha,
+                                          temperature=self.temperature)  # fmt: skip
+            else:
+                div_BxL = opd_divergence.materialized_divergence(
+                    student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, self.alpha,
+                    self.temperature, self.impl,
+                )  # fmt: skip
+            return _kl_loss(div_BxL, mask_BxL)
+        student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
+        pair = opd_divergence.dense_kl_pair(student, teacher, self.temperature)
+        return self._entropy_aware(*pair, student_logits_BxLxV.shape[-1], mask_BxL)
+
+    def from_hidden(self, student_hidden_BxLxD, student_head, teacher_hidden_BxLxDt,
+                    teacher_head, mask_BxL, *, head_layout: str = "DV",
+                    teacher_head_layout: str = "DV", compute_dtype=None, block_sizes=None):  # fmt: skip
+        """(loss, aux) from hidden states and heads, never forming [B, L, V] logits.
+
+        The logits this loss sees are student_hidden @ student_head and teacher_hidden @
+        teacher_head (float32 accumulation, operands in `compute_dtype`). Heads are [D, V]
+        ("DV") or a tied model's [V, D] embedding table as stored ("VD"). Same value, gradient
+        (to the student's hidden states and head) and aux as calling the spec on those logits.
+        """
+        mask_BxL = self._mask(mask_BxL)
+        kind = "kl" if self.kind == "kl" else "pair"
+        out = opd_divergence.hidden_divergence(
+            kind, student_hidden_BxLxD, student_head, teacher_hidden_BxLxDt, teacher_head,
+            mask_BxL, alpha=self.alpha, temperature=self.temperature, head_layout=head_layout,
+            teacher_head_layout=teacher_head_layout, compute_dtype=compute_dtype,
+            block_sizes=block_sizes,
+        )  # fmt: skip
+        if kind == "kl":
+            return _kl_loss(out.divergence, mask_BxL)
+        vocab = student_head.shape[1 if head_layout == "DV" else 0]
+        return self._entropy_aware(out.divergence, out.forward_kl, out.teacher_entropy, vocab,
+                                   mask_BxL)  # fmt: skip
+
+    def _entropy_aware(self, reverse_BxL, forward_BxL, entropy_BxL, vocab: int, mask_BxL):
+        """The mix of `entropy_aware_opd_kl` from per-token KLs and the teacher's entropy."""
+        entropy_BxL = jax.lax.stop_gradient(entropy_BxL)
+        h_BxL = entropy_BxL / jnp.log(vocab) if vocab > 1 else jnp.zeros_like(entropy_BxL)
+        if self.threshold is None:
+            w_BxL = jnp.clip(h_BxL, 0.0, 1.0)
+        else:
+            w_BxL = (h_BxL > self.threshold).astype(h_BxL.dtype)
+        div_BxL = (1 - w_BxL) * reverse_BxL + w_BxL * forward_BxL
+        loss, count = _masked_mean(div_BxL, mask_BxL)
+        aux = {
+            "num_tokens": count,
+            "teacher_entropy": _masked_mean(entropy_BxL, mask_BxL)[0],
+            "forward_weight": _masked_mean(w_BxL, mask_BxL)[0],
+        }
+        return loss, aux
+
+
+def _kl_loss(div_BxL: jax.Array, mask_BxL: jax.Array):
+    loss, count = _masked_mean(div_BxL, mask_BxL)
+    valid = mask_BxL.astype(bool)
+    aux = {
+        "num_tokens": count,
+        "divergence_max": jnp.max(jnp.where(valid, div_BxL, 0), initial=0.0),
+    }
+    return loss, aux
+
+
+def opd_kl(alpha: float, *, temperature: float = 1.0, impl: str | None = None) -> OPDLossSpec:
+    """The on-policy distillation loss with divergence D_α (module docstring).
 
         loss = Σ_{b,t} mask_bt · D_α(p_T(·|b,t), p_S(·|b,t)) / max(Σ mask, 1)
 
@@ -155,103 +252,23 @@ def opd_kl(alpha: float, *, temperature: float = 1.0, impl: str | None = None) -
         kernel exists to avoid): the kernel's `mask` must keep padded rows out of its backward.
 
     Returns:
-      `loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL) -> (loss, aux)`, aux with
-      `num_tokens` and `divergence_max` (the largest per-token divergence among valid tokens).
+      an `OPDLossSpec`, callable as `loss_fn(student_logits_BxLxV, teacher_logits_BxLxV,
+      mask_BxL) -> (loss, aux)` (and with `.from_hidden`), aux with `num_tokens` and
+      `divergence_max` (the largest per-token divergence among valid tokens).
 
     Raises:
       ValueError: alpha outside [0, 1] or temperature ≤ 0 (here); at call time, vocabularies
         or [B, L] shapes that differ.
     """
-    _check_alpha(alpha)
-    _check_temperature(temperature)
-    if impl is not None and not isinstance(impl, str):
-        raise ValueError(f"impl must be None or a kernels implementation name, got {impl!r}")
-    alpha = float(alpha)
-
-    def loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
-        _check_pair(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
-        if impl is None:
-            student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
-            div_BxL = generalized_jsd(student, teacher, alpha=alpha, temperature=temperature)
-        else:
-            div_BxL = _kernel_divergence(
-                student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, alpha, temperature, impl
-            )
-        loss, count = _masked_mean(div_BxL, mask_BxL)
-        valid = mask_BxL.astype(bool)
-        aux = {
-            "num_tokens": count,
-            "divergence_max": jnp.max(jnp.where(valid, div_BxL, 0), initial=0.0),
-        }
-        return loss, aux
-
-    return loss_fn
-
-
-def _kernel_divergence(student_BxLxV, teacher_BxLxV, mask_BxL, alpha, temperature, impl):
-    # Imported here: `kernels` is an optional sibling package and jaxpost must import without it.
-    import kernels
-
-    b, l, v = student_BxLxV.shape
-
-    def divergence(student_NxV, teacher_NxV, mask_N):
-        return kernels.generalized_jsd(student_NxV, teacher_NxV, alpha=alpha,
-                                       temperature=temperature, mask=mask_N, impl=impl,
-                                       interpret=_interpret_pallas(impl))  # fmt: skip
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if impl.startswith("pallas") and not mesh.empty and mesh.size > 1:
-        if mesh.explicit_axes:
-            raise ValueError(
-                f"the Pallas OPD kernels run per device under a mesh with Auto axes (jaxpost's "
-                f"`sharding.make_mesh`); this mesh has Explicit axes {mesh.explicit_axes}"
-            )
-        if not mesh.are_all_axes_manual:  # inside a caller's shard_map nothing is left to split
-            divergence = _rowwise_shard_map(divergence, mesh, b * l)
-    div_N = divergence(
-        student_BxLxV.reshape(b * l, v),
-        jax.lax.stop_gradient(teacher_BxLxV).reshape(b * l, v),
-        mask_BxL.reshape(b * l),
-    )
-    return div_N.reshape(b, l)
-
-
-def _interpret_pallas(impl: str) -> bool:
-    """Whether a Pallas OPD loss runs in the Pallas interpreter: jaxpost's choice is yes on a
-    CPU, where no Pallas kernel compiles (so tests and CPU runs still exercise the kernel's own
-    code), and compiled everywhere else (a kernel foreign to the backend is then a clear error).
-    The kernels leave this choice to their caller."""
-    return impl.startswith("pallas") and jax.default_backend() == "cpu"
-
-
-def _rowwise_shard_map(divergence, mesh, rows: int):
-    """Run a Pallas divergence on each device's own rows, under `jax.shard_map`.
-
-    A Pallas kernel is an opaque custom call: XLA's SPMD partitioner cannot split it, and a
-    Mosaic (TPU) kernel in a multi-device program is an error unless every mesh axis is manual.
-    Rows are independent, so each device takes a contiguous block of rows: the mesh axes (those
-    not already manual, when called inside a caller's shard_map) are used in order (data, fsdp,
-    tensor) while their product divides `rows` (the batch axes always do: loops refuse a batch
-    that does not split over them); an axis left out holds the same rows on each of its devices. The vocabulary is whole inside a shard: where the logits were
-    split by vocabulary (tensor > 1) they are gathered first, so each device holds
-    [rows / shards, V] logits, the layout of the model's own logits without tensor parallelism.
-    """
-    free = [name for name in mesh.axis_names if name not in mesh.manual_axes]
-    axes, size = [], 1
-    for name in free:
-        if mesh.shape[name] > 1 and rows % (size * mesh.shape[name]) == 0:
-            axes.append(name)
-            size *= mesh.shape[name]
-    split = tuple(axes) or None
-    return jax.shard_map(divergence, mesh=mesh, in_specs=(P(split, None), P(split, None), P(split)),
-                         out_specs=P(split), axis_names=frozenset(free), check_vma=False)  # fmt: skip
+    return OPDLossSpec("kl", alpha=alpha, temperature=temperature, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------
 # variants
 
 
-def entropy_aware_opd_kl(*, temperature: float = 1.0, threshold: float | None = None) -> OPDLoss:
+def entropy_aware_opd_kl(*, temperature: float = 1.0,
+                         threshold: float | None = None) -> OPDLossSpec:  # fmt: skip
     """Reverse KL, shifted towards forward KL where the teacher is uncertain.
 
     Per token, with the teacher's normalized entropy h = H(p_T) / log V ∈ [0, 1],
@@ -266,38 +283,12 @@ def entropy_aware_opd_kl(*, temperature: float = 1.0, threshold: float | None = 
     covers those modes. The exact weighting is our choice, stated here: dividing by log V makes
     the weight comparable across vocabularies, the soft form needs no threshold to tune, and a
     convex mix keeps the loss on the KL scale (w → 0 everywhere recovers standard OPD). The
-    weight depends only on the detached teacher, so it is a constant for the gradient.
+    weight depends only on the detached teacher, so it is a constant for the gradient. From
+    hidden states both KLs and the entropy come from one sweep (`kernels.fused_linear_kl_pair`).
 
     aux: `num_tokens`, `teacher_entropy` and `forward_weight` (means over valid tokens).
     """
-    _check_temperature(temperature)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold is a normalized entropy in [0, 1], got {threshold}")
-
-    def loss_fn(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
-        _check_pair(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
-        student, teacher = _prepare(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL)
-        logp_s = jax.nn.log_softmax(student / temperature, axis=-1)
-        logp_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
-        entropy_BxL = _entropy_from_logprobs(logp_t)
-        vocab = student_logits_BxLxV.shape[-1]
-        h_BxL = entropy_BxL / jnp.log(vocab) if vocab > 1 else jnp.zeros_like(entropy_BxL)
-        if threshold is None:
-            w_BxL = jnp.clip(h_BxL, 0.0, 1.0)
-        else:
-            w_BxL = (h_BxL > threshold).astype(h_BxL.dtype)
-        div_BxL = (1 - w_BxL) * _kl_from_logprobs(logp_s, logp_t) + w_BxL * _kl_from_logprobs(
-            logp_t, logp_s
-        )
-        loss, count = _masked_mean(div_BxL, mask_BxL)
-        aux = {
-            "num_tokens": count,
-            "teacher_entropy": _masked_mean(entropy_BxL, mask_BxL)[0],
-            "forward_weight": _masked_mean(w_BxL, mask_BxL)[0],
-        }
-        return loss, aux
-
-    return loss_fn
+    return OPDLossSpec("entropy_aware", temperature=temperature, threshold=threshold)
 
 
 def prefix_mask(completion_mask_BxL: jax.Array, prefix_len: int) -> jax.Array:
@@ -318,10 +309,15 @@ def prefix_opd(loss_fn: OPDLoss, prefix_len: int) -> OPDLoss:
 
     The early tokens of a reasoning trace carry most of the teacher's signal about *how* to
     start, and scoring only them cuts the teacher's cost; the normalizer is the number of
-    prefix tokens, not of completion tokens.
+    prefix tokens, not of completion tokens. An `OPDLossSpec` comes back as a spec (prefixes
+    compose: the shorter one wins), so it keeps its hidden-state form; any other function of
+    logits is wrapped.
     """
-    if prefix_len < 0:
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"prefix_len must be ≥ 0, got {prefix_len}")
+    if isinstance(loss_fn, OPDLossSpec):
+        keep = prefix_len if loss_fn.prefix_len is None else min(prefix_len, loss_fn.prefix_len)
+        return dataclasses.replace(loss_fn, prefix_len=keep)
 
     def prefixed(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL):
         return loss_fn(
@@ -384,7 +380,9 @@ def align_completion(
 
 
 __all__ = [
+    "KINDS",
     "OPDLoss",
+    "OPDLossSpec",
     "align_completion",
     "entropy_aware_opd_kl",
     "generalized_jsd",

@@ -8,10 +8,8 @@ a donated state.
 A step whose loss or gradient is not finite is *skipped*: parameters and optimizer state are
 kept as they were and `state.skipped` is incremented, so a NaN can never reach the parameters.
 
-Objectives read completions laid out as the sampler returns them: left-padded prompts [N, P]
-followed by completions [N, M], so completion token j sits in slot P + j and is predicted by the
-hidden state of slot P + j - 1, in every view of the same completion (OPSD's privileged teacher
-view included). Only those M slots go through the LM head.
+The objectives, and the choice of loss path they share (`loss_impl`: materialized logits or
+fused-linear from hidden states), live in `jaxpost.objectives` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,8 +23,23 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxpost import data, losses, models
+from jaxpost import models
 from jaxpost.models import ModelConfig
+from jaxpost.objectives import (  # noqa: F401  (re-exported: train.sft_objective, ...)
+    FUSED_MIN_VOCAB,
+    KERNEL_IMPLS,
+    LOSS_IMPLS,
+    Objective,
+    completion_hidden,
+    completion_logits,
+    completion_logprobs,
+    grpo_objective,
+    head_operand,
+    opd_objective,
+    resolve_loss_impl,
+    sft_objective,
+    student_completion_logits,
+)
 
 
 @struct.dataclass
@@ -119,102 +132,6 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# objectives: (params, batch, *frozen) -> (loss, aux)
-
-Objective = Callable[..., tuple[jax.Array, dict]]
-
-
-def completion_hidden(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, completion_NxM,
-                      completion_mask_NxM) -> jax.Array:  # fmt: skip
-    """Hidden states [N, M, D] that predict each completion token (slots P-1 .. P+M-2)."""
-    P, M = prompt_NxP.shape[1], completion_NxM.shape[1]
-    tokens = jnp.concatenate([prompt_NxP, completion_NxM], axis=1)
-    mask = jnp.concatenate([prompt_mask_NxP, completion_mask_NxM], axis=1)
-    hidden = models.hidden_states(config, params, tokens, mask)
-    return jax.lax.slice_in_dim(hidden, P - 1, P + M - 1, axis=1)
-
-
-def completion_logits(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, completion_NxM,
-                      completion_mask_NxM) -> jax.Array:  # fmt: skip
-    """float32 logits [N, M, V] of the completion tokens, the LM head applied to M slots only."""
-    hidden = completion_hidden(
-        config, params, prompt_NxP, prompt_mask_NxP, completion_NxM, completion_mask_NxM
-    )
-    head = models.head_weight(config, params)
-    dt = config.compute_dtype
-    return jnp.einsum(
-        "nmd,dv->nmv", hidden.astype(dt), head.astype(dt), preferred_element_type=jnp.float32
-    )
-
-
-def sft_objective(config: ModelConfig) -> Objective:
-    """Completion-only cross-entropy on a `data.SequenceBatch` (tokens, attention and loss masks;
-    slot t predicts token t + 1)."""
-
-    def objective(params, batch: data.SequenceBatch):
-        logits = models.apply(config, params, batch.tokens, batch.attention_mask)
-        return losses.sft_loss(logits[:, :-1], batch.tokens[:, 1:], batch.loss_mask[:, 1:])
-
-    return objective
-
-
-def student_completion_logits(config: ModelConfig, params, batch: data.CompletionBatch):
-    """The student's float32 logits [N, M, V] of a batch's completions (its own prompt view)."""
-    return completion_logits(config, params, batch.prompt_tokens, batch.prompt_mask,
-                             batch.completion, batch.completion_mask)  # fmt: skip
-
-
-def completion_logprobs(config: ModelConfig, params, batch: data.CompletionBatch) -> jax.Array:
-    """Per-token log π(completion) [N, M] under a model, teacher-forced on its own prompt."""
-    logits = student_completion_logits(config, params, batch)
-    return losses.token_logprobs(logits, batch.completion)
-
-
-def grpo_objective(config: ModelConfig, *, with_reference: bool = False, **loss_kwargs
-                   ) -> Objective:  # fmt: skip
-    """GRPO on a `data.CompletionBatch` with `old_logp` and `advantages` set.
-
-    With `with_reference` the objective takes the frozen reference policy's parameters as a
-    third argument and computes its logprobs in the same program (the KL term of `grpo_loss`,
-    weighted by `kl_beta`); the reference is never part of the trained state.
-    """
-
-    def objective(params, batch: data.CompletionBatch, ref_params=None):
-        logp = completion_logprobs(config, params, batch)
-        ref_logp = None
-        if with_reference:
-            ref_logp = jax.lax.stop_gradient(completion_logprobs(config, ref_params, batch))
-        return losses.grpo_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask,
-                                ref_logp=ref_logp, **loss_kwargs)  # fmt: skip
-
-    return objective
-
-
-def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn) -> Objective:
-    """On-policy distillation: the teacher scores the student's own completions.
-
-    The batch is a `data.CompletionBatch`; for OPSD its teacher_prompt_* fields hold the
-    teacher's (privileged) view of the prompt. The completion is the same in both views, so its
-    positions align (see the module docstring). `loss_fn` is `losses.opd_kl(alpha, ...)` or a
-    variant with the same signature; the teacher's parameters are the third argument.
-    """
-    if teacher_config.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"teacher and student vocabularies differ ({teacher_config.vocab_size} vs "
-            f"{config.vocab_size}); token-level distillation needs one vocabulary"
-        )
-
-    def objective(params, batch: data.CompletionBatch, teacher_params):
-        student = student_completion_logits(config, params, batch)
-        teacher_prompt, teacher_mask = batch.teacher_prompt()
-        teacher = completion_logits(teacher_config, teacher_params, teacher_prompt, teacher_mask,
-                                    batch.completion, batch.completion_mask)  # fmt: skip
-        return loss_fn(student, jax.lax.stop_gradient(teacher), batch.completion_mask)
-
-    return objective
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
     python scripts/bench_kernels.py --memory            # any backend; compiles, never allocates
     python scripts/bench_kernels.py --time              # a GPU or TPU: compiled kernels, timed
+    python scripts/bench_kernels.py --step              # whole train steps; compiles only
+
+--step: temporary bytes of the whole jitted train step of SFT, GRPO and OPD at Qwen2.5-0.5B's
+shape, materialized vs fused-linear losses, V in {32768, 151936} (scripts/bench_step_memory.py
+documents the programs and flags: --layers, --remat, --objectives, --grpo-reference).
 
 --memory: temporary bytes of the compiled value-and-grad of the OPD loss
     loss(h, W) = mean_n D_α(teacher_n, softmax(h_n W / τ)),   gradients for h [N, D] and W [D, V],
@@ -38,6 +43,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import bench_step_memory  # noqa: E402  (scripts/, beside this file)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -282,6 +288,7 @@ def main(argv=None) -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--memory", action="store_true", help="compiled temp bytes (any backend)")
     mode.add_argument("--time", action="store_true", help="timed forward+backward (GPU/TPU)")
+    mode.add_argument("--step", action="store_true", help="whole train steps' temp bytes")
     parser.add_argument("--rows", type=int, default=8192, help="N, tokens per step")
     parser.add_argument("--width", type=int, default=896, help="D, hidden width (Qwen2.5-0.5B)")
     parser.add_argument(
@@ -289,7 +296,8 @@ def main(argv=None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="V values (memory default: 32768 65536 151936 262144; time default: 151936)",
+        help="V values (memory default: 32768 65536 151936 262144; time default: 151936; "
+        "step default: 32768 151936)",
     )
     parser.add_argument("--alpha", type=float, default=1.0, help="1 = reverse KL (OPD)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -316,8 +324,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--impls", nargs="+", default=None, help="default: all of the op's")
     parser.add_argument("--repeats", type=int, default=10)
+    bench_step_memory.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.memory:
+    if args.step:
+        args.vocab = args.vocab or [32768, 151936]
+        bench_step_memory.bench_step(args)
+    elif args.memory:
         args.vocab = args.vocab or [32768, 65536, 151936, 262144]
         args.dtype = args.dtype or "float32"
         bench_memory(args)

@@ -96,6 +96,25 @@ def test_sft_loss_empty_mask_is_zero_not_nan():
     assert loss == 0 and aux["num_tokens"] == 0
 
 
+def test_sft_loss_from_logprobs_is_sft_loss():
+    """The fused path's entry point: the same loss and aux from the targets' logprobs alone."""
+    rng = np.random.default_rng(9)
+    logits = jnp.asarray(rng.normal(size=(3, 4, 11)) * 2, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 4)))
+    mask = jnp.asarray(_mask(rng, 3, 4))
+    want, want_aux = losses.sft_loss(logits, targets, mask)
+    correct = jnp.argmax(logits, -1) == targets
+    got, aux = losses.sft_loss_from_logprobs(losses.token_logprobs(logits, targets), mask, correct)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert set(aux) == set(want_aux)
+    for key in want_aux:
+        np.testing.assert_allclose(aux[key], want_aux[key], rtol=1e-6)
+    _, no_accuracy = losses.sft_loss_from_logprobs(jnp.zeros((3, 4)), mask)
+    assert "accuracy" not in no_accuracy
+    with pytest.raises(ValueError, match="must match"):
+        losses.sft_loss_from_logprobs(jnp.zeros((3, 5)), mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # group_advantages, unlikeliness_rewards
 
