@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxpost.models import embedding
 from jaxpost.models.configs import ModelConfig
 from jaxpost.models.partitioning import with_logical_constraint
 
@@ -281,7 +282,8 @@ class Transformer(nnx.Module):
         loop passes them in, because XLA:CPU copies slices of the stack taken inside the loop
         on every step."""
         c = self.config
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.compute_dtype)
+        # The table's gradient is built by a gather, not a float32 scatter (see embedding.py).
+        x = embedding.lookup(self.embed[...], tokens_BxT).astype(c.compute_dtype)
         # Under FSDP the batch, not the weights' embed dim, decides the residual stream's layout.
         x = _constrain(x, *_RESIDUAL)
         graphdef, stack = nnx.split(self.layers)
