@@ -326,20 +326,18 @@ def sft_mixture(task, train_problems: Sequence, *, style: str = "all", per_probl
 # ---------------------------------------------------------------------------------------------
 # losses
 
-LOSS_IMPLS = ("auto", "materialized", "fused_linear", "xla", "pallas_gpu", "pallas_tpu")
 DISTILLATION_LOSSES = ("kl", "entropy_aware")
 
 
 def distillation_loss(kind: str = "kl", *, alpha: float = 1.0, temperature: float = 1.0,
-                      prefix_len: int = 0, loss_impl: str = "auto"):  # fmt: skip
+                      prefix_len: int = 0):  # fmt: skip
     """An on-policy distillation loss by name: "kl" is `losses.opd_kl(alpha)` (0 forward KL,
     1 reverse KL, between the generalized JSD), "entropy_aware" the entropy-aware mix; with
-    `prefix_len` > 0 only the first tokens of each completion count. `loss_impl` names a kernel
-    ("xla", "pallas_gpu", "pallas_tpu") for the divergence over materialized logits."""
+    `prefix_len` > 0 only the first tokens of each completion count. The result is an
+    `opd.OPDLossSpec`: the objective runs it on materialized logits, through a kernel, or from
+    hidden states, as its `loss_impl` says (`train.LOSS_IMPLS`)."""
     from jaxpost import losses
 
-    if loss_impl not in LOSS_IMPLS:
-        raise UserError(f"unknown loss_impl {loss_impl!r}; choose from {', '.join(LOSS_IMPLS)}")
     if kind not in DISTILLATION_LOSSES:
         raise UserError(f"unknown distillation loss {kind!r}; choose from "
                         f"{', '.join(DISTILLATION_LOSSES)}")  # fmt: skip
@@ -347,12 +345,25 @@ def distillation_loss(kind: str = "kl", *, alpha: float = 1.0, temperature: floa
         raise UserError(f"alpha must lie in [0, 1] (0 forward KL, 1 reverse KL), got {alpha}")
     if prefix_len < 0 or not temperature > 0:
         raise UserError("prefix_len must be >= 0 and the distillation temperature > 0")
-    impl = loss_impl if loss_impl in ("xla", "pallas_gpu", "pallas_tpu") else None
     if kind == "kl":
-        fn = losses.opd_kl(float(alpha), temperature=temperature, impl=impl)
+        fn = losses.opd_kl(float(alpha), temperature=temperature)
     else:
         fn = losses.entropy_aware_opd_kl(temperature=temperature)
     return losses.prefix_opd(fn, prefix_len) if prefix_len > 0 else fn
+
+
+def loss_path(loss_impl: str, config: ModelConfig | None = None) -> str:
+    """What a loss_impl name means for a model (`train.resolve_loss_impl`; "auto" is
+    fused_linear at a large vocabulary); a name not in `train.LOSS_IMPLS` is a UserError. Without
+    a config, only the name is checked (and returned)."""
+    from jaxpost import train
+
+    if config is None:
+        if loss_impl not in train.LOSS_IMPLS:
+            raise UserError(f"unknown loss_impl {loss_impl!r}; choose one of "
+                            f"{', '.join(train.LOSS_IMPLS)}")  # fmt: skip
+        return loss_impl
+    return train.resolve_loss_impl(loss_impl, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +408,7 @@ def check_memory(config, mesh, *, batch: int, seq_len: int, grad_accum: int = 1,
     return p
 
 
-__all__ = ["LOSS_IMPLS", "PAD_MULTIPLE", "TASKS", "Model", "check_teacher", "distillation_loss",
-           "encode_examples", "encode_prompts", "load_model", "load_tokenizer", "make_mesh", "make_task", "parse_overrides", "problems",
-           "reuse_or_train", "save_model", "sft_mixture", "check_memory"]  # fmt: skip
+__all__ = ["DISTILLATION_LOSSES", "PAD_MULTIPLE", "TASKS", "Model", "check_memory", "check_teacher",
+           "distillation_loss", "encode_examples", "encode_prompts", "load_model", "load_tokenizer",
+           "loss_path", "make_mesh", "make_task", "parse_overrides", "problems", "reuse_or_train",
+           "save_model", "sft_mixture"]  # fmt: skip

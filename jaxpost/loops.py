@@ -57,6 +57,7 @@ def run_sft(
     *,
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    loss_impl: str = "auto",
 ) -> RunResult:
     """Supervised fine-tuning on fixed (prompt, completion) token pairs, completion-only loss.
 
@@ -71,7 +72,8 @@ def run_sft(
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
-    step_fn = StepFunction(train.make_step(train.sft_objective(config), optimizer,
+    objective = train.sft_objective(config, loss_impl=loss_impl)
+    step_fn = StepFunction(train.make_step(objective, optimizer,
                                            grad_accum=optim.grad_accum), config, optimizer, mesh)  # fmt: skip
     run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
     mine = distributed.local_rows(mesh, loop.batch_size)
@@ -165,6 +167,7 @@ def run_grpo(
     reward_transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     advantage_scale: str = "group",
     mesh: jax.sharding.Mesh | None = None,
+    loss_impl: str = "auto",
     **loss_kwargs: Any,
 ) -> RunResult:
     """GRPO / RLVR: sample groups, verify, group-normalised advantages, clipped policy gradient.
@@ -175,6 +178,7 @@ def run_grpo(
       num_iterations: optimisation passes over each rollout batch.
       reward_transform: (rewards [N], sequence logprobs [N]) -> rewards, e.g. He et al.'s
         unlikeliness reward via `losses.unlikeliness_rewards`.
+      loss_impl: `train.LOSS_IMPLS`, the policy's (and reference's) logprobs' path.
       loss_kwargs: forwarded to `losses.grpo_loss` (loss_type, eps_low, eps_high, kl_beta, ...).
     """
     if source.reward is None:
@@ -183,7 +187,8 @@ def run_grpo(
         raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
     group = sampling.group_size
     with_ref = ref_params is not None and loss_kwargs.get("kl_beta", 0.0) > 0
-    objective = train.grpo_objective(config, with_reference=with_ref, **loss_kwargs)
+    objective = train.grpo_objective(config, loss_impl=loss_impl, with_reference=with_ref,
+                                     **loss_kwargs)  # fmt: skip
 
     def score(r: rollouts.StepRollouts):
         correct = rollouts.rewards(source, r)
@@ -215,14 +220,16 @@ def run_opd(
     sampling: SamplingConfig,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    loss_impl: str = "auto",
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
     `loss_fn` is `losses.opd_kl(alpha, ...)` or a variant. With `source.teacher_prompts` set this
     is OPSD: the teacher (typically the frozen initial student) sees a privileged prompt. With a
-    reward in `source` the rollouts' pass rate is logged.
+    reward in `source` the rollouts' pass rate is logged. `loss_impl`: `train.LOSS_IMPLS` (the
+    fused-linear path computes the divergence from both models' hidden states and heads).
     """
-    objective = train.opd_objective(config, teacher_config, loss_fn)
+    objective = train.opd_objective(config, teacher_config, loss_fn, loss_impl=loss_impl)
 
     def score(r: rollouts.StepRollouts):
         extra = {}

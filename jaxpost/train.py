@@ -34,6 +34,7 @@ from jaxpost.objectives import (  # noqa: F401  (re-exported: train.sft_objectiv
     completion_logits,
     completion_logprobs,
     grpo_objective,
+    head_logprobs,
     head_operand,
     opd_objective,
     resolve_loss_impl,

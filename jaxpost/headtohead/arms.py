@@ -61,7 +61,8 @@ def _sft(ctx: ArmContext) -> loops.RunResult:
     pairs = w.task.sft_examples(w.train, style="all", per_problem=4, seed=ctx.config.seed + 7)
     loop = dataclasses.replace(ctx.loop, batch_size=ctx.loop.batch_size * ctx.sampling.group_size)
     return loops.run_sft(base.config, base.params, inputs.encode_examples(base, pairs, "sft arm"),
-                         ctx.optim, loop, pad_id=base.tokenizer.pad_id, mesh=w.mesh)  # fmt: skip
+                         ctx.optim, loop, pad_id=base.tokenizer.pad_id, mesh=w.mesh,
+                         loss_impl=ctx.config.loss_impl)  # fmt: skip
 
 
 def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
@@ -73,20 +74,22 @@ def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
                 return np.asarray(losses.unlikeliness_rewards(
                     jnp.asarray(r), jnp.asarray(seq_logp), group, beta_rank=beta))  # fmt: skip
         return loops.run_grpo(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
-                              ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh)  # fmt: skip
+                              ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh,
+                              loss_impl=ctx.config.loss_impl)  # fmt: skip
 
     return build
 
 
 def _kl(ctx: ArmContext, alpha: float) -> opd.OPDLoss:
-    return inputs.distillation_loss("kl", alpha=alpha, loss_impl=ctx.config.loss_impl)
+    return inputs.distillation_loss("kl", alpha=alpha)
 
 
 def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], loops.RunResult]:
     def build(ctx: ArmContext) -> loops.RunResult:
         base, teacher = ctx.models.base, ctx.models.teacher
         return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
-                             loss(ctx), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh)  # fmt: skip
+                             loss(ctx), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh,
+                             loss_impl=ctx.config.loss_impl)  # fmt: skip
 
     return build
 
@@ -99,7 +102,8 @@ def _opsd(ctx: ArmContext) -> loops.RunResult:
     source = dataclasses.replace(ctx.source, teacher_prompts=inputs.encode_prompts(
         base, views, max_new_tokens=ctx.sampling.max_new_tokens, what="OPSD teacher prompts"))  # fmt: skip
     return loops.run_opd(base.config, base.params, base.config, base.params, source,
-                         _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh)  # fmt: skip
+                         _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh,
+                         loss_impl=ctx.config.loss_impl)  # fmt: skip
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, evaluate, losses, metrics, models, train
+from jaxpost import data, evaluate, metrics, models, train
 from jaxpost.headtohead.models import World
 from jaxpost.inputs import Model
 
@@ -36,14 +36,16 @@ class Evaluation:
 
 
 @functools.cache
-def _forced_logprobs_fn(config):
+def _forced_logprobs_fn(config, loss_impl: str):
     # One jitted function per config, so every model and arm reuses its compiled programs.
-    return jax.jit(functools.partial(train.completion_logprobs, config))
+    return jax.jit(functools.partial(train.completion_logprobs, config, loss_impl=loss_impl))
 
 
-def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 1024) -> np.ndarray:
-    """Per-token logprobs [N, M] of fixed completions under a model (teacher forcing)."""
-    fn = _forced_logprobs_fn(model.config)
+def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 1024,
+                    loss_impl: str = "auto") -> np.ndarray:  # fmt: skip
+    """Per-token logprobs [N, M] of fixed completions under a model (teacher forcing; at a
+    large vocabulary from hidden states in vocabulary blocks, never [N, M, V] logits)."""
+    fn = _forced_logprobs_fn(model.config, loss_impl)
     width = data.round_up(max(len(x) for x in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
@@ -64,9 +66,20 @@ def batch_nll(model: Model, params, batch) -> tuple[np.ndarray, np.ndarray]:
                                                               batch.prompt_mask)]  # fmt: skip
         mask = np.asarray(batch.completion_mask)
         return forced_logprobs(model, params, prompts, np.asarray(batch.completion), mask), mask
-    logits = models.apply(model.config, params, jnp.asarray(batch.tokens),
-                          jnp.asarray(batch.attention_mask))  # fmt: skip
-    logp = np.asarray(losses.token_logprobs(logits[:, :-1], jnp.asarray(batch.tokens[:, 1:])))
+    return _sequence_nll(model.config, params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sequence_logprobs(config, params, batch: data.SequenceBatch):
+    hidden = models.hidden_states(config, params, batch.tokens, batch.attention_mask)
+    mask = batch.loss_mask[:, 1:]
+    impl = train.resolve_loss_impl("auto", config)
+    return train.head_logprobs(config, params, hidden[:, :-1], batch.tokens[:, 1:], mask,
+                               loss_impl=impl).logp  # fmt: skip
+
+
+def _sequence_nll(config, params, batch: data.SequenceBatch) -> tuple[np.ndarray, np.ndarray]:
+    logp = np.asarray(_sequence_logprobs(config, params, jax.tree.map(jnp.asarray, batch)))
     mask = np.asarray(batch.loss_mask[:, 1:])
     return logp * mask, mask
 

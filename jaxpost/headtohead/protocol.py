@@ -91,7 +91,8 @@ def _check_memory(w: models.World, m: models.Models) -> None:
                         seq_len=data.round_up(width, inputs.PAD_MULTIPLE) + a.max_new_tokens,
                         teacher_config=m.teacher.config, sample_batch=rows,
                         max_new_tokens=a.max_new_tokens,
-                        fused_kernel=w.config.loss_impl not in ("auto", "materialized"))  # fmt: skip
+                        fused_kernel=inputs.loss_path(w.config.loss_impl,
+                                                      m.base.config) == "fused_linear")  # fmt: skip
 
 
 def run(config, log: Callable[[str], None] = print) -> dict:
@@ -208,8 +209,8 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
                       "tokens",
         "seed": c.seed,
     }  # fmt: skip
-    if c.mesh or c.loss_impl not in ("auto", "materialized"):
-        settings_["devices"] = f"mesh {c.mesh or 'none'}; OPD loss {c.loss_impl}"
+    if c.mesh or c.loss_impl != "auto":
+        settings_["devices"] = f"mesh {c.mesh or 'none'}; loss_impl {c.loss_impl}"
     notes = [
         "pass@large_k is pass@k at k = the number of samples per problem; diversity is the "
         "entropy (nats) of the empirical distribution of what the task counts as distinct "

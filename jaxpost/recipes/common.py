@@ -135,7 +135,7 @@ def place(model: Model, mesh) -> Model:
 
 
 def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh,
-              desc: str = "sft") -> loops.RunResult:  # fmt: skip
+              desc: str = "sft", loss_impl: str = "auto") -> loops.RunResult:  # fmt: skip
     """SFT `model` on the task's reference solutions (the `stage.data` mixture)."""
     d = stage.data
     train_problems = inputs.problems(task, "train", d.train_problems, seed)
@@ -160,7 +160,7 @@ def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh
     result = loops.run_sft(
         model.config, model.params, examples, optim_config(stage.optim, stage.loop.steps),
         loop_config(stage.loop, seed=seed, workdir=workdir, desc=desc),
-        pad_id=model.tokenizer.pad_id, mesh=mesh,
+        pad_id=model.tokenizer.pad_id, mesh=mesh, loss_impl=loss_impl,
     )  # fmt: skip
     if result.history:
         last = result.history[-1]
@@ -169,14 +169,16 @@ def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh
     return result
 
 
-def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: str) -> Model:
+def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: str,
+             loss_impl: str = "auto") -> Model:  # fmt: skip
     """An SFT-trained model at `workdir/model`: trained here from `start` unless it already is
     (a rerun reuses it; an interrupted stage resumes from `workdir/checkpoints`)."""
     path = os.path.join(workdir, "model")
 
     def build():
         log(f"{what}: SFT of {start.describe()} into {path}")
-        result = train_sft(stage, task, start, workdir=workdir, seed=seed, mesh=mesh, desc=what)
+        result = train_sft(stage, task, start, workdir=workdir, seed=seed, mesh=mesh, desc=what,
+                           loss_impl=loss_impl)  # fmt: skip
         if result.preempted:
             raise SystemExit(f"{what}: preempted; rerun the same command to resume")
         return result.state.params, result.history
@@ -194,7 +196,7 @@ def student(config, task, mesh) -> Model:
     if config.model not in _presets():
         return place(model, mesh)
     return built_in(config.sft, task, model, os.path.join(config.workdir, "sft_init"),
-                    seed=config.seed, mesh=mesh, what="sft_init")  # fmt: skip
+                    seed=config.seed, mesh=mesh, what="sft_init", loss_impl=config.loss_impl)  # fmt: skip
 
 
 def load(config, spec: str, *, student: bool = True) -> Model:

@@ -39,6 +39,7 @@ def run(config) -> dict:
     """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
+    inputs.loss_path(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
@@ -84,6 +85,7 @@ def run(config) -> dict:
         ref_params=model.params if g.kl_beta > 0 else None, num_iterations=g.num_iterations,
         reward_transform=transform, advantage_scale=g.advantage_scale, loss_type=g.loss_type,
         kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
+        loss_impl=config.loss_impl,
     )  # fmt: skip
     if result.preempted:
         common.log("grpo: preempted; rerun the same command to resume")

@@ -24,7 +24,7 @@ def loss_function(config):
     """The OPD loss the config names (`inputs.distillation_loss`)."""
     return inputs.distillation_loss(config.loss, alpha=float(config.alpha),
                                     temperature=config.distill_temperature,
-                                    prefix_len=config.prefix_len, loss_impl=config.loss_impl)  # fmt: skip
+                                    prefix_len=config.prefix_len)  # fmt: skip
 
 
 def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
@@ -37,7 +37,7 @@ def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
                             "built-in teacher is SFT-trained from a preset)")  # fmt: skip
         teacher = common.built_in(config.teacher_sft, task, start,
                                   os.path.join(config.workdir, "teacher"), seed=config.seed,
-                                  mesh=mesh, what="teacher")  # fmt: skip
+                                  mesh=mesh, what="teacher", loss_impl=config.loss_impl)  # fmt: skip
     inputs.check_teacher(student, teacher)
     return teacher
 
@@ -46,6 +46,7 @@ def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
+    inputs.loss_path(config.loss_impl)
     loss_fn = loss_function(config)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
@@ -88,7 +89,8 @@ def run(config) -> dict:
     inputs.check_memory(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
                       grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
                       sample_batch=rows, max_new_tokens=sampling.max_new_tokens,
-                      fused_kernel=config.loss_impl not in ("auto", "materialized"))  # fmt: skip
+                      fused_kernel=inputs.loss_path(config.loss_impl,
+                                                    student.config) == "fused_linear")  # fmt: skip
     sets = common.eval_sets(config, task)
     results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
@@ -107,7 +109,7 @@ def run(config) -> dict:
         student.config, student.params, teacher.config, teacher.params, source, loss_fn,
         common.optim_config(config.optim, L.steps),
         common.loop_config(L, seed=config.seed, workdir=workdir, desc=config.mode), sampling,
-        mesh=mesh,
+        mesh=mesh, loss_impl=config.loss_impl,
     )  # fmt: skip
     if result.preempted:
         common.log(f"{config.mode}: preempted; rerun the same command to resume")

@@ -12,6 +12,7 @@ from jaxpost.recipes import common
 def run(config) -> dict:
     """SFT with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
+    inputs.loss_path(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
@@ -21,7 +22,8 @@ def run(config) -> dict:
     sets = common.eval_sets(config, task)
     results = {"before": common.evaluate_sets("before", model, model.params, sets, config.eval,
                                                mesh=mesh)}  # fmt: skip
-    result = common.train_sft(config, task, model, workdir=workdir, seed=config.seed, mesh=mesh)
+    result = common.train_sft(config, task, model, workdir=workdir, seed=config.seed, mesh=mesh,
+                              loss_impl=config.loss_impl)  # fmt: skip
     if result.preempted:
         common.log("sft: preempted; rerun the same command to resume")
         return {"preempted": True}
