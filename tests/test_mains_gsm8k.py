@@ -4,7 +4,7 @@
 
 with a tiny random Qwen2 checkpoint (its BPE tokenizer beside it) and GSM8K JSONL, the `tiny`
 config variant for seconds-scale budgets, on two CPU devices (FSDP: the weights split over the
-mesh, the batch too).
+mesh, the batch too); SFT and OPD through the fused-linear losses, GRPO through materialized logits.
 """
 
 import json
@@ -38,7 +38,8 @@ def _main(main, assets, workdir, *extra):
 
 
 def test_sft_on_gsm8k(assets, tmp_path):
-    p = _main("sft", assets, tmp_path / "sft", "--config.data.train_problems=32")
+    p = _main("sft", assets, tmp_path / "sft", "--config.data.train_problems=32",
+              "--config.loss_impl=fused_linear")  # the cross-entropy from hidden states
     assert "gsm8k problems" in p.stdout
 
 
@@ -50,5 +51,6 @@ def test_grpo_on_gsm8k(assets, tmp_path):
 
 def test_opd_on_gsm8k(assets, tmp_path):
     p = _main("opd", assets, tmp_path / "opd", f"--teacher={assets['teacher']}",
-              "--config.sampling.max_new_tokens=24", "--config.train_problems=32")  # fmt: skip
+              "--config.sampling.max_new_tokens=24", "--config.train_problems=32",
+              "--config.loss_impl=fused_linear")  # the divergence from both models' hidden states
     assert "opd: loss" in p.stdout
