@@ -142,10 +142,10 @@ class Runner:
         if self.writer is not None and (step % self.loop.log_every == 0 or step == self.loop.steps):
             self.writer.write(step, metrics)
 
-    def _save(self, step: int, force: bool = False) -> None:
+    def _save_due(self, step: int) -> bool:
         every = self.loop.checkpoint_every
-        if self.ckpt is not None and (force or (every and step % every == 0)):
-            self.ckpt.save(step, self.state, force=True)
+        periodic = bool(every) and step % every == 0
+        return self.ckpt is not None and (step == self.loop.steps or periodic)
 
     def iterate(self, body: Callable[[int], tuple[dict, dict]]) -> RunResult:
         """Run `body(step) -> (device metrics, host metrics)` for the remaining steps (1-based).
@@ -181,15 +181,12 @@ class Runner:
                     host[step] = (extra, now - last)
                     last = now
                     emit(deferred.push(step, device_metrics))
-                    if sync_should_stop(guard.should_stop):
-                        emit(deferred.flush())
-                        self._save(step, force=True)
-                        preempted = True
-                        break
-                    if self.ckpt is not None and (step == loop.steps or (
-                            loop.checkpoint_every and step % loop.checkpoint_every == 0)):  # fmt: skip
+                    preempted = sync_should_stop(guard.should_stop)
+                    if self.ckpt is not None and (preempted or self._save_due(step)):
                         emit(deferred.flush())  # a checkpoint syncs with the device anyway
-                    self._save(step, force=step == loop.steps)
+                        self.ckpt.save(step, self.state, force=True)
+                    if preempted:
+                        break
                 emit(deferred.flush())
             finally:
                 bar.close()
