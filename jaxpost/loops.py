@@ -64,6 +64,7 @@ def run_sft(
     Step t uses examples perm_e[(t·B) mod n ...] where perm_e is the permutation of epoch e drawn
     from (seed, e): every example once per epoch, a fixed order per seed. Rows are padded to one
     run-wide width (the longest example, rounded up to 16), so the step compiles once.
+    `loss_impl`: `train.LOSS_IMPLS` ("auto": fused-linear cross-entropy at a large vocabulary).
     """
     if not examples:
         raise ValueError("run_sft needs at least one example")
@@ -72,9 +73,9 @@ def run_sft(
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
-    objective = train.sft_objective(config, loss_impl=loss_impl)
-    step_fn = StepFunction(train.make_step(objective, optimizer,
-                                           grad_accum=optim.grad_accum), config, optimizer, mesh)  # fmt: skip
+    step = train.make_step(train.sft_objective(config, loss_impl=loss_impl), optimizer,
+                           grad_accum=optim.grad_accum)  # fmt: skip
+    step_fn = StepFunction(step, config, optimizer, mesh)
     run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
     mine = distributed.local_rows(mesh, loop.batch_size)
 
