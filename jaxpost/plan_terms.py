@@ -1,12 +1,13 @@
 """The memory model behind `jaxpost.plan`: the `Plan` record, shard sizes from shapes and
-rules, and the train step's activations as the compiled program holds them.
+rules, and what the layers of the train step hold as the compiled program holds them (the
+objective's share, loss and frozen models, is `jaxpost.plan_step`'s).
 
 Everything here is per device and computed from shapes only (`jax.eval_shape`, an
 `AbstractMesh`): nothing is allocated or compiled. The activation formulas are read off the
 model's code (what `jax.vjp` of one block saves, per remat policy) and off XLA's buffer
-assignment of the jitted SFT step (which of those buffers are live at once); `jaxpost.plan`'s
-docstring states them and tests/test_plan.py checks their sum against
-`compiled.memory_analysis()`.
+assignment of the jitted steps (which of those buffers are live at once); `jaxpost.plan`'s
+docstring states them and tests/test_plan.py and tests/test_plan_steps.py check their sum
+against `compiled.memory_analysis()`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from jaxpost.models import ModelConfig
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 GiB = 1024**3
-ROWS_BLOCK = 256  # rows of the fused distillation kernel's block
-VOCAB_BLOCK = 2048  # vocabulary columns of the fused distillation kernel's block
-PERSISTENT = ("params", "optimizer", "teacher")
+PERSISTENT = ("params", "optimizer", "teacher", "reference")
 SAMPLING = ("kv_cache", "decode_weights")
-ARGUMENTS = ("params", "optimizer", "batch")  # the train step's inputs (the rest: temporaries)
-OBJECTIVES = ("sft",)  # what the train-step terms model; more (grpo, opd) to come
-LOSS_IMPLS = ("materialized",)  # [T, V] logits; the fused-linear path is to come
+# The train step's inputs (the rest of its terms are XLA's temporaries): the state, the batch
+# and the frozen models' parameters.
+ARGUMENTS = ("params", "optimizer", "batch", "teacher", "reference")
+TEMPORARIES = ("gradients", "gathered_weights", "weight_copies", "activations", "backward_peak",
+               "frozen_forward", "update")  # fmt: skip
 
 # The knob that shrinks each term, for the "does not fit" message.
 _KNOBS = {
@@ -43,13 +44,16 @@ _KNOBS = {
     "gathered_weights": "more tensor parallelism (fsdp gathers one block at a time)",
     "weight_copies": "a larger fsdp axis, or the same compute and param dtype",
     "activations": 'remat="full", a smaller per-device batch (or grad_accum), or a shorter seq_len',
-    "backward_peak": "a smaller per-device batch (or grad_accum), a shorter seq_len, or more "
+    "backward_peak": "a smaller per-device batch (or grad_accum), shorter sequences, or more "
     "tensor parallelism (heads and vocabulary split)",
     "batch": "a smaller per-device batch",
     "teacher": "shard the teacher over more devices (fsdp/tensor), or a bfloat16 teacher",
-    "distill_logits": "the fused distillation kernel (fused_kernel=True), or a smaller batch",
+    "reference": "shard the reference over more devices (fsdp/tensor), or a bfloat16 reference",
     "kv_cache": "a smaller sample_batch, or more data/tensor parallelism for sampling",
     "decode_weights": "shard the weights over more devices (fsdp/tensor)",
+    "frozen_forward": "shard the frozen model over more devices (fsdp/tensor), a bfloat16-native "
+    "platform (XLA:CPU converts bfloat16 weights to float32), or a smaller per-device batch",
+    "update": "shard the parameters and optimizer state over more devices (a larger fsdp axis)",
 }
 
 
@@ -62,16 +66,21 @@ class Plan:
     device_memory_bytes: int | None
     mesh: dict[str, int]
     notes: tuple[str, ...] = ()
+    objective: str = "sft"
+    loss_impl: str = "materialized"
+    knobs: dict[str, str] = dataclasses.field(default_factory=dict)  # overrides of _KNOBS
 
     @property
     def train_step_bytes(self) -> int:
-        """The train step alone: everything but the sampler's cache and the teacher."""
-        return sum(v for k, v in self.terms.items() if k not in SAMPLING + ("teacher",))
+        """The train step alone: its arguments (state, batch, frozen models) and temporaries,
+        not the sampler's cache."""
+        return sum(v for k, v in self.terms.items() if k not in SAMPLING)
 
     @property
     def temp_bytes(self) -> int:
         """The train step's temporaries (what XLA's `memory_analysis().temp_size_in_bytes`
-        reports): the train step less its arguments (parameters, optimizer state, batch)."""
+        reports): the train step less its arguments (parameters, optimizer state, batch, the
+        teacher's or reference's parameters)."""
         return self.train_step_bytes - sum(self.terms.get(k, 0) for k in ARGUMENTS)
 
     @property
@@ -91,7 +100,7 @@ class Plan:
         return (
             f"plan does not fit: {_gib(self.total)} per device > {_gib(self.device_memory_bytes)}"
             f" of device memory; the biggest term is {big} ({_gib(self.terms[big])}); "
-            f"what helps: {_KNOBS[big]}"
+            f"what helps: {self.knobs.get(big, _KNOBS[big])}"
         )
 
     def table(self) -> str:
@@ -109,7 +118,8 @@ class Plan:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
     def to_json(self) -> str:
-        return json.dumps({"mesh": self.mesh, "terms": self.terms, "total": self.total,
+        return json.dumps({"objective": self.objective, "loss_impl": self.loss_impl,
+                           "mesh": self.mesh, "terms": self.terms, "total": self.total,
                            "temp_bytes": self.temp_bytes,
                            "device_memory_bytes": self.device_memory_bytes, "fits": self.fits,
                            "biggest": self.biggest})  # fmt: skip
@@ -215,6 +225,17 @@ def local_size(size: int, logical: str, mesh: AbstractMesh) -> int:
     return size // math.prod(mesh.shape[a] for a in names)
 
 
+def weight_copies(config: ModelConfig, abstract, param_sh, gathered_extra: int, s: int,
+                  skip=()) -> int:  # fmt: skip
+    """P_seen · s when the matmuls see the weights in another dtype than they are stored in
+    (bf16 compute over f32 master weights; on XLA:CPU also bf16 weights computed in f32): the
+    local shards (less `skip`, parameters no matmul sees whole) plus the gathered block."""
+    if config.dtype == config.param_dtype and s == np.dtype(config.weight_dtype).itemsize:
+        return 0
+    seen = {k: v for k, v in abstract.items() if k not in skip}
+    return (shard_elements(seen, {k: param_sh[k] for k in seen}) + gathered_extra) * s
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations of the train step
 
@@ -285,16 +306,16 @@ def saved_per_token(x: LocalShape, remat: str) -> int:
     raise UserError(f"unknown remat policy {remat!r}")
 
 
+def forward_per_token(x: LocalShape) -> int:
+    """Bytes per token of one block's forward when nothing is kept for a backward (a frozen
+    teacher or reference): the larger of the MLP's three F-wide intermediates and attention's
+    float32 scores with their probabilities, plus two float32 D-wide rows (the residual and
+    its norm)."""
+    return max(3 * x.F * x.s, x.H * x.S * (4 + x.s)) + 2 * x.D * 4
+
+
 def block_backward_per_token(x: LocalShape) -> int:
     """Bytes per token of the block being differentiated, beyond the saved stack: one block's
     activations, a(none) (without remat the scan's backward step copies its slice out of the
     stack; with remat it recomputes them), plus the float32 cotangent of the scores, H·S·4."""
     return saved_per_token(x, "none") + 4 * x.H * x.S
-
-
-def head_bytes(x: LocalShape, embed_shard: int) -> int:
-    """The materialized SFT loss's peak: four float32 [T, V] buffers live at once (logits,
-    their log-softmax, its cotangent and the cotangent's transpose for the head weight's
-    gradient), plus the float32 gradients of the embedding table and the head weight
-    (2 · embed_shard · 4, embed_shard the table's elements on the device)."""
-    return 4 * x.T * x.V * 4 + 2 * embed_shard * 4

@@ -5,8 +5,10 @@
     python scripts/bench_kernels.py --step              # whole train steps; compiles only
 
 --step: temporary bytes of the whole jitted train step of SFT, GRPO and OPD at Qwen2.5-0.5B's
-shape, materialized vs fused-linear losses, V in {32768, 151936} (scripts/bench_step_memory.py
-documents the programs and flags: --layers, --remat, --objectives, --grpo-reference).
+shape, materialized vs fused-linear losses, V in {32768, 151936}, each beside the memory
+planner's estimate of it (`planned_bytes`, `jaxpost.plan`), with the planner's error on the
+check lines (scripts/bench_step_memory.py documents the programs and flags: --layers, --remat,
+--objectives, --grpo-reference).
 
 --memory: temporary bytes of the compiled value-and-grad of the OPD loss
     loss(h, W) = mean_n D_α(teacher_n, softmax(h_n W / τ)),   gradients for h [N, D] and W [D, V],

@@ -13,14 +13,18 @@ printed:
     {"bench": "train_step", "objective": ..., "impl": ..., "V": ..., "model": "qwen2.5-0.5b",
      "tokens": 8192, "temp_bytes": ..., "remat": ..., "layers": ..., ...}
 
-`temp_bytes` is XLA's `compiled.memory_analysis().temp_size_in_bytes`: everything the step
-allocates besides its arguments (state, batch, frozen teacher or reference) and outputs. Tokens
+The step is built as the loops build it (`jaxpost.plan_program.compiled_memory`). `temp_bytes`
+is XLA's `compiled.memory_analysis().temp_size_in_bytes`: everything the step allocates besides
+its arguments (state, batch, frozen teacher or reference) and outputs; `planned_bytes` is
+`jaxpost.plan.plan(...).temp_bytes` for the same step (objective, loss path, widths, teacher or
+reference, this backend's platform), nothing compiled. Tokens
 are the rows that go through the LM head: SFT 8 sequences of 1025 tokens (8 x 1024 predicted);
 GRPO and OPD 8 completions of 1024 tokens after 64-token prompts. OPD's teacher has the student's
 shape and the loss is reverse KL (`opd_kl(1.0)`); GRPO has no reference policy unless
 `--grpo-reference` (then its logprobs go through the same path). A last line per objective
-checks issue 13's acceptance: fused temp at the largest V over fused at the smallest (<= 1.10)
-and fused over materialized at the largest V (<= 0.5).
+checks issue 13's acceptance: fused temp at the largest V over fused at the smallest (<= 1.10),
+fused over materialized at the largest V (<= 0.5), and the planner's largest relative error
+(`planned_error_max`; `fused_planned_error_max` over the fused steps, needed <= 0.2).
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from jaxpost import data, losses, models, train  # noqa: E402
+from jaxpost import models, plan, plan_program  # noqa: E402
 
 MODEL = "qwen2.5-0.5b"
 OBJECTIVES = ("sft", "grpo", "opd")
@@ -45,26 +48,10 @@ IMPLS = ("materialized", "fused_linear")
 ROWS, PROMPT, COMPLETION = 8, 64, 1024
 
 
-def _program(objective: str, impl: str, config, grpo_reference: bool):
-    """(objective function, abstract batch, abstract frozen arguments)."""
-    s = jax.ShapeDtypeStruct
-    params = models.abstract_params(config)
+def _widths(objective: str) -> dict:
     if objective == "sft":
-        tokens = s((ROWS, COMPLETION + 1), jnp.int32)
-        return train.sft_objective(config, impl), data.SequenceBatch(tokens, tokens, tokens), ()
-    batch = data.CompletionBatch(
-        prompt_tokens=s((ROWS, PROMPT), jnp.int32), prompt_mask=s((ROWS, PROMPT), jnp.int32),
-        completion=s((ROWS, COMPLETION), jnp.int32),
-        completion_mask=s((ROWS, COMPLETION), jnp.int32),
-    )  # fmt: skip
-    if objective == "grpo":
-        batch = batch.replace(old_logp=s((ROWS, COMPLETION), jnp.float32),
-                              advantages=s((ROWS,), jnp.float32))  # fmt: skip
-        kw = dict(with_reference=True, kl_beta=0.04) if grpo_reference else {}
-        fn = train.grpo_objective(config, loss_impl=impl, **kw)
-        return fn, batch, (params,) if grpo_reference else ()
-    fn = train.opd_objective(config, config, losses.opd_kl(1.0), loss_impl=impl)
-    return fn, batch, (params,)
+        return dict(seq_len=COMPLETION + 1)
+    return dict(prompt_len=PROMPT, completion_len=COMPLETION)
 
 
 def measure(objective: str, impl: str, vocab: int, args) -> dict:
@@ -74,22 +61,26 @@ def measure(objective: str, impl: str, vocab: int, args) -> dict:
     if args.remat:
         overrides["remat"] = args.remat
     config = models.get_config(MODEL, **overrides)
-    optimizer = train.make_optimizer(train.OptimConfig())
-    fn, batch, frozen = _program(objective, impl, config, args.grpo_reference)
-    state = jax.eval_shape(lambda p: train.init_state(p, optimizer), models.abstract_params(config))
-    step = train.jit_step(train.make_step(fn, optimizer))
+    step = dict(objective=objective, loss_impl=impl, **_widths(objective))
+    if objective == "grpo":
+        step["with_reference"] = args.grpo_reference
+    if objective == "opd":
+        step["teacher_config"] = config
     start = time.perf_counter()
-    memory = step.lower(state, batch, *frozen).compile().memory_analysis()
+    memory = plan_program.compiled_memory(config, rows=ROWS, **step)
+    compile_s = round(time.perf_counter() - start, 1)
+    planned = plan.plan(config, (1, 1, 1), batch=ROWS, platform=jax.default_backend(), **step)
     return {
         "bench": "train_step", "objective": objective, "impl": impl, "V": vocab, "model": MODEL,
         "tokens": ROWS * COMPLETION, "temp_bytes": int(memory.temp_size_in_bytes),
+        "planned_bytes": planned.temp_bytes,
         "remat": config.remat, "layers": config.n_layers, "scan_layers": config.scan_layers,
         "dtype": config.dtype, "param_dtype": config.param_dtype,
         "grpo_reference": args.grpo_reference if objective == "grpo" else None,
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),
-        "backend": jax.default_backend(), "compile_s": round(time.perf_counter() - start, 1),
+        "backend": jax.default_backend(), "compile_s": compile_s,
     }  # fmt: skip
 
 
@@ -105,6 +96,14 @@ def check(records: list[dict], objective: str) -> dict:
         ratio = temp["fused_linear", hi] / temp["materialized", hi]
         out["fused_over_materialized"] = round(ratio, 4)
         out["at_most_half"] = ratio <= 0.5
+    # The planner against compilation: the largest |planned / temp - 1|, over all and fused.
+    errors = {(r["impl"], r["V"]): r["planned_bytes"] / r["temp_bytes"] - 1
+              for r in records if r["objective"] == objective}  # fmt: skip
+    out["planned_error_max"] = round(max(abs(e) for e in errors.values()), 4)
+    fused = [abs(e) for (impl, _), e in errors.items() if impl == "fused_linear"]
+    if fused:
+        out["fused_planned_error_max"] = round(max(fused), 4)
+        out["fused_planned_within_20pct"] = max(fused) <= 0.2
     return out
 
 
