@@ -10,9 +10,6 @@ one-line `UserError` everywhere, naming the problem and the fix:
     task = inputs.make_task(config.task)                # countdown | gsm8k | addition
     ids = inputs.encode_prompts(model, texts, max_new_tokens=32, what="training prompts")
     model, history = inputs.reuse_or_train(path, model, train_fn)   # trained once, then cached
-
-Shapes are padded to multiples of `PAD_MULTIPLE` tokens everywhere (prompts, SFT rows), so a run
-compiles a handful of programs; the length checks here count that padding.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from jaxpost.errors import UserError
 from jaxpost.models import ModelConfig, hf
 from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 
-PAD_MULTIPLE = 16
+PAD_MULTIPLE = 16  # prompts and SFT rows are padded to multiples of it (few compiled shapes)
 TASKS = ("countdown", "gsm8k", "addition")
 
 
@@ -352,18 +349,14 @@ def distillation_loss(kind: str = "kl", *, alpha: float = 1.0, temperature: floa
     return losses.prefix_opd(fn, prefix_len) if prefix_len > 0 else fn
 
 
-def loss_path(loss_impl: str, config: ModelConfig | None = None) -> str:
-    """What a loss_impl name means for a model (`train.resolve_loss_impl`; "auto" is
-    fused_linear at a large vocabulary); a name not in `train.LOSS_IMPLS` is a UserError. Without
-    a config, only the name is checked (and returned)."""
+def check_loss_impl(name: str) -> str:
+    """A loss_impl name (`train.LOSS_IMPLS`; "auto" is fused-linear at a large vocabulary), or
+    a UserError listing the names."""
     from jaxpost import train
 
-    if config is None:
-        if loss_impl not in train.LOSS_IMPLS:
-            raise UserError(f"unknown loss_impl {loss_impl!r}; choose one of "
-                            f"{', '.join(train.LOSS_IMPLS)}")  # fmt: skip
-        return loss_impl
-    return train.resolve_loss_impl(loss_impl, config)
+    if name not in train.LOSS_IMPLS:
+        raise UserError(f"unknown loss_impl {name!r}; choose one of {', '.join(train.LOSS_IMPLS)}")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,30 +378,20 @@ def make_mesh(spec: str):
         raise UserError(f"mesh {spec!r} on {jax.device_count()} devices: {e}") from None
 
 
-def check_memory(config, mesh, *, batch: int, seq_len: int, grad_accum: int = 1,
-                 teacher_config=None, sample_batch: int | None = None,
-                 max_new_tokens: int | None = None, fused_kernel: bool = False) -> Any:  # fmt: skip
-    """The memory plan of the step about to compile; a plan that does not fit is a UserError
-    naming the biggest term and the knob that shrinks it."""
+def check_memory(config, mesh, **step) -> Any:
+    """The memory plan of the step about to compile, `plan.plan(config, mesh shape, **step)`
+    (objective, loss_impl, batch, seq_len or prompt_len / completion_len, teacher_config, ...,
+    on this device's memory); a plan that does not fit is a UserError naming the biggest term
+    and the knob that shrinks it."""
     from jaxpost import plan
 
     stats = jax.local_devices()[0].memory_stats() or {}
     mesh_shape = dict(mesh.shape) if mesh is not None else (1, 1, 1)
     try:
-        p = plan.plan(
-            config, mesh_shape, batch=batch, seq_len=min(seq_len, config.max_seq_len),
-            grad_accum=grad_accum, teacher_config=teacher_config, sample_batch=sample_batch,
-            max_new_tokens=max_new_tokens, fused_kernel=fused_kernel,
-            device_memory_bytes=stats.get("bytes_limit"),
-        )  # fmt: skip
+        p = plan.plan(config, mesh_shape, device_memory_bytes=stats.get("bytes_limit"), **step)
     except ValueError as e:
         raise UserError(f"memory plan: {e}") from None
     if not p.fits:
         raise UserError(p.message)
     return p
 
-
-__all__ = ["DISTILLATION_LOSSES", "PAD_MULTIPLE", "TASKS", "Model", "check_memory", "check_teacher",
-           "distillation_loss", "encode_examples", "encode_prompts", "load_model", "load_tokenizer",
-           "loss_path", "make_mesh", "make_task", "parse_overrides", "problems", "reuse_or_train",
-           "save_model", "sft_mixture"]  # fmt: skip

@@ -81,18 +81,22 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
 
 
 def _check_memory(w: models.World, m: models.Models) -> None:
-    """Plan the arms' largest step before compiling any: the on-policy rows with the teacher
-    beside the student and the sampler's cache (SFT's step is smaller: no teacher, no cache)."""
-    a = w.config.arm
+    """Plan every kind of arm step before compiling any (`jaxpost.plan`): SFT on the arm's
+    sequences, GRPO and OPD on its rollouts with the sampler's cache, OPD with the teacher beside
+    the student (and OPSD's privileged prompt, as wide as the training prompts plus the
+    reference)."""
+    c, a = w.config, w.config.arm
     rows = a.prompts_per_step * a.group_size
-    width = max(len(m.base.tokenizer.encode(w.task.render_prompt(p), add_bos=True))
-                for p in w.train)  # fmt: skip
-    inputs.check_memory(m.base.config, w.mesh, batch=rows,
-                        seq_len=data.round_up(width, inputs.PAD_MULTIPLE) + a.max_new_tokens,
-                        teacher_config=m.teacher.config, sample_batch=rows,
-                        max_new_tokens=a.max_new_tokens,
-                        fused_kernel=inputs.loss_path(w.config.loss_impl,
-                                                      m.base.config) == "fused_linear")  # fmt: skip
+    tok = m.base.tokenizer
+    width = data.round_up(max(len(tok.encode(w.task.render_prompt(p), add_bos=True))
+                              for p in w.train), inputs.PAD_MULTIPLE)  # fmt: skip
+    common = dict(loss_impl=c.loss_impl, batch=rows, sample_batch=rows)
+    inputs.check_memory(m.base.config, w.mesh, objective="sft", seq_len=width + a.max_new_tokens,
+                        **common)  # fmt: skip
+    on_policy = dict(prompt_len=width, completion_len=a.max_new_tokens, **common)
+    inputs.check_memory(m.base.config, w.mesh, objective="grpo", **on_policy)
+    inputs.check_memory(m.base.config, w.mesh, objective="opd", teacher_config=m.teacher.config,
+                        **on_policy)  # fmt: skip
 
 
 def run(config, log: Callable[[str], None] = print) -> dict:

@@ -50,7 +50,7 @@ def check(config) -> None:
         raise UserError(f"eval.samples must be >= 2 for pass@k curves, got {e.samples}")
     if not (b.learning_rate > 0 and a.learning_rate > 0):
         raise UserError("base.learning_rate and arm.learning_rate must be > 0")
-    inputs.loss_path(config.loss_impl)
+    inputs.check_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
     if pretrained(config):

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from jaxpost import distributed, evaluate, inputs, loops, sharding, train
+from jaxpost import data, distributed, evaluate, inputs, loops, sharding, train
 from jaxpost.errors import UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
@@ -151,8 +151,9 @@ def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh
     )  # fmt: skip
     examples = inputs.encode_examples(model, pairs, f"{desc} data")
     width = max(len(p) + len(c) for p, c in examples)
-    inputs.check_memory(model.config, mesh, batch=stage.loop.batch_size, seq_len=width,
-               grad_accum=stage.optim.grad_accum)  # fmt: skip
+    inputs.check_memory(model.config, mesh, objective="sft", loss_impl=loss_impl,
+                        batch=stage.loop.batch_size, seq_len=data.round_up(width, 16),
+                        grad_accum=stage.optim.grad_accum)  # fmt: skip
     log(f"{desc}: {len(examples)} examples ({len(train_problems)} {task.name} problems x "
         f"{d.per_problem}, style {d.style!r}), {stage.loop.steps} steps of "
         f"{stage.loop.batch_size}")  # fmt: skip

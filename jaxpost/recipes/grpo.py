@@ -39,7 +39,7 @@ def run(config) -> dict:
     """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
-    inputs.loss_path(config.loss_impl)
+    inputs.check_loss_impl(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
@@ -59,9 +59,10 @@ def run(config) -> dict:
 
     source = loops.PromptSource(prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
     rows = L.batch_size * sampling.group_size
-    inputs.check_memory(model.config, mesh, batch=rows, seq_len=source.width() +
-                      sampling.max_new_tokens, grad_accum=config.optim.grad_accum,
-                      sample_batch=rows, max_new_tokens=sampling.max_new_tokens)  # fmt: skip
+    inputs.check_memory(model.config, mesh, objective="grpo", loss_impl=config.loss_impl,
+                        batch=rows, prompt_len=source.width(),
+                        completion_len=sampling.max_new_tokens, with_reference=g.kl_beta > 0,
+                        grad_accum=config.optim.grad_accum, sample_batch=rows)  # fmt: skip
 
     sets = common.eval_sets(config, task)
     results = {"start": common.evaluate_sets("start", model, model.params, sets, config.eval,

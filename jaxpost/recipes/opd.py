@@ -46,7 +46,7 @@ def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
-    inputs.loss_path(config.loss_impl)
+    inputs.check_loss_impl(config.loss_impl)
     loss_fn = loss_function(config)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
@@ -85,12 +85,12 @@ def run(config) -> dict:
     source = loops.PromptSource(prompts, reward=reward, teacher_prompts=teacher_prompts,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
     rows = L.batch_size * sampling.group_size
-    width = source.width(teacher=teacher_prompts is not None)
-    inputs.check_memory(student.config, mesh, batch=rows, seq_len=width + sampling.max_new_tokens,
-                      grad_accum=config.optim.grad_accum, teacher_config=teacher.config,
-                      sample_batch=rows, max_new_tokens=sampling.max_new_tokens,
-                      fused_kernel=inputs.loss_path(config.loss_impl,
-                                                    student.config) == "fused_linear")  # fmt: skip
+    inputs.check_memory(student.config, mesh, objective="opd", loss_impl=config.loss_impl,
+                        batch=rows, prompt_len=source.width(),
+                        completion_len=sampling.max_new_tokens, teacher_config=teacher.config,
+                        teacher_prompt_len=source.width(teacher=True) if teacher_prompts else None,
+                        distill_loss=loss_fn, grad_accum=config.optim.grad_accum,
+                        sample_batch=rows)  # fmt: skip
     sets = common.eval_sets(config, task)
     results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip

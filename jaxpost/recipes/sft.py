@@ -12,7 +12,7 @@ from jaxpost.recipes import common
 def run(config) -> dict:
     """SFT with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
-    inputs.loss_path(config.loss_impl)
+    inputs.check_loss_impl(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
