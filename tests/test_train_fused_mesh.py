@@ -112,10 +112,12 @@ def _temp_bytes(paradigm, impl, vocab, whole_step):
 
 @pytest.mark.parametrize("paradigm", ["sft", "grpo", "opd"])
 def test_fused_value_and_grad_holds_no_vocabulary_sized_temporary(paradigm):
-    """The objective's value-and-grad (gradients are outputs): not one byte more at 4x the V,
-    against the materialized logits' several [N, V] float32 arrays."""
+    """The objective's value-and-grad (gradients are outputs): at 4x the V at most a few bytes
+    more per vocabulary entry (the embedding gradient's [V] index vectors, models/embedding.py;
+    no row of D values, let alone an [N, V] array), against the materialized logits' several
+    [N, V] float32 arrays."""
     small, large = (_temp_bytes(paradigm, "fused_linear", v, False) for v in (SMALL_V, LARGE_V))
-    assert large == small
+    assert large - small <= 16 * (LARGE_V - SMALL_V)
     assert large <= 0.2 * _temp_bytes(paradigm, "materialized", LARGE_V, False)
 
 

@@ -22,9 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@jax.custom_vjp
 def lookup(table_VxD: jax.Array, tokens: jax.Array) -> jax.Array:
-    """`table[tokens]` (any token shape), differentiable in the table."""
+    """`table[tokens]` (any token shape), differentiable in the table.
+
+    Under a multi-device mesh (`jax.set_mesh`) this is plain `jnp.take`: each device's scatter
+    buffer is then only its shard of the table, and XLA:CPU's partitioning of the sort-and-gather
+    backward deadlocked its collectives on a (1, 2, 4) mesh (jax 0.10.2, tests/
+    test_train_fused_mesh.py), so the gather form is kept to one device, where it pays."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return jnp.take(table_VxD, tokens, axis=0)
+    return _lookup(table_VxD, tokens)
+
+
+@jax.custom_vjp
+def _lookup(table_VxD: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take(table_VxD, tokens, axis=0)
 
 
@@ -54,4 +66,4 @@ def _bwd(residual, g):
     return grad, np.zeros(tokens.shape, jax.dtypes.float0)
 
 
-lookup.defvjp(_fwd, _bwd)
+_lookup.defvjp(_fwd, _bwd)
