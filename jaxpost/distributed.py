@@ -206,3 +206,19 @@ def all_hosts(values):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(values, tiled=True)
+
+
+def gather_rows(values, mine: slice):
+    """The global rows of a per-process numpy array holding rows `mine` of a batch
+    (`local_rows`): every process's block placed at its own rows, whatever the order of
+    processes on the mesh. The array itself for one process. A collective, like `all_hosts`."""
+    if jax.process_count() == 1:
+        return values
+    import numpy as np
+
+    spans = np.asarray(all_hosts(np.asarray([[mine.start, mine.stop]], np.int64)))
+    blocks = np.asarray(all_hosts(np.asarray(values)))
+    per = len(blocks) // len(spans)
+    order = np.argsort(spans[:, 0], kind="stable")
+    return np.concatenate([blocks[i * per : (i + 1) * per] for i in order])
+

@@ -56,6 +56,14 @@ class Samples:
         return self.answer_ok.shape[1]
 
 
+def chunk_rows(problems: int, n: int, mesh=None, max_rows: int = 4096) -> int:
+    """The rows `sample` decodes at once for `problems` prompts x `n` samples: chunks of at most
+    `max_rows` rows, padded to a multiple of 8 and of the data-parallel size (few distinct
+    programs, the same rows on every device). What a memory plan's `sample_batch` is."""
+    multiple = 8 if mesh is None else math.lcm(8, sharding.data_parallel_size(mesh))
+    return data.round_up(min(problems, max(1, max_rows // n)) * n, multiple)
+
+
 def sample(
     config: ModelConfig,
     params,
@@ -85,15 +93,13 @@ def sample(
     render = render or task.render_prompt
     prompts = [tokenizer.encode(render(p), add_bos=True) for p in problems]
     width = data.round_up(max(len(p) for p in prompts), 16)
-    # Rows are padded to a multiple of 8 and of the data-parallel size: few distinct programs,
-    # and every device gets the same number of rows. Filler rows repeat the last prompt.
-    multiple = 8 if mesh is None else math.lcm(8, sharding.data_parallel_size(mesh))
+    # Rows are padded as `chunk_rows` says; filler rows repeat the last prompt.
     per_chunk = max(1, max_rows // n)
     parts = []
     for start in range(0, len(prompts), per_chunk):
         chunk = prompts[start : start + per_chunk]
         rows = [p for p in chunk for _ in range(n)]
-        total = data.round_up(len(rows), multiple)
+        total = chunk_rows(len(chunk), n, mesh, max_rows)
         rows += [rows[-1]] * (total - len(rows))
         mine = distributed.local_rows(mesh, total)
         tokens, mask = data.left_pad(rows[mine], width, tokenizer.pad_id)
@@ -102,7 +108,7 @@ def sample(
             max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
             seed=seed + start, pad_id=tokenizer.pad_id, mesh=mesh,
         )  # fmt: skip
-        got = distributed.all_hosts((r.tokens, r.mask, r.logprobs, r.lengths))
+        got = [distributed.gather_rows(x, mine) for x in (r.tokens, r.mask, r.logprobs, r.lengths)]
         parts.append(tuple(np.asarray(x)[: len(chunk) * n] for x in got))
     tokens, mask, logprobs, lengths = (np.concatenate(x) for x in zip(*parts))
     P = len(problems)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpost import data, models, tokenizers
+from jaxpost import data, losses, models, plan, sharding, tokenizers
 from jaxpost.errors import UserError
 from jaxpost.models import ModelConfig, hf
 from jaxpost.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
@@ -47,6 +47,13 @@ class Model:
 
     def replace(self, **changes) -> Model:
         return dataclasses.replace(self, **changes)
+
+    def on(self, mesh) -> Model:
+        """Its parameters sharded over `mesh` by the logical rules (as they are without one)."""
+        if mesh is None:
+            return self
+        placed = sharding.shard_params(self.params, sharding.param_shardings(self.config, mesh))
+        return self.replace(params=placed)
 
     def describe(self) -> str:
         c = self.config
@@ -105,15 +112,25 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def load_model(spec: str, *, tokenizer: str = "auto", overrides: str = "", dtype: str = "",
-               seed: int = 0) -> Model:  # fmt: skip
+               seed: int = 0, remat: str = "") -> Model:  # fmt: skip
     """A preset name (randomly initialized from `seed`, its vocabulary sized to the tokenizer)
     or a local Hugging Face checkpoint directory with its tokenizer; checks that they agree.
 
     `dtype` ("float32", "bfloat16"; "" keeps the preset's or checkpoint's) sets parameter and
-    compute dtype; `overrides` replaces preset fields ("d_model=96,n_layers=3").
+    compute dtype; `overrides` replaces preset fields ("d_model=96,n_layers=3"); `remat`
+    (`models.configs.REMAT`; "" keeps the model's) what each layer keeps for the backward.
     """
     if dtype and dtype not in models.configs.DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(models.configs.DTYPES)}")
+    if remat and remat not in models.configs.REMAT:
+        raise UserError(f"unknown remat {remat!r}; choose from {', '.join(models.configs.REMAT)}")
+    model = _load(spec, tokenizer, overrides, dtype, seed)
+    if remat:
+        model = model.replace(config=dataclasses.replace(model.config, remat=remat))
+    return model
+
+
+def _load(spec: str, tokenizer: str, overrides: str, dtype: str, seed: int) -> Model:
     if spec in models.PRESETS:
         tok = load_tokenizer(tokenizer, None)
         changes = parse_overrides(overrides)
@@ -187,6 +204,7 @@ def reuse_or_train(path: str, model: Model, train: Callable[[], tuple[Any, list[
     history_file = os.path.join(path, "history.json")
     if os.path.isfile(os.path.join(path, "config.json")):
         config, params = hf.load_hf(path, dtype=model.config.dtype)
+        config = dataclasses.replace(config, remat=model.config.remat)  # the run's, not saved
         history = []
         if os.path.isfile(history_file):
             with open(history_file) as f:
@@ -333,8 +351,6 @@ def distillation_loss(kind: str = "kl", *, alpha: float = 1.0, temperature: floa
     `prefix_len` > 0 only the first tokens of each completion count. The result is an
     `opd.OPDLossSpec`: the objective runs it on materialized logits, through a kernel, or from
     hidden states, as its `loss_impl` says (`train.LOSS_IMPLS`)."""
-    from jaxpost import losses
-
     if kind not in DISTILLATION_LOSSES:
         raise UserError(f"unknown distillation loss {kind!r}; choose from "
                         f"{', '.join(DISTILLATION_LOSSES)}")  # fmt: skip
@@ -349,16 +365,6 @@ def distillation_loss(kind: str = "kl", *, alpha: float = 1.0, temperature: floa
     return losses.prefix_opd(fn, prefix_len) if prefix_len > 0 else fn
 
 
-def check_loss_impl(name: str) -> str:
-    """A loss_impl name (`train.LOSS_IMPLS`; "auto" is fused-linear at a large vocabulary), or
-    a UserError listing the names."""
-    from jaxpost import train
-
-    if name not in train.LOSS_IMPLS:
-        raise UserError(f"unknown loss_impl {name!r}; choose one of {', '.join(train.LOSS_IMPLS)}")
-    return name
-
-
 # ---------------------------------------------------------------------------------------------
 # devices
 
@@ -366,8 +372,6 @@ def check_loss_impl(name: str) -> str:
 def make_mesh(spec: str):
     """The (data, fsdp, tensor) mesh a flag names ("2,2,2", "fsdp=-1"; "" is no mesh: one device
     for a single process, every device data-parallel for several)."""
-    from jaxpost import sharding
-
     if not spec:
         if jax.process_count() == 1:
             return None
@@ -383,8 +387,6 @@ def check_memory(config, mesh, **step) -> Any:
     (objective, loss_impl, batch, seq_len or prompt_len / completion_len, teacher_config, ...,
     on this device's memory); a plan that does not fit is a UserError naming the biggest term
     and the knob that shrinks it."""
-    from jaxpost import plan
-
     stats = jax.local_devices()[0].memory_stats() or {}
     mesh_shape = dict(mesh.shape) if mesh is not None else (1, 1, 1)
     try:

@@ -198,11 +198,13 @@ def run_grpo(
         if reward_transform is not None:
             seq_logp = (batch.old_logp * batch.completion_mask).sum(1)
             rewards = np.asarray(reward_transform(correct, seq_logp), np.float32)
-        adv, _ = losses.group_advantages(jnp.asarray(rewards), group, scale=advantage_scale)
-        totals = np.asarray(distributed.all_hosts(np.asarray(
-            [[rewards.sum(), (correct > 0).sum(), len(rewards)]], np.float64))).sum(0)  # fmt: skip
-        extra = {"reward": totals[0] / totals[2], "pass_rate": totals[1] / totals[2]}
-        return batch.replace(advantages=np.asarray(adv)), extra
+        # advantages over the global batch (a "batch" scale is one std over every process's
+        # rows), then this process's rows of them
+        everyone = distributed.gather_rows(np.stack([rewards, correct > 0], 1), r.rows)
+        adv, _ = losses.group_advantages(jnp.asarray(everyone[:, 0]), group, scale=advantage_scale)
+        adv = np.asarray(adv)[r.rows] if len(everyone) > len(rewards) else np.asarray(adv)
+        extra = {"reward": float(everyone[:, 0].mean()), "pass_rate": float(everyone[:, 1].mean())}
+        return batch.replace(advantages=adv), extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
                          frozen=[(config, ref_params)] if with_ref else [],

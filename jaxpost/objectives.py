@@ -44,13 +44,14 @@ KERNEL_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
 FUSED_MIN_VOCAB = 8192
 
 
-def resolve_loss_impl(name: str, config: ModelConfig) -> str:
+def resolve_loss_impl(name: str, config: ModelConfig | None = None) -> str:
     """The loss path `name` means for a model: "auto" becomes "fused_linear" when the
-    vocabulary has at least FUSED_MIN_VOCAB entries and "materialized" below; other names are
-    returned as they are. UserError for a name not in LOSS_IMPLS."""
+    vocabulary has at least FUSED_MIN_VOCAB entries and "materialized" below; other names (and
+    every name without a `config`: a check before any model is loaded) are returned as they
+    are. UserError for a name not in LOSS_IMPLS."""
     if name not in LOSS_IMPLS:
         raise UserError(f"unknown loss_impl {name!r}; choose one of {', '.join(LOSS_IMPLS)}")
-    if name == "auto":
+    if name == "auto" and config is not None:
         return "fused_linear" if config.vocab_size >= FUSED_MIN_VOCAB else "materialized"
     return name
 
@@ -86,12 +87,6 @@ def completion_logits(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, 
         config, params, prompt_NxP, prompt_mask_NxP, completion_NxM, completion_mask_NxM
     )
     return _head_logits(config, params, hidden)
-
-
-def student_completion_logits(config: ModelConfig, params, batch: data.CompletionBatch):
-    """The student's float32 logits [N, M, V] of a batch's completions (its own prompt view)."""
-    return completion_logits(config, params, batch.prompt_tokens, batch.prompt_mask,
-                             batch.completion, batch.completion_mask)  # fmt: skip
 
 
 def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_BxL, *,
@@ -246,5 +241,4 @@ def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn,
 
 __all__ = ["FUSED_MIN_VOCAB", "KERNEL_IMPLS", "LOSS_IMPLS", "Objective", "completion_hidden",
            "completion_logits", "completion_logprobs", "grpo_objective", "head_logprobs",
-           "head_operand", "opd_objective", "resolve_loss_impl", "sft_objective",
-           "student_completion_logits"]  # fmt: skip
+           "head_operand", "opd_objective", "resolve_loss_impl", "sft_objective"]  # fmt: skip

@@ -6,7 +6,8 @@
 
 prints a table of per-device bytes and one JSON line, and exits with status 1 and a message
 naming the biggest term and the knob that shrinks it when the plan does not fit
-(`jaxpost.plan_cli`). Mains call `check_fits(plan(...))` before they compile anything.
+(`jaxpost.plan_cli`). Every program plans each step through `inputs.check_memory` before it
+compiles anything.
 
 What it models: the train step that runs, `train.make_step(objective, optimizer)` under
 `train.jit_step` (state donated; teacher or reference parameters frozen inputs), traced under

@@ -51,7 +51,7 @@ def _parse_args(argv: Sequence[str]):
     p.add_argument("--batch", type=int, required=True,
                    help="global rows per step (sft: sequences; grpo/opd: prompts x group_size)")  # fmt: skip
     p.add_argument("--objective", default="sft", choices=plan_step.OBJECTIVES)
-    p.add_argument("--loss_impl", default="materialized", choices=train.LOSS_IMPLS,
+    p.add_argument("--loss_impl", default="auto", choices=train.LOSS_IMPLS,
                    help="the loss path (auto: fused_linear at a large vocabulary)")  # fmt: skip
     p.add_argument("--seq_len", type=int, default=None, help="sft: tokens per sequence")
     p.add_argument("--prompt_len", type=int, default=None, help="grpo/opd: padded prompt width")

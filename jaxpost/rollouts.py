@@ -86,6 +86,7 @@ class StepRollouts:
     problems: list[int]
     completions: list[list[int]]
     entropy: np.ndarray  # [rows, M] per-token entropy of the untempered policy
+    rows: slice  # which rows of the step's global batch these are (`distributed.local_rows`)
 
 
 def step_prompts(source: PromptSource, batch_size: int, seed: int, step: int) -> list[int]:
@@ -124,7 +125,7 @@ def sample_step(config: ModelConfig, params, source: PromptSource, sampling: Sam
                               source.width(teacher=True), source.pad_id)  # fmt: skip
         batch = batch.replace(teacher_prompt_tokens=t, teacher_prompt_mask=tm)
     completions = [out.tokens[r, : int(out.lengths[r])].tolist() for r in range(len(problems))]
-    return StepRollouts(batch, problems, completions, out.entropy)
+    return StepRollouts(batch, problems, completions, out.entropy, mine)
 
 
 def rollout_metrics(r: StepRollouts) -> dict[str, float]:

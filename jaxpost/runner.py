@@ -128,12 +128,13 @@ class Runner:
         if loop.workdir:
             self.ckpt = Checkpointer(os.path.join(loop.workdir, "checkpoints"),
                                      max_to_keep=loop.keep_checkpoints)  # fmt: skip
-            if self.ckpt.latest_step() is not None:
-                abstract = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-                )
-                self.state, _ = self.ckpt.restore(abstract)
-        self.start = int(self.state.step)
+        self.start = 0  # loop steps done (an on-policy step may make several updates)
+        if self.ckpt is not None and self.ckpt.latest_step() is not None:
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+            )
+            self.state, _ = self.ckpt.restore(abstract)
+            self.start = self.ckpt.latest_step()
         self.last_batch = None
 
     def _log(self, step: int, metrics: dict) -> None:

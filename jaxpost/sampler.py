@@ -18,6 +18,7 @@ the same tokens run after run, whatever the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxpost import models, token_choice
+from jaxpost import data, models, token_choice
 from jaxpost.models import ModelConfig
 
 
@@ -71,10 +72,6 @@ class Rollouts:
 def _bucket(n: int, minimum: int) -> int:
     """Round up to a power of two, at least `minimum` (few distinct compiled shapes)."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -239,7 +236,7 @@ def generate(
     row_multiple = 8
     if mesh is not None:
         row_multiple = math.lcm(row_multiple, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
-    N = _round_up(_bucket(n_rows, 1), row_multiple)
+    N = data.round_up(_bucket(n_rows, 1), row_multiple)
     P = _bucket(max(len(p) for p in prompts), 16)
     M = _bucket(max_new_tokens, 16)
     if P + M > config.max_seq_len:  # the bucket may not exceed the model; fall back to exact sizes
@@ -338,9 +335,10 @@ def generate_rows(
               np.asarray(row_ids_N, np.int32))  # fmt: skip
     if mesh is not None:
         arrays = sharding.global_batch_from_local(arrays, mesh)
-    out = _run(config, params, arrays, M, max_new_tokens=max_new_tokens, temperature=temperature,
-               top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, stop_ids=stop_ids,
-               pad_id=pad_id, with_entropy=with_entropy)  # fmt: skip
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # constraints apply
+        out = _run(config, params, arrays, M, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
+                   stop_ids=stop_ids, pad_id=pad_id, with_entropy=with_entropy)  # fmt: skip
     tokens, logprobs, sample_lp, entropy, mask, lengths = (
         None if x is None else distributed.host_rows(x)[:, :max_new_tokens] if x.ndim == 2
         else distributed.host_rows(x) for x in out

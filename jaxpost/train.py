@@ -39,7 +39,6 @@ from jaxpost.objectives import (  # noqa: F401  (re-exported: train.sft_objectiv
     opd_objective,
     resolve_loss_impl,
     sft_objective,
-    student_completion_logits,
 )
 
 
@@ -210,12 +209,6 @@ def jit_step(step: Callable, *, state_sharding=None, batch_sharding=None, frozen
     in_sh = (state_sharding, batch_sharding, *(frozen_sharding or ()))
     return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sharding, None),
                    donate_argnums=0)  # fmt: skip
-
-
-def step_rng(state: TrainState, purpose: int) -> jax.Array:
-    """A fresh key for this step and purpose: fold_in(fold_in(seed key, step), purpose)."""
-    key = jax.random.wrap_key_data(state.rng)
-    return jax.random.fold_in(jax.random.fold_in(key, state.step), purpose)
 
 
 def state_shardings(config: ModelConfig, mesh, optimizer: optax.GradientTransformation):

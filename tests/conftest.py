@@ -27,13 +27,49 @@ if TIER == "cpu":
             os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         ).strip()
 
+# One persistent XLA compilation cache for the run, shared by the xdist workers and every program
+# a test starts (they inherit the environment): the suite compiles the same tiny-model steps in
+# many processes. Made by the controlling process, removed when the run ends. A compiled program
+# from the cache is the same program, so results do not change.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jaxpost-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    _check_groups_apply(config, items)
+    _skip_accelerator_tests(items)
+
+
+def _check_groups_apply(config, items) -> None:
+    """Under `--dist loadgroup` xdist tags each grouped test's id with its group; a pytest whose
+    ids it cannot tag would spread the groups (and rebuild their fixtures) silently."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup ignored the xdist_group of {lost[0]} (and "
+                                f"{len(lost) - 1} more): install the pinned test extra")  # fmt: skip
+
+
+def _skip_accelerator_tests(items) -> None:
     if jax.default_backend() != "cpu":
         return
     skip = pytest.mark.skip(
@@ -43,3 +79,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "accelerator" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """The fast tier (`-m "not slow"`) is unit tests: one that starts a program must be marked
+    slow, and this makes it fail until it is."""
+    if request.node.get_closest_marker("slow") is None:
+        import subprocess
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a test not marked slow started a subprocess: mark it "
+                                 "@pytest.mark.slow (the fast tier starts no programs)")  # fmt: skip
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -5,7 +5,8 @@
         python tests/multihost_worker.py --scenario=train --mesh=1,2,2 --out=DIR
 
 Scenarios:
-  psum        a 4-row global batch from per-process rows; psum and a jitted sum over it.
+  psum        a 4-row global batch from per-process rows; psum and a jitted sum over it; rows
+              gathered back into batch order (`distributed.gather_rows`) on a flipped mesh.
   train       one SFT step then one OPD step on the same global batch as a single process would
               see, each process loading only the rows its devices hold; writes DIR/rank{R}.npz
               with the gathered parameter vector after each step and the losses.
@@ -205,8 +206,15 @@ def run_psum(mesh) -> dict:
         mesh=mesh, in_specs=P(("data", "fsdp")), out_specs=P(),
     )(x)  # fmt: skip
     total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(x)
+    # rows gathered back in the batch's order on a mesh whose devices run against the processes
+    from jaxpost import distributed
+
+    flipped = sharding.make_mesh((jax.device_count(), 1, 1), jax.devices()[::-1])
+    mine = distributed.local_rows(flipped, 8)
+    gathered = distributed.gather_rows(np.arange(8)[mine] * 10, mine)
     return {"shape": list(x.shape), "psum": float(psum.addressable_data(0)),
-            "sum": float(total.addressable_data(0))}  # fmt: skip
+            "sum": float(total.addressable_data(0)), "flipped_rows": [mine.start, mine.stop],
+            "gathered": np.asarray(gathered).tolist()}  # fmt: skip
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ def _lines(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path):
     proc = _run(tmp_path, PYTHON="false")  # every Python part fails at once
     assert proc.returncode == 1
@@ -36,6 +37,7 @@ def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path):
     assert all(r["status"] == "failed" and r["rc"] != 0 for r in summary)
 
 
+@pytest.mark.slow
 def test_no_part_starts_without_time_left(tmp_path):
     proc = _run(tmp_path, ACCELERATOR_CHECK_BUDGET_S="0")
     assert proc.returncode == 1

@@ -268,6 +268,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_save_leaves_a_restorable_directory(ckpt_dir):
     # In practice the kill lands while step 2 is still "2.orbax-checkpoint-tmp"; the assertions
     # hold for either outcome of the race, so the test cannot flake.

@@ -134,6 +134,8 @@ def test_two_local_processes_initialize_and_psum(tmp_path):
         assert meta["process_index"] == rank and meta["process_count"] == 2
         assert meta["devices"] == 4 and meta["shape"] == [4, 3]
         assert meta["psum"] == meta["sum"] == 2 * 3 * 1 + 2 * 3 * 2
+        assert meta["flipped_rows"] == ([4, 8] if rank == 0 else [0, 4])  # process 1 holds 0..3
+        assert meta["gathered"] == list(range(0, 80, 10))
 
 
 @pytest.fixture(scope="module")

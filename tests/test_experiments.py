@@ -211,12 +211,19 @@ def test_vocabulary_mismatch_and_missing_tokenizer(tmp_path):
         opd.run(o)
 
 
+@pytest.mark.slow
 def test_prompts_longer_than_the_model_accepts(tmp_path):
     c = _tiny(sft_config, tmp_path)
     c.model = str(_saved_char_model(tmp_path / "short", "tiny", max_seq_len=24))
     c.model_overrides = ""
-    with pytest.raises(UserError, match="more than the model's max_seq_len 24"):
+    # the training data's memory plan comes first; the prompts would be refused as well
+    with pytest.raises(UserError, match="exceeds the model's max_seq_len 24"):
         sft.run(c)
+    c.eval.max_new_tokens = 30  # the held-out prompts leave no room for the answer
+    with pytest.raises(UserError, match="more than the model's max_seq_len 24"):
+        recipes_common.evaluate_sets("before", inputs.load_model(c.model), None,
+                                     recipes_common.eval_sets(c, inputs.make_task(c.task)), c.eval,
+                                     mesh=None)  # fmt: skip
 
 
 def test_bad_overrides_and_settings(tmp_path):

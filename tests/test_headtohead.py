@@ -26,7 +26,7 @@ def tiny(workdir, **fields):
     return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: its tests share one xdist group
 def mini(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("headtohead"))
     lines = []
@@ -129,25 +129,43 @@ def test_main_runs_from_the_command_line(mini):
 
 
 def test_bad_settings_are_refused(tmp_path):
-    bad = {"arms": "sft,ppo", "arm.group_size": 1, "base.style": "widest", "eval.samples": 1,
-           "arm.beta_rank": 2.0}  # fmt: skip
-    for field, value in bad.items():
+    bad = {("arms", "sft,ppo"): r"unknown arms \['ppo'\]",
+           ("arm.group_size", 1): "arm.group_size must be >= 2",
+           ("base.style", "widest"): "countdown SFT data: unknown slice style 'widest'",
+           ("eval.samples", 1): "eval.samples must be >= 2",
+           ("arm.beta_rank", 2.0): r"arm.beta_rank must lie in \[0, 1\]"}  # fmt: skip
+    for (field, value), match in bad.items():
         c = tiny(tmp_path, **{field: value})
-        with pytest.raises(UserError):
+        with pytest.raises(UserError, match=match):
             if field == "arms":
                 headtohead.arms.arm_names(c)
-            else:
-                settings.check(c) if field != "base.style" else headtohead.run(c)
+            else:  # a bad slice style is found before any training: the plan encodes the data
+                settings.check(c) if field != "base.style" else headtohead.run(c, log=print)
 
 
 def test_adding_an_arm_is_one_table_entry(tmp_path, monkeypatch):
-    """A new arm needs nothing but its entry: the settings accept it and the report lists it."""
+    """A new arm needs nothing but its entry: the settings accept it, the report lists it with
+    its help, and the claims count it as on-policy."""
     arm = headtohead.Arm("opd_rkl_copy", "reverse-KL OPD, a second time", "distill", True,
                          headtohead.ARMS["opd_rkl"].build)  # fmt: skip
     monkeypatch.setitem(headtohead.ARMS, arm.name, arm)
     c = tiny(tmp_path, arms="opd_rkl_copy")
     settings.check(c)
     assert headtohead.arms.arm_names(c) == ("opd_rkl_copy",)
+    per_problem = {"pass@1": [0.2] * 4, "pass@large_k": [0.5] * 4, "diversity": [1.0] * 4,
+                   "retention": [0.5] * 4}  # fmt: skip
+    scalars = {k: {"mean": float(np.mean(v))} for k, v in per_problem.items()}
+    evals = {name: headtohead.Evaluation({}, scalars, per_problem)
+             for name in ("base", "sft", arm.name)}  # fmt: skip
+    w = headtohead.models.World(config=c, task=None, retention=None, steer=None, train=[],
+                                test=[], retention_test=[], steer_test=[])  # fmt: skip
+    w.task = type("T", (), {"describe": lambda self: "a task"})()
+    report = headtohead.protocol.assemble(w, evals, {}, {}, {"student": "", "base": "",
+                                                             "teacher": ""})  # fmt: skip
+    assert "opd_rkl_copy (reverse-KL OPD, a second time)" in report["settings"]["arms"]
+    assert report["arms"][arm.name]["kind"] == "arm"
+    retention = [x for x in report["claims"] if "retain" in x["claim"]]
+    assert retention and "opd_rkl_copy" in json.dumps(retention)
 
 
 def test_claim_verdicts_follow_the_paired_interval():

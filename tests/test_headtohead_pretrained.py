@@ -48,7 +48,7 @@ def test_gsm8k_from_checkpoints_on_a_mesh_with_the_fused_loss(assets, tmp_path):
     assert "steerability" not in result["radar_axes"] and len(result["radar_axes"]) == 5
     s = result["settings"]
     assert assets["student"] in s["student"] and assets["teacher"] in s["teacher"]
-    assert s["task"].startswith("gsm8k") and "mesh 2,2,2" in s["devices"]
+    assert s["task"].startswith("GSM8K, ") and "mesh 2,2,2" in s["devices"]
     for name, arm in result["arms"].items():
         sc = arm["scalars"]
         assert "steerability" not in sc
@@ -86,8 +86,6 @@ def test_countdown_from_a_checkpoint_trains_its_teacher_and_caches_it(assets, tm
 def test_bad_scale_settings_name_the_problem(assets, tmp_path):
     w = tmp_path
     cases = [
-        (tiny(w, **{"task.name": "gsm8k", "task.data_dir": assets["gsm8k"]}),
-         "task gsm8k needs a pretrained --model"),
         (tiny(w, model=assets["student"], model_overrides=""), "pretrained defaults"),
         (tiny(w, model=os.path.join(w, "missing"), variant="pretrained"),
          "model directory not found"),
@@ -98,6 +96,8 @@ def test_bad_scale_settings_name_the_problem(assets, tmp_path):
         with pytest.raises(UserError, match=match):
             settings.check(c)
     runs = [
+        (tiny(w / "t", **{"task.name": "gsm8k", "task.data_dir": assets["gsm8k"]}),
+         "task gsm8k needs a pretrained --model"),  # the task says so (`needs_pretrained`)
         (pretrained(w / "a", assets, **{"task.name": "gsm8k"}), "task gsm8k needs exactly one of"),
         (pretrained(w / "b", assets, **{"task.name": "gsm8k", "task.data_dir": str(w)}),
          "GSM8K file not found"),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs a launcher script
+
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "scripts" / "launch_tpu_pod.sh"
 SLURM = REPO / "scripts" / "launch_gpu_slurm.sh"

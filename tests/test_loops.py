@@ -14,6 +14,8 @@ from jaxpost import data, loops, losses, models, sampler, sharding, train
 from jaxpost.tasks import countdown
 from jaxpost.tokenizers import CharTokenizer
 
+pytestmark = pytest.mark.slow  # every test trains
+
 TOK = CharTokenizer()
 TASK = countdown.Countdown(num_numbers=(3, 3), number_range=(1, 9), target_range=(10, 40),
                            min_solutions=2)  # fmt: skip
@@ -160,6 +162,7 @@ def test_loops_on_a_mesh_match_one_device(memorized, paradigm):
     one, sharded = run(None), run(sharding.make_mesh((2, 2, 2)))
     leaf = jax.tree.leaves(sharded.state.params)[0]
     assert len(leaf.sharding.device_set) == 8
+    assert len(one.history) == len(sharded.history) == 2
     for a, b in zip(one.history, sharded.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -221,3 +224,4 @@ def test_grpo_raises_a_verifiable_reward():
                             _sampling(8, 8))  # fmt: skip
     reward = [h["reward"] for h in result.history]
     assert np.mean(reward[-5:]) > 3 * np.mean(reward[:5]), reward
+

@@ -199,14 +199,15 @@ def test_unknown_preset_and_cache_too_long():
 @pytest.mark.parametrize("dtype, tol", [("float64", 0.0), ("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_embedding_gradient_by_gather_equals_the_scatter(dtype, tol):
     """models.embedding.lookup's backward (sorted segment sums, then a gather) gives the same
-    table gradient as autodiff's scatter-add, repeated tokens and absent rows included."""
+    table gradient as autodiff's scatter-add, repeated tokens, negative ids (row V + t, as
+    `take` reads them) and absent rows included."""
     from jaxpost.models import embedding
 
     rng = np.random.default_rng(0)
     with jax.enable_x64(dtype == "float64"):
         table = jnp.asarray(rng.normal(size=(37, 6)), dtype)
         tokens = jnp.asarray(rng.integers(0, 37, (4, 19)))  # 76 tokens over 37 rows: repeats
-        tokens = tokens.at[0, :5].set(3)
+        tokens = tokens.at[0, :5].set(3).at[1, :3].set(-2)  # -2 is row 35
         weight = jnp.asarray(rng.normal(size=(4, 19, 6)), dtype)
         loss = lambda t, look: (look(t, tokens).astype(jnp.float32) * weight).sum()  # noqa: E731
         want = jax.grad(loss)(table, lambda t, i: jnp.take(t, i, axis=0))
@@ -214,7 +215,7 @@ def test_embedding_gradient_by_gather_equals_the_scatter(dtype, tol):
     assert got.dtype == table.dtype
     np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                                atol=tol, rtol=tol)  # fmt: skip
-    absent = np.setdiff1d(np.arange(37), np.asarray(tokens))
+    absent = np.setdiff1d(np.arange(37), np.asarray(tokens) % 37)
     assert absent.size and not np.asarray(got, np.float64)[absent].any()
 
 

@@ -235,6 +235,7 @@ def test_cli_prints_a_table_and_a_json_line(capsys, tmp_path):
     assert "sizes must multiply to the device count" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_exits_non_zero_when_it_does_not_fit():
     proc = subprocess.run(
         [sys.executable, "-m", "jaxpost.plan", "--model=llama3.1-8b", "--mesh=1,1,1",

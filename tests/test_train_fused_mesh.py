@@ -18,6 +18,8 @@ from test_train_fused import completion_batch, sft_batch
 
 from jaxpost import data, losses, models, sharding, train
 
+pytestmark = pytest.mark.slow  # steps compiled on 8 simulated devices
+
 V = 5000  # two vocabulary blocks of 4096 (the last overlapping), divisible by tensor = 2, 4, 8
 STUDENT = models.get_config("tiny", vocab_size=V, d_model=32, n_layers=1, mlp_dim=64)
 TEACHER = models.ModelConfig(family="llama", vocab_size=V, d_model=32, n_layers=1, n_heads=4,

@@ -9,6 +9,8 @@ import pytest
 
 from jaxpost import data, losses, models, sharding, train
 
+pytestmark = pytest.mark.slow  # 8 simulated devices, 4 meshes x 3 steps compiled
+
 CONFIG = models.get_config("tiny", vocab_size=64)
 TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]

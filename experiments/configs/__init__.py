@@ -4,7 +4,8 @@ Each main's config module (`sft.py`, `grpo.py`, `opd.py`, `paradigms.py`) define
 `get_config(arg=None)`; `--config=experiments/configs/sft.py:tiny` passes "tiny" as `arg`, and
 `--config.a.b=value` overrides one field. Every main takes the same `shared()` fields:
 
-    model, model_overrides, tokenizer, dtype, init_seed   the student (a preset or an HF directory)
+    model, model_overrides, tokenizer, dtype, init_seed,  the student (a preset or an HF directory)
+    remat                                                 and what its layers recompute
     teacher                                               a distillation teacher (an HF directory)
     task                                                  countdown | gsm8k | addition, its data
     mesh, loss_impl                                       devices and the loss path
@@ -34,6 +35,7 @@ def shared(workdir: str) -> ml_collections.ConfigDict:
     c.tokenizer = "auto"  # "auto": a directory's own tokenizer (char for presets), "char", a dir
     c.dtype = ""  # "" keeps the preset's / checkpoint's dtype; "float32" or "bfloat16"
     c.init_seed = 0  # seed of a preset's random initialisation
+    c.remat = ""  # the student's layers: "" as the model says, none | full | dots | attn
     c.teacher = ""  # a distillation teacher, a Hugging Face directory ("" : the main's default)
     c.mesh = ""  # "2,2,2" (data,fsdp,tensor) or "fsdp=-1": shard over devices ("" one device)
     c.loss_impl = "auto"  # auto | materialized | fused_linear | xla | pallas_gpu | pallas_tpu

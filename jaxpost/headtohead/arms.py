@@ -56,12 +56,17 @@ class Arm:
 # builders
 
 
+def sft_examples(w: World, model: inputs.Model) -> list[tuple[list[int], list[int]]]:
+    """The SFT arm's dataset: solutions drawn from the full solution set, as token pairs."""
+    pairs = w.task.sft_examples(w.train, style="all", per_problem=4, seed=w.config.seed + 7)
+    return inputs.encode_examples(model, pairs, "sft arm")
+
+
 def _sft(ctx: ArmContext) -> loops.RunResult:
     w, base = ctx.world, ctx.models.base
-    pairs = w.task.sft_examples(w.train, style="all", per_problem=4, seed=ctx.config.seed + 7)
     loop = dataclasses.replace(ctx.loop, batch_size=ctx.loop.batch_size * ctx.sampling.group_size)
-    return loops.run_sft(base.config, base.params, inputs.encode_examples(base, pairs, "sft arm"),
-                         ctx.optim, loop, pad_id=base.tokenizer.pad_id, mesh=w.mesh,
+    return loops.run_sft(base.config, base.params, sft_examples(w, base), ctx.optim, loop,
+                         pad_id=base.tokenizer.pad_id, mesh=w.mesh,
                          loss_impl=ctx.config.loss_impl)  # fmt: skip
 
 

@@ -88,6 +88,15 @@ def _est(values) -> dict:
     return metrics.mean_ci(np.asarray(values, float)).as_dict()
 
 
+def sample_rows(w: World) -> int:
+    """The most rows `evaluate_model` decodes at once (its memory plan's sampler batch)."""
+    e = w.config.eval
+    sets = [(len(w.test), e.samples), (len(w.retention_test), e.retention_samples)]
+    if w.steer is not None:
+        sets.append((len(w.steer_test), e.steer_samples))
+    return max(evaluate.chunk_rows(p, n, w.mesh) for p, n in sets)
+
+
 def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = None,
                    base_model: Model | None = None, seed: int = 0) -> Evaluation:  # fmt: skip
     """Every metric of the report for one model (the base's evaluation pairs with the others)."""

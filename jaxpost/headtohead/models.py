@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 from jaxpost import inputs, loops, train
@@ -70,7 +71,7 @@ def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: i
     loop = loops.LoopConfig(steps=steps, batch_size=c.base.batch_size, seed=seed,
                             progress=w.progress, desc=desc)  # fmt: skip
     result = loops.run_sft(model.config, model.params, examples, optim, loop,
-                           pad_id=model.tokenizer.pad_id, mesh=w.mesh)  # fmt: skip
+                           pad_id=model.tokenizer.pad_id, mesh=w.mesh, loss_impl=c.loss_impl)  # fmt: skip
     return result.state.params, result.history
 
 
@@ -84,12 +85,16 @@ class Models:
     describe: dict  # {"student"/"base"/"teacher": one line for the report}
 
 
-def base_and_teacher(w: World, log=print) -> Models:
-    """The base and teacher, trained once per model_key (or loaded from the given checkpoints)."""
+def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | None = None
+                     ) -> Models:  # fmt: skip
+    """The base and teacher, trained once per model_key (or loaded from the given checkpoints).
+
+    `check(student, teacher_config)` runs once both architectures are known and before any
+    training (the memory plan of every step the run will take)."""
     c = w.config
     root = os.path.join(c.workdir, "models", settings.model_key(c))
     start = inputs.load_model(c.model, tokenizer=c.tokenizer, overrides=c.model_overrides,
-                              dtype=c.dtype, seed=c.seed)  # fmt: skip
+                              dtype=c.dtype, seed=c.seed, remat=c.remat)  # fmt: skip
     origin = (f"{c.model} ({start.config.family})" if settings.pretrained(c)
               else f"built-in {start.config.family}-style decoder")  # fmt: skip
 
@@ -99,21 +104,25 @@ def base_and_teacher(w: World, log=print) -> Models:
         return inputs.reuse_or_train(path, model,
                                      lambda: _pretrain(w, model, style, steps, desc, seed))  # fmt: skip
 
+    given = None
+    if c.teacher:
+        given = inputs.load_model(c.teacher, tokenizer=c.tokenizer, dtype=c.dtype)
+        inputs.check_teacher(start, given)
+    if check is not None:
+        check(start, start.config if given is None else given.config)
     if c.base.steps > 0:
         base, base_hist = cached(os.path.join(root, "base"), start, c.base.style, c.base.steps,
                                  "base (SFT, narrow slice)", c.seed)  # fmt: skip
     else:
         base, base_hist = start, []
-    if c.teacher:
-        teacher = inputs.load_model(c.teacher, tokenizer=c.tokenizer, dtype=c.dtype)
-        inputs.check_teacher(base, teacher)
-        teacher_hist = []
+    if given is not None:
+        teacher, teacher_hist = given, []
         teacher_line = f"{c.teacher} ({teacher.config.num_params():,} parameters)"
     else:
         teacher, teacher_hist = cached(os.path.join(root, "teacher"), base, "all",
                                        c.teacher_steps, "teacher (SFT, all solutions)", c.seed + 1)  # fmt: skip
         teacher_line = f"the base trained {c.teacher_steps} more steps with all solutions"
-    base, teacher = _place(base, w.mesh), _place(teacher, w.mesh)
+    base, teacher = base.on(w.mesh), teacher.on(w.mesh)  # loops and sampling agree on devices
     extras = " + addition" + (" + steering" if w.steer else "") + " + privileged-context examples"
     base_line = (f"SFT {c.base.steps} steps × {c.base.batch_size} on {w.task.name} slice "
                  f"'{c.base.style}'{extras}")  # fmt: skip
@@ -127,12 +136,3 @@ def base_and_teacher(w: World, log=print) -> Models:
                   "base": base_line, "teacher": teacher_line},
     )  # fmt: skip
 
-
-def _place(model: Model, mesh) -> Model:
-    """Every model lives on the mesh, so loops and sampling agree on devices."""
-    if mesh is None:
-        return model
-    from jaxpost import sharding
-
-    shardings = sharding.param_shardings(model.config, mesh)
-    return model.replace(params=sharding.shard_params(model.params, shardings))

@@ -18,10 +18,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxpost import data, inputs, metrics, report
+from jaxpost import data, distributed, inputs, losses, metrics, report
 from jaxpost.errors import UserError
 from jaxpost.headtohead import arms, claims, evaluation, models, settings
 from jaxpost.headtohead.evaluation import Evaluation
+from jaxpost.inputs import Model
 from jaxpost.metrics_log import read_metrics
 
 RADAR_AXES = ("pass@1", "pass@large_k", "diversity", "retention", "steerability", "efficiency")
@@ -80,23 +81,45 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
         f.write(key)
 
 
-def _check_memory(w: models.World, m: models.Models) -> None:
-    """Plan every kind of arm step before compiling any (`jaxpost.plan`): SFT on the arm's
-    sequences, GRPO and OPD on its rollouts with the sampler's cache, OPD with the teacher beside
-    the student (and OPSD's privileged prompt, as wide as the training prompts plus the
-    reference)."""
+def _check_memory(w: models.World, student: Model, teacher_config) -> None:
+    """Plan every step the run will compile, before it trains anything (`jaxpost.plan`): the
+    base's and teacher's SFT on the mixture, the SFT arm on its sequences, GRPO and OPD on their
+    rollouts (OPD with the teacher beside the student, its widest divergence, the mixture of
+    alpha = 0.5; OPSD with the student as teacher on the privileged prompts), each with the
+    largest sampler cache of the run (training rollouts or evaluation chunks)."""
     c, a = w.config, w.config.arm
+    cfg = student.config
+    for model in (student, student.replace(config=teacher_config)):  # both sample held-out prompts
+        inputs.encode_prompts(model, [w.task.render_prompt(p) for p in w.test],
+                              max_new_tokens=a.max_new_tokens, what="evaluation prompts")  # fmt: skip
+
+    def width(texts, what: str) -> int:
+        enc = inputs.encode_prompts(student, texts, max_new_tokens=a.max_new_tokens, what=what)
+        return data.round_up(max(len(t) for t in enc), inputs.PAD_MULTIPLE)
+
+    def longest(pairs) -> int:  # as loops.run_sft pads
+        return data.round_up(max(len(p) + len(q) for p, q in pairs), 16)
+
     rows = a.prompts_per_step * a.group_size
-    tok = m.base.tokenizer
-    width = data.round_up(max(len(tok.encode(w.task.render_prompt(p), add_bos=True))
-                              for p in w.train), inputs.PAD_MULTIPLE)  # fmt: skip
-    common = dict(loss_impl=c.loss_impl, batch=rows, sample_batch=rows)
-    inputs.check_memory(m.base.config, w.mesh, objective="sft", seq_len=width + a.max_new_tokens,
+    sampled = max(rows, evaluation.sample_rows(w))
+    prompt = width([w.task.render_prompt(p) for p in w.train], "training prompts")
+    rng = np.random.default_rng([c.seed, 23])
+    privileged = width([w.task.privileged_view(p, rng).teacher_prompt for p in w.train],
+                       "OPSD teacher prompts")  # fmt: skip
+    if c.base.steps > 0 or not c.teacher:
+        texts = models.mixture(w, c.base.style, c.seed) + models.mixture(w, "all", c.seed + 1)
+        seq = longest(inputs.encode_examples(student, texts, "base and teacher data"))
+        inputs.check_memory(cfg, w.mesh, objective="sft", batch=c.base.batch_size, seq_len=seq,
+                            loss_impl=c.loss_impl)  # fmt: skip
+    common = dict(loss_impl=c.loss_impl, batch=rows, sample_batch=sampled)
+    inputs.check_memory(cfg, w.mesh, objective="sft", seq_len=longest(arms.sft_examples(w, student)),
                         **common)  # fmt: skip
-    on_policy = dict(prompt_len=width, completion_len=a.max_new_tokens, **common)
-    inputs.check_memory(m.base.config, w.mesh, objective="grpo", **on_policy)
-    inputs.check_memory(m.base.config, w.mesh, objective="opd", teacher_config=m.teacher.config,
-                        **on_policy)  # fmt: skip
+    on_policy = dict(prompt_len=prompt, completion_len=a.max_new_tokens, **common)
+    inputs.check_memory(cfg, w.mesh, objective="grpo", **on_policy)
+    inputs.check_memory(cfg, w.mesh, objective="opd", teacher_config=teacher_config,
+                        distill_loss=losses.opd_kl(0.5), **on_policy)  # fmt: skip
+    inputs.check_memory(cfg, w.mesh, objective="opd", teacher_config=cfg,
+                        teacher_prompt_len=privileged, **on_policy)  # fmt: skip
 
 
 def run(config, log: Callable[[str], None] = print) -> dict:
@@ -110,11 +133,11 @@ def run(config, log: Callable[[str], None] = print) -> dict:
     settings.check(config)
     os.makedirs(config.workdir, exist_ok=True)
     w = models.world(config)
-    m = models.base_and_teacher(w, log)
-    for model in (m.base, m.teacher):  # both models sample the held-out prompts
-        inputs.encode_prompts(model, [w.task.render_prompt(p) for p in w.test],
-                              max_new_tokens=config.arm.max_new_tokens, what="evaluation prompts")  # fmt: skip
-    _check_memory(w, m)
+    log(distributed.describe(w.mesh))
+    if w.task.needs_pretrained and not settings.pretrained(config):
+        raise UserError(f"task {w.task.name} needs a pretrained --model=DIR and the pretrained "
+                        f"variant (the built-in base is a character-level model trained here)")  # fmt: skip
+    m = models.base_and_teacher(w, log, check=lambda s, t: _check_memory(w, s, t))
     log(f"models ready ({time.perf_counter() - start:.0f} s)")
     arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
     evals: dict[str, Evaluation] = {}
@@ -190,16 +213,10 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
             "history": [] if reference else _history(os.path.join(c.workdir, "arms", name)),
         }
     a, e = c.arm, c.eval
-    if c.task.name == "countdown":
-        k = c.task.countdown
-        task = (f"Countdown, 3 numbers in {list(k.number_range)}, targets in "
-                f"{list(k.target_range)}, >= {k.min_solutions} solutions")  # fmt: skip
-    else:
-        task = f"{c.task.name} ({c.task.data_dir or 'TFDS in ' + c.task.tfds_data_dir})"
     steering = (f"; steering: {e.steer_problems} prompts × {e.steer_samples}" if w.steer
                 else "; steerability not measured (the task has no steering probe)")  # fmt: skip
     settings_ = {
-        "task": task,
+        "task": w.task.describe(),
         "student": describe["student"],
         "base": describe["base"],
         "teacher": describe["teacher"],

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from jaxpost import inputs
+from jaxpost import train
 from jaxpost.errors import UserError
 
 # Fields that never change a result: where it goes, what is shown, which arms run this time.
@@ -50,7 +50,7 @@ def check(config) -> None:
         raise UserError(f"eval.samples must be >= 2 for pass@k curves, got {e.samples}")
     if not (b.learning_rate > 0 and a.learning_rate > 0):
         raise UserError("base.learning_rate and arm.learning_rate must be > 0")
-    inputs.check_loss_impl(config.loss_impl)
+    train.resolve_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
     if pretrained(config):
@@ -65,9 +65,6 @@ def check(config) -> None:
     elif b.steps < 1 or config.teacher_steps < (0 if config.teacher else 1):
         raise UserError("the built-in base needs base.steps >= 1 and, without --teacher, "
                         "teacher_steps >= 1")  # fmt: skip
-    if config.task.name == "gsm8k" and not pretrained(config):
-        raise UserError("task gsm8k needs a pretrained --model=DIR (the built-in base is a "
-                        "character-level model) and the pretrained variant")  # fmt: skip
     for name in ("model", "teacher"):
         path = config[name]
         if name == "model" and not pretrained(config):
@@ -110,7 +107,7 @@ def _key(config, leave_out: tuple[str, ...]) -> str:
 
 def model_key(config) -> str:
     """The base and teacher's cache key (their directory under WORKDIR/models)."""
-    return _key(config, ("arm", "eval", "loss_impl", "mesh"))
+    return _key(config, ("arm", "eval", "loss_impl", "mesh", "remat"))
 
 
 def arm_key(config) -> str:

@@ -8,9 +8,10 @@ at Qwen2.5-0.5B's shape (V = 151,936, D = 896) 0.54 GB of temporaries for the lo
 (XLA:CPU, 2-core CPU, 2026-12-02), twice the bf16 gradient it produces; with a fused-linear loss
 that buffer is the one part of the train step that still grows with V.
 
-Here the backward sorts the N tokens, sums the cotangent rows of equal tokens in float32 (float64 for a
-float64 table; an [N, D] array: the segments are the distinct tokens), and then *gathers* row v of the gradient from
-those sums (zero where v does not occur), writing the [V, D] gradient once, in the table's dtype:
+Here the backward sorts the N tokens, sums the cotangent rows of equal tokens in float32
+(float64 for a float64 table; an [N, D] array: the segments are the distinct tokens), and then
+*gathers* row v of the gradient from those sums (zero where v does not occur), writing the
+[V, D] gradient once, in the table's dtype:
 0.03 GB of temporaries at the same shape. The arithmetic is the scatter's (float32 sums, one
 rounding to the table's dtype); only the order of the additions within a token's rows may differ.
 """
@@ -49,6 +50,7 @@ def _bwd(residual, g):
     tokens, table = residual
     vocab, width = table.shape
     flat = tokens.reshape(-1)
+    flat = jnp.where(flat < 0, flat + vocab, flat)  # `take` reads t < 0 as row V + t
     n = flat.shape[0]
     order = jnp.argsort(flat)
     sorted_tokens = flat[order]

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from jaxpost import data, distributed, evaluate, inputs, loops, sharding, train
+from jaxpost import data, distributed, evaluate, inputs, loops, train
 from jaxpost.errors import UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
@@ -122,21 +122,15 @@ def describe_devices(mesh) -> None:
     log(distributed.describe(mesh))
 
 
-def place(model: Model, mesh) -> Model:
-    """The model's parameters sharded over the mesh by the logical rules (unchanged without)."""
-    if mesh is None:
-        return model
-    shardings = sharding.param_shardings(model.config, mesh)
-    return model.replace(params=sharding.shard_params(model.params, shardings))
-
-
 # ---------------------------------------------------------------------------------------------
 # the SFT stage (sft.py's training; grpo/opd's built-in student and teacher)
 
 
-def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh,
-              desc: str = "sft", loss_impl: str = "auto") -> loops.RunResult:  # fmt: skip
-    """SFT `model` on the task's reference solutions (the `stage.data` mixture)."""
+def sft_examples(stage, task, model: Model, *, seed: int, mesh, desc: str = "sft",
+                 loss_impl: str = "auto", sample_batch: int | None = None) -> list:  # fmt: skip
+    """The SFT stage's token pairs (the `stage.data` mixture of the task's reference solutions),
+    with the memory plan of its step checked (plus a sampler of `sample_batch` rows, for the
+    evaluation that shares the run)."""
     d = stage.data
     train_problems = inputs.problems(task, "train", d.train_problems, seed)
     retention = None
@@ -153,10 +147,16 @@ def train_sft(stage, task, model: Model, *, workdir: str | None, seed: int, mesh
     width = max(len(p) + len(c) for p, c in examples)
     inputs.check_memory(model.config, mesh, objective="sft", loss_impl=loss_impl,
                         batch=stage.loop.batch_size, seq_len=data.round_up(width, 16),
-                        grad_accum=stage.optim.grad_accum)  # fmt: skip
+                        grad_accum=stage.optim.grad_accum, sample_batch=sample_batch)  # fmt: skip
     log(f"{desc}: {len(examples)} examples ({len(train_problems)} {task.name} problems x "
         f"{d.per_problem}, style {d.style!r}), {stage.loop.steps} steps of "
         f"{stage.loop.batch_size}")  # fmt: skip
+    return examples
+
+
+def train_sft(stage, model: Model, examples: list, *, workdir: str | None, seed: int, mesh,
+              desc: str = "sft", loss_impl: str = "auto") -> loops.RunResult:  # fmt: skip
+    """SFT `model` on `examples` (`sft_examples`) with the stage's optimizer and loop."""
     start = time.perf_counter()
     result = loops.run_sft(
         model.config, model.params, examples, optim_config(stage.optim, stage.loop.steps),
@@ -178,8 +178,10 @@ def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: 
 
     def build():
         log(f"{what}: SFT of {start.describe()} into {path}")
-        result = train_sft(stage, task, start, workdir=workdir, seed=seed, mesh=mesh, desc=what,
-                           loss_impl=loss_impl)  # fmt: skip
+        examples = sft_examples(stage, task, start, seed=seed, mesh=mesh, desc=what,
+                                loss_impl=loss_impl)  # fmt: skip
+        result = train_sft(stage, start, examples, workdir=workdir, seed=seed, mesh=mesh,
+                           desc=what, loss_impl=loss_impl)  # fmt: skip
         if result.preempted:
             raise SystemExit(f"{what}: preempted; rerun the same command to resume")
         return result.state.params, result.history
@@ -187,7 +189,7 @@ def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: 
     if os.path.isfile(os.path.join(path, "config.json")):
         log(f"{what}: reusing {path}")
     model, _ = inputs.reuse_or_train(path, start, build)
-    return place(model, mesh)
+    return model.on(mesh)
 
 
 def student(config, task, mesh) -> Model:
@@ -195,7 +197,7 @@ def student(config, task, mesh) -> Model:
     first SFT-trained with `config.sft` into WORKDIR/sft_init."""
     model = load(config, config.model)
     if config.model not in _presets():
-        return place(model, mesh)
+        return model.on(mesh)
     return built_in(config.sft, task, model, os.path.join(config.workdir, "sft_init"),
                     seed=config.seed, mesh=mesh, what="sft_init", loss_impl=config.loss_impl)  # fmt: skip
 
@@ -208,7 +210,7 @@ def load(config, spec: str, *, student: bool = True) -> Model:
                         "name; the 'pretrained' config variants need one")  # fmt: skip
     return inputs.load_model(spec, tokenizer=config.tokenizer, dtype=config.dtype,
                              overrides=config.model_overrides if student else "",
-                             seed=config.init_seed)  # fmt: skip
+                             seed=config.init_seed, remat=config.remat if student else "")  # fmt: skip
 
 
 def _presets():
@@ -233,6 +235,11 @@ def eval_sets(config, task) -> dict[str, tuple]:
         add = addition.Addition()
         sets["addition"] = (add, inputs.problems(add, "test", e.addition_prompts, e.seed))
     return sets
+
+
+def eval_rows(sets: dict, e, mesh) -> int:
+    """The most rows `evaluate_sets` samples at once (a memory plan's `sample_batch`)."""
+    return max((evaluate.chunk_rows(len(p), e.samples, mesh) for _, p in sets.values()), default=0)
 
 
 def evaluate_sets(label: str, model: Model, params, sets: dict, e, *, mesh,

@@ -8,7 +8,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import inputs, loops, losses
+from jaxpost import inputs, loops, losses, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 
@@ -39,7 +39,7 @@ def run(config) -> dict:
     """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
-    inputs.check_loss_impl(config.loss_impl)
+    train.resolve_loss_impl(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
@@ -49,22 +49,22 @@ def run(config) -> dict:
     tok, L, g = model.tokenizer, config.loop, config.grpo
     common.log(f"start: {model.describe()}")
 
-    train = inputs.problems(task, "train", config.train_problems, config.seed)
-    prompts = inputs.encode_prompts(model, [task.render_prompt(p) for p in train],
+    problems = inputs.problems(task, "train", config.train_problems, config.seed)
+    prompts = inputs.encode_prompts(model, [task.render_prompt(p) for p in problems],
                                     max_new_tokens=sampling.max_new_tokens, what="GRPO rollouts")  # fmt: skip
     verify = task.verify_answer if config.reward == "answer" else task.verify_chain
 
     def reward(i: int, completion: list[int]) -> float:
-        return float(verify(train[i], tok.decode(completion)))
+        return float(verify(problems[i], tok.decode(completion)))
 
     source = loops.PromptSource(prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
     rows = L.batch_size * sampling.group_size
+    sets = common.eval_sets(config, task)
     inputs.check_memory(model.config, mesh, objective="grpo", loss_impl=config.loss_impl,
                         batch=rows, prompt_len=source.width(),
                         completion_len=sampling.max_new_tokens, with_reference=g.kl_beta > 0,
-                        grad_accum=config.optim.grad_accum, sample_batch=rows)  # fmt: skip
-
-    sets = common.eval_sets(config, task)
+                        grad_accum=config.optim.grad_accum,
+                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)))  # fmt: skip
     results = {"start": common.evaluate_sets("start", model, model.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     transform = None

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from jaxpost import inputs, loops
+from jaxpost import inputs, loops, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 
@@ -29,7 +29,7 @@ def loss_function(config):
 
 def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
     if config.teacher:
-        teacher = common.place(common.load(config, config.teacher, student=False), mesh)
+        teacher = common.load(config, config.teacher, student=False).on(mesh)
     else:
         start = common.load(config, config.model)
         if config.model not in common._presets():
@@ -46,7 +46,7 @@ def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
-    inputs.check_loss_impl(config.loss_impl)
+    train.resolve_loss_impl(config.loss_impl)
     loss_fn = loss_function(config)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
@@ -55,18 +55,19 @@ def run(config) -> dict:
     sampling = common.sampling_config(config.sampling)
     student = common.student(config, task, mesh)
     tok, L = student.tokenizer, config.loop
-    train = inputs.problems(task, "train", config.train_problems, config.seed)
-    prompts = inputs.encode_prompts(student, [task.render_prompt(p) for p in train],
+    problems = inputs.problems(task, "train", config.train_problems, config.seed)
+    prompts = inputs.encode_prompts(student, [task.render_prompt(p) for p in problems],
                                     max_new_tokens=sampling.max_new_tokens, what="OPD rollouts")  # fmt: skip
     render = None
     if config.mode == "opd":
         teacher = _teacher(config, task, student, mesh)
         teacher_prompts = None
-        teacher_texts = [task.render_prompt(p) for p in train]
+        inputs.encode_prompts(teacher, [task.render_prompt(p) for p in problems],
+                              max_new_tokens=sampling.max_new_tokens, what="the teacher's prompts")  # fmt: skip
     else:
         teacher = student.replace(source="the frozen starting student")
         rng = np.random.default_rng([config.seed, 13])
-        teacher_texts = [task.privileged_view(p, rng).teacher_prompt for p in train]
+        teacher_texts = [task.privileged_view(p, rng).teacher_prompt for p in problems]
         teacher_prompts = inputs.encode_prompts(teacher, teacher_texts,
                                                 max_new_tokens=sampling.max_new_tokens,
                                                 what="OPSD teacher prompts")  # fmt: skip
@@ -74,24 +75,22 @@ def run(config) -> dict:
         def render(p):
             return task.privileged_view(p, np.random.default_rng(0)).teacher_prompt
 
-    inputs.encode_prompts(teacher, teacher_texts, max_new_tokens=sampling.max_new_tokens,
-                          what="the teacher's prompts")  # fmt: skip
     common.log(f"student: {student.describe()}\nteacher: {teacher.describe()}"
                f"{' with a reference solution in its prompt' if config.mode == 'opsd' else ''}")
 
     def reward(i: int, completion: list[int]) -> float:  # logged as the rollout pass rate
-        return float(task.verify_answer(train[i], tok.decode(completion)))
+        return float(task.verify_answer(problems[i], tok.decode(completion)))
 
     source = loops.PromptSource(prompts, reward=reward, teacher_prompts=teacher_prompts,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
     rows = L.batch_size * sampling.group_size
+    sets = common.eval_sets(config, task)
     inputs.check_memory(student.config, mesh, objective="opd", loss_impl=config.loss_impl,
                         batch=rows, prompt_len=source.width(),
                         completion_len=sampling.max_new_tokens, teacher_config=teacher.config,
                         teacher_prompt_len=source.width(teacher=True) if teacher_prompts else None,
                         distill_loss=loss_fn, grad_accum=config.optim.grad_accum,
-                        sample_batch=rows)  # fmt: skip
-    sets = common.eval_sets(config, task)
+                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)))  # fmt: skip
     results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     if config.eval.teacher and task.name in sets:

@@ -5,25 +5,28 @@ from __future__ import annotations
 import os
 import time
 
-from jaxpost import inputs
+from jaxpost import inputs, train
 from jaxpost.recipes import common
 
 
 def run(config) -> dict:
     """SFT with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
-    inputs.check_loss_impl(config.loss_impl)
+    train.resolve_loss_impl(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
     common.describe_devices(mesh)
     task = inputs.make_task(config.task)
-    model = common.place(common.load(config, config.model), mesh)
+    model = common.load(config, config.model).on(mesh)
     common.log(f"model: {model.describe()}")
     sets = common.eval_sets(config, task)
+    examples = common.sft_examples(config, task, model, seed=config.seed, mesh=mesh,
+                                   loss_impl=config.loss_impl,
+                                   sample_batch=common.eval_rows(sets, config.eval, mesh))  # fmt: skip
     results = {"before": common.evaluate_sets("before", model, model.params, sets, config.eval,
                                                mesh=mesh)}  # fmt: skip
-    result = common.train_sft(config, task, model, workdir=workdir, seed=config.seed, mesh=mesh,
-                              loss_impl=config.loss_impl)  # fmt: skip
+    result = common.train_sft(config, model, examples, workdir=workdir, seed=config.seed,
+                              mesh=mesh, loss_impl=config.loss_impl)  # fmt: skip
     if result.preempted:
         common.log("sft: preempted; rerun the same command to resume")
         return {"preempted": True}

@@ -26,6 +26,10 @@ special-case a task:
                                                 completion's solution (None when it is wrong)
     task.steering()               -> Task|None  a probe of in-context steerability, if the task
                                                 has one
+    task.describe()               -> str        one line for reports: the task and its knobs
+    task.needs_pretrained         (class-level) a model trained here from scratch cannot learn it
+                                                (natural language): programs that would build
+                                                their own base refuse it
 
 Problems are small frozen (hashable) dataclasses. Completions are untrusted model output: a
 malformed completion is simply wrong (False / None), never an exception. The invariant tying the
@@ -43,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Hashable
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 Split = Literal["train", "test"]
 Problem = TypeVar("Problem", bound=Hashable)
@@ -54,6 +58,7 @@ class Task(Protocol[Problem]):
     """The verifiable-task protocol; see the module docstring for the contract of each method."""
 
     name: str
+    needs_pretrained: ClassVar[bool]
 
     def prompts(self, split: Split, n: int, seed: int) -> list[Problem]: ...
 
@@ -77,6 +82,8 @@ class Task(Protocol[Problem]):
     def diversity_key(self, problem: Problem, completion: str) -> Hashable | None: ...
 
     def steering(self) -> Task | None: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)

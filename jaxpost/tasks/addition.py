@@ -14,6 +14,7 @@ solution, the sum itself, so `solutions()` is that single string.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class Addition:
     digits: tuple[int, int] = (2, 3)
     test_fraction: float = 0.2
     name: str = "addition"
+    needs_pretrained: ClassVar[bool] = False
 
     def prompts(self, split: Split, n: int, seed: int) -> list[AdditionProblem]:
         """`n` distinct problems of `split`, each operand with a uniform number of digits."""
@@ -125,3 +127,6 @@ class Addition:
 
     def steering(self) -> None:
         return None
+
+    def describe(self) -> str:
+        return f"addition of two numbers of {self.digits[0]}-{self.digits[1]} digits"

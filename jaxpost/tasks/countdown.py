@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
+from typing import ClassVar
 
 import numpy as np
 
@@ -86,6 +87,7 @@ class Countdown:
     min_solutions: int = 3
     test_fraction: float = 0.2
     name: str = "countdown"
+    needs_pretrained: ClassVar[bool] = False
 
     def prompts(self, split: Split, n: int, seed: int) -> list[CountdownProblem]:
         """`n` distinct problems of `split`, deterministic in (split, n, seed).
@@ -211,6 +213,12 @@ class Countdown:
     def steering(self) -> Steer:
         """The "first <op>" probe over this generator (`jaxpost.tasks.steer`)."""
         return Steer(countdown=self)
+
+    def describe(self) -> str:
+        lo, hi = self.num_numbers
+        count = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return (f"Countdown, {count} numbers in {list(self.number_range)}, targets in "
+                f"{list(self.target_range)}, >= {self.min_solutions} solutions")  # fmt: skip
 
 
 def _step_key(op: str, a: int, b: int, c: int) -> tuple:

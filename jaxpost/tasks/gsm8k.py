@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from fractions import Fraction
+from typing import ClassVar
 
 import numpy as np
 
@@ -173,6 +174,7 @@ class GSM8K:
     train: tuple[GSM8KProblem, ...]
     test: tuple[GSM8KProblem, ...]
     name: str = "gsm8k"
+    needs_pretrained: ClassVar[bool] = True
 
     def __post_init__(self):
         held_out = {p.question for p in self.test}
@@ -249,6 +251,9 @@ class GSM8K:
 
     def steering(self) -> None:
         return None
+
+    def describe(self) -> str:
+        return f"GSM8K, {len(self.train)} train and {len(self.test)} test problems"
 
 
 def reasoning_path(completion: str) -> str:

@@ -17,7 +17,7 @@ Measure with `metrics.compliance_rate([task.complies(p, c) ...])` and
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Steer:
 
     countdown: Countdown
     name: str = "steer"
+    needs_pretrained: ClassVar[bool] = False
 
     def compliant_solutions(self, problem: SteerProblem) -> list[str]:
         """Solutions that some valid chain can start with the requested operation, sorted."""
@@ -111,6 +112,9 @@ class Steer:
 
     def steering(self) -> None:
         return None
+
+    def describe(self) -> str:
+        return f"steering probe over {self.countdown.describe()}"
 
     def complies(self, problem: SteerProblem, completion: str) -> bool:
         """The chain verifies and its first step uses the requested operation."""
