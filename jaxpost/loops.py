@@ -31,10 +31,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, distributed, losses, rollouts, runner, sharding, train
+from jaxpost import data, distributed, rollouts, runner, sharding, train
 from jaxpost.models import ModelConfig
 from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult, StepFunction
@@ -198,12 +197,10 @@ def run_grpo(
         if reward_transform is not None:
             seq_logp = (batch.old_logp * batch.completion_mask).sum(1)
             rewards = np.asarray(reward_transform(correct, seq_logp), np.float32)
-        # advantages over the global batch (a "batch" scale is one std over every process's
-        # rows), then this process's rows of them
-        everyone = distributed.gather_rows(np.stack([rewards, correct > 0], 1), r.rows)
-        adv, _ = losses.group_advantages(jnp.asarray(everyone[:, 0]), group, scale=advantage_scale)
-        adv = np.asarray(adv)[r.rows] if len(everyone) > len(rewards) else np.asarray(adv)
-        extra = {"reward": float(everyone[:, 0].mean()), "pass_rate": float(everyone[:, 1].mean())}
+        adv = rollouts.advantages(rewards, r.rows, group, advantage_scale)
+        totals = np.asarray(distributed.all_hosts(np.asarray(
+            [[rewards.sum(), (correct > 0).sum(), len(rewards)]], np.float64))).sum(0)  # fmt: skip
+        extra = {"reward": totals[0] / totals[2], "pass_rate": totals[1] / totals[2]}
         return batch.replace(advantages=adv), extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxpost import data, distributed, sampler
+from jaxpost import data, distributed, losses, sampler
 from jaxpost.models import ModelConfig
 
 
@@ -136,6 +136,16 @@ def rollout_metrics(r: StepRollouts) -> dict[str, float]:
     tokens, entropy, rows = np.asarray(totals).sum(0)
     return {"completion_len": tokens / max(rows, 1), "entropy": entropy / max(tokens, 1),
             "sampled_tokens": tokens}  # fmt: skip
+
+
+def advantages(rewards: np.ndarray, rows: slice, group_size: int, scale: str) -> np.ndarray:
+    """GRPO's advantages (`losses.group_advantages`) of this process's `rows` of a step, computed
+    over the whole step's batch: a "batch" scale divides by one std over every process's
+    rewards, not this host's. A collective under several processes (`distributed.gather_rows`)."""
+    everyone = distributed.gather_rows(np.asarray(rewards, np.float32), rows)
+    adv, _ = losses.group_advantages(everyone, group_size, scale=scale)
+    adv = np.asarray(adv)
+    return adv[rows] if len(adv) > len(rewards) else adv
 
 
 def rewards(source: PromptSource, r: StepRollouts) -> np.ndarray:

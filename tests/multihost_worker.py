@@ -40,6 +40,7 @@ CONFIG = models.get_config("tiny", vocab_size=64, n_layers=1)
 TEACHER = models.get_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, n_layers=1)
 OPTIM = train.OptimConfig(learning_rate=3e-3, warmup_steps=0)
 BATCH = 8
+REWARDS = np.asarray([1, 0, 1, 1, 0, 0, 1, 0], np.float32)  # 4 groups of 2, unequal per half
 
 
 def sft_batch() -> data.SequenceBatch:
@@ -212,9 +213,14 @@ def run_psum(mesh) -> dict:
     flipped = sharding.make_mesh((jax.device_count(), 1, 1), jax.devices()[::-1])
     mine = distributed.local_rows(flipped, 8)
     gathered = distributed.gather_rows(np.arange(8)[mine] * 10, mine)
+    # GRPO's advantages of this process's rows, with one reward std over the whole batch
+    from jaxpost import rollouts
+
+    adv = rollouts.advantages(REWARDS[mine], mine, 2, "batch")
     return {"shape": list(x.shape), "psum": float(psum.addressable_data(0)),
             "sum": float(total.addressable_data(0)), "flipped_rows": [mine.start, mine.stop],
-            "gathered": np.asarray(gathered).tolist()}  # fmt: skip
+            "gathered": np.asarray(gathered).tolist(),
+            "advantages": np.asarray(distributed.gather_rows(adv, mine)).tolist()}  # fmt: skip
 
 
 def main() -> None:

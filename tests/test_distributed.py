@@ -10,7 +10,7 @@ import multihost_worker
 import numpy as np
 import pytest
 
-from jaxpost import distributed, sharding
+from jaxpost import distributed, losses, sharding
 
 # ---------------------------------------------------------------------------------------------
 # Environment -> jax.distributed.initialize arguments
@@ -136,6 +136,9 @@ def test_two_local_processes_initialize_and_psum(tmp_path):
         assert meta["psum"] == meta["sum"] == 2 * 3 * 1 + 2 * 3 * 2
         assert meta["flipped_rows"] == ([4, 8] if rank == 0 else [0, 4])  # process 1 holds 0..3
         assert meta["gathered"] == list(range(0, 80, 10))
+        # each host's rows of advantages computed over the whole batch equal one process's
+        want, _ = losses.group_advantages(multihost_worker.REWARDS, 2, scale="batch")
+        np.testing.assert_allclose(meta["advantages"], np.asarray(want), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

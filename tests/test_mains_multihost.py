@@ -20,7 +20,9 @@ from jaxpost.models import hf
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost_mains")]
 
-VARIANTS = {"sft": [], "grpo": [], "opd": []}
+# GRPO with one reward std over the whole batch, across hosts (rollouts.advantages; its exact
+# check with unequal rewards per host is tests/test_distributed.py's psum scenario)
+VARIANTS = {"sft": [], "grpo": ["--config.grpo.advantage_scale=batch"], "opd": []}
 
 
 def _vector(model_dir: str) -> np.ndarray:

@@ -13,10 +13,20 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone on an unshared 2-core CPU (2026-12-01, before the one-stack redesign;
-the redesign changed the SFT mixture's composition slightly, so later runs differ in the third
-decimal): 604 s for the whole README main command (venv, install, 527 s of protocol, of which
-264 s build the base and teacher).
+Measured from a clean clone on the project's 2-core CPU (XLA:CPU, 2026-12-02, otherwise idle):
+433 s for the whole README main command (venv and install 36 s with wheels cached locally; 397 s
+of protocol, of which 262 s build the base and teacher; each arm trains in 8-11 s). That run:
+
+    | arm | pass@1 | pass@large_k | diversity | retention | steerability |
+    | base | 0.264 | 0.583 | 0.215 | 0.898 | 0.100 |
+    | teacher | 0.260 | 0.938 | 0.589 | 0.977 | 0.291 |
+    | sft | 0.166 | 0.708 | 0.253 | 0.801 | 0.043 |
+    | grpo | 0.268 | 0.583 | 0.250 | 0.871 | 0.100 |
+    | opd_rkl | 0.253 | 0.542 | 0.219 | 0.902 | 0.062 |
+    | opsd | 0.258 | 0.646 | 0.163 | 0.867 | 0.086 |
+
+(and five more arms); "on-policy methods retain more of the earlier skill than SFT" reproduced
+(+0.076 [+0.027, +0.125] addition accuracy), the other five claims inconclusive.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
