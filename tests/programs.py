@@ -1,5 +1,5 @@
-"""Running the user's commands in tests: a main as one process, or as N processes on loopback
-with the JAX_* variables scripts/launch_gpu_slurm.sh exports (what a launcher would do)."""
+"""Running the user's commands in tests: a main as one process, or through
+scripts/launch_gpu_slurm.sh as N processes on loopback (a stand-in srun starts them)."""
 
 from __future__ import annotations
 
@@ -36,31 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_processes(module: str, *args: str, processes: int = 2, devices: int = 1,
-                  timeout: int = 600) -> list[subprocess.CompletedProcess]:  # fmt: skip
-    """The same command as `processes` processes joined on a free loopback port, as
-    scripts/launch_gpu_slurm.sh starts them (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-    JAX_PROCESS_ID), each with `devices` CPU devices; returns each rank's completed process."""
-    port = _free_port()
-    procs = []
-    for rank in range(processes):
-        env = _env(devices, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                             "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(rank)})  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
 
 
 _FAKE_SRUN = """#!/usr/bin/env bash

@@ -15,17 +15,18 @@ and pass@64 with 95% bootstrap intervals, CoT-pass@1, coverage, distinct correct
 problem), the wall time and WORKDIR/model, the GRPO model as a Hugging Face directory.
 WORKDIR/metrics.jsonl has the training curve, WORKDIR/eval.json the full pass@k curves.
 
-Measured on a 2-core CPU shared with other jobs (load average 2.5-4.5, 2026-11-25), defaults, 64
-held-out problems x 64 samples; both commands print the same table (the runs are deterministic):
+Measured on the project's 2-core CPU (otherwise idle, XLA:CPU, 2026-12-02), defaults, 64
+held-out problems x 64 samples, the second command (--model = experiments.sft's model):
 
     model       task       pass@1                pass@64                cot_pass@1  coverage  distinct
-    start       countdown  0.206 [0.164,0.249]   0.906 [0.844,0.969]         0.043     0.906      2.08
-    after GRPO  countdown  0.370 [0.290,0.448]   0.828 [0.734,0.922]         0.075     0.828      1.47
+    start       countdown  0.203 [0.167,0.240]   0.922 [0.844,0.984]         0.044     0.922      2.12
+    after GRPO  countdown  0.401 [0.327,0.476]   0.875 [0.797,0.953]         0.078     0.875      1.53
 
-with the rollout pass rate going 0.209 (first 10 rounds) -> 0.331 (last 10). pass@1 rises while
+with the rollout pass rate going 0.210 (first 10 rounds) -> 0.321 (last 10). pass@1 rises while
 pass@64, coverage and the distinct solutions per problem fall (the pass@64 intervals overlap at
-this size), as expected if RL sharpens the policy onto solutions it already finds. Wall time: 353
-s without --model (its SFT 195 s, GRPO's 100 rounds 119 s, two evaluations 33 s); 207 s with it.
+this size), as expected if RL sharpens the policy onto solutions it already finds. Wall time 98 s
+for the command (GRPO's 100 rounds 85 s). Without --model it first trains its own SFT start
+(measured 2026-11-25 on a shared machine: 353 s in all).
 
 Variants: "tiny" (seconds), "pretrained" (a checkpoint given with --model: bfloat16, lr 1e-6,
 256 new tokens). Overrides: `--config.grpo.unlikeliness_beta=0.25` (He et al.'s unlikeliness

@@ -26,20 +26,20 @@ reference solution in its prompt) and the distilled student (pass@1 and pass@64 
 bootstrap intervals, CoT-pass@1, coverage, distinct correct solutions per problem), the wall time
 and WORKDIR/model, the distilled student as a Hugging Face directory.
 
-Measured on a 2-core CPU shared with other jobs (load average 3-4, 2026-11-25), defaults, the
-first three commands above, 64 held-out problems x 64 samples (before the SFT mixture's
-privileged examples became an added share rather than a replaced fraction):
+Measured on the project's 2-core CPU (otherwise idle, XLA:CPU, 2026-12-02), defaults, 64
+held-out problems x 64 samples; the README's commands (the OPSD one without --model, so it
+trains its own student, the same one):
 
-OPD, reverse KL (alpha 1), student = the built-in 200-step SFT (trained in the run: 176 s),
-teacher = experiments.sft's model; 337 s wall in all (100 OPD steps: 104 s):
+OPD, reverse KL (alpha 1), student = the built-in 200-step SFT (trained in the run: 94 s),
+teacher = experiments.sft's model; 159 s for the command (100 OPD steps: 45 s):
 
     model      task       pass@1                pass@64                cot_pass@1  coverage  distinct
-    start      countdown  0.031 [0.021,0.043]   0.625 [0.500,0.734]         0.002     0.625      1.00
-    teacher    countdown  0.206 [0.164,0.249]   0.906 [0.844,0.969]         0.043     0.906      2.08
-    after OPD  countdown  0.081 [0.057,0.105]   0.672 [0.562,0.781]         0.009     0.672      1.16
+    start      countdown  0.030 [0.020,0.042]   0.594 [0.469,0.703]         0.001     0.594      0.92
+    teacher    countdown  0.203 [0.167,0.240]   0.922 [0.844,0.984]         0.044     0.922      2.12
+    after OPD  countdown  0.051 [0.035,0.070]   0.656 [0.531,0.766]         0.005     0.656      0.94
 
-OPSD from the same student: the privileged teacher (pass@1 0.183) is far better than the student,
-yet distilling it did not help here (0.031 -> 0.022).
+OPSD from the same student (167 s): the privileged teacher (pass@1 0.159) is far better than the
+student, yet distilling it did not help here (0.030 -> 0.020; rollout pass rate 0.030 -> 0.022).
 
 Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --teacher: bfloat16,
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),

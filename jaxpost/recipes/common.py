@@ -298,7 +298,3 @@ def report(workdir: str, results: dict[str, dict], e, start: float, model_dir: s
     log(f"wall time {wall:.0f} s; model saved to {model_dir}; evaluation in {path}")
     return {"results": results, "wall_s": wall, "model_dir": model_dir}
 
-
-def scalars(result: dict, label: str, task: str = "countdown") -> dict[str, float]:
-    """{"pass@1": ..., "coverage": ...} means of one model's evaluation in a run's result."""
-    return {k: v["mean"] for k, v in result["results"][label][task]["scalars"].items()}
