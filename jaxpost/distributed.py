@@ -221,4 +221,3 @@ def gather_rows(values, mine: slice):
     per = len(blocks) // len(spans)
     order = np.argsort(spans[:, 0], kind="stable")
     return np.concatenate([blocks[i * per : (i + 1) * per] for i in order])
-
