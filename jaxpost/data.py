@@ -97,6 +97,12 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def pair_width(examples, multiple: int = 16) -> int:
+    """The run-wide row width of SFT (prompt ids, completion ids) pairs: the longest pair,
+    rounded up to `multiple` (what `sft_batch` rows of a run are padded to)."""
+    return round_up(max(len(p) + len(c) for p, c in examples), multiple)
+
+
 def encode_pairs(
     tokenizer: Tokenizer,
     pairs: Iterable[tuple[str, str]],

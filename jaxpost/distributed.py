@@ -209,15 +209,20 @@ def all_hosts(values):
 
 
 def gather_rows(values, mine: slice):
-    """The global rows of a per-process numpy array holding rows `mine` of a batch
-    (`local_rows`): every process's block placed at its own rows, whatever the order of
-    processes on the mesh. The array itself for one process. A collective, like `all_hosts`."""
+    """The global rows of per-process numpy arrays (one, or a tuple of them) holding rows `mine`
+    of a batch (`local_rows`): every process's block placed at its own rows, whatever the order
+    of processes on the mesh. The values themselves for one process. A collective, like
+    `all_hosts`."""
     if jax.process_count() == 1:
         return values
     import numpy as np
 
-    spans = np.asarray(all_hosts(np.asarray([[mine.start, mine.stop]], np.int64)))
-    blocks = np.asarray(all_hosts(np.asarray(values)))
-    per = len(blocks) // len(spans)
-    order = np.argsort(spans[:, 0], kind="stable")
-    return np.concatenate([blocks[i * per : (i + 1) * per] for i in order])
+    spans, blocks = all_hosts((np.asarray([[mine.start, mine.stop]], np.int64), values))
+    order = np.argsort(np.asarray(spans)[:, 0], kind="stable")
+
+    def place(block):
+        block = np.asarray(block)
+        per = len(block) // len(order)
+        return np.concatenate([block[i * per : (i + 1) * per] for i in order])
+
+    return jax.tree.map(place, blocks)

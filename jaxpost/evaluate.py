@@ -108,7 +108,7 @@ def sample(
             max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
             seed=seed + start, pad_id=tokenizer.pad_id, mesh=mesh,
         )  # fmt: skip
-        got = [distributed.gather_rows(x, mine) for x in (r.tokens, r.mask, r.logprobs, r.lengths)]
+        got = distributed.gather_rows((r.tokens, r.mask, r.logprobs, r.lengths), mine)
         parts.append(tuple(np.asarray(x)[: len(chunk) * n] for x in got))
     tokens, mask, logprobs, lengths = (np.concatenate(x) for x in zip(*parts))
     P = len(problems)

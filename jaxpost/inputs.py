@@ -298,7 +298,7 @@ def encode_examples(model: Model, pairs: Sequence[tuple[str, str]], what: str
         examples = data.encode_pairs(model.tokenizer, pairs)
     except ValueError as e:
         raise UserError(f"{what}: the tokenizer cannot encode the task's text: {e}") from None
-    width = data.round_up(max(len(p) + len(c) for p, c in examples), PAD_MULTIPLE)
+    width = data.pair_width(examples, PAD_MULTIPLE)
     if width > model.config.max_seq_len:
         raise UserError(f"{what}: the longest example ({width} tokens, padded) exceeds the "
                         f"model's max_seq_len {model.config.max_seq_len}")  # fmt: skip

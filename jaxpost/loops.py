@@ -68,7 +68,7 @@ def run_sft(
     if not examples:
         raise ValueError("run_sft needs at least one example")
     n = len(examples)
-    width = data.round_up(max(len(p) + len(c) for p, c in examples), 16)
+    width = data.pair_width(examples)
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)

@@ -2,8 +2,7 @@
 
     python -m experiments.sft --workdir=/tmp/jaxpost_sft
     python -m experiments.opd --workdir=/tmp/jaxpost_opd --teacher=/tmp/jaxpost_sft/model
-    python -m experiments.opd --workdir=/tmp/jaxpost_opsd --config.mode=opsd \\
-        --model=/tmp/jaxpost_opd/sft_init/model
+    python -m experiments.opd --workdir=/tmp/jaxpost_opsd --config.mode=opsd
     python -m experiments.opd --config=experiments/configs/opd.py:tiny --workdir=/tmp/opd_tiny
 
 The student samples completions of training prompts; the teacher scores every token of them with

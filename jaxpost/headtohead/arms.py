@@ -99,13 +99,18 @@ def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], lo
     return build
 
 
+def opsd_teacher_texts(w: World) -> list[str]:
+    """OPSD's teacher prompts: each training problem with a reference solution in context."""
+    rng = np.random.default_rng([w.config.seed, 23])
+    return [w.task.privileged_view(p, rng).teacher_prompt for p in w.train]
+
+
 def _opsd(ctx: ArmContext) -> loops.RunResult:
     """The frozen base is the teacher, seeing a reference solution in its prompt."""
     w, base = ctx.world, ctx.models.base
-    rng = np.random.default_rng([ctx.config.seed, 23])
-    views = [w.task.privileged_view(p, rng).teacher_prompt for p in w.train]
     source = dataclasses.replace(ctx.source, teacher_prompts=inputs.encode_prompts(
-        base, views, max_new_tokens=ctx.sampling.max_new_tokens, what="OPSD teacher prompts"))  # fmt: skip
+        base, opsd_teacher_texts(w), max_new_tokens=ctx.sampling.max_new_tokens,
+        what="OPSD teacher prompts"))  # fmt: skip
     return loops.run_opd(base.config, base.params, base.config, base.params, source,
                          _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh,
                          loss_impl=ctx.config.loss_impl)  # fmt: skip

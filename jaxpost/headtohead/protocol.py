@@ -97,22 +97,17 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
         enc = inputs.encode_prompts(student, texts, max_new_tokens=a.max_new_tokens, what=what)
         return data.round_up(max(len(t) for t in enc), inputs.PAD_MULTIPLE)
 
-    def longest(pairs) -> int:  # as loops.run_sft pads
-        return data.round_up(max(len(p) + len(q) for p, q in pairs), 16)
-
     rows = a.prompts_per_step * a.group_size
     sampled = max(rows, evaluation.sample_rows(w))
     prompt = width([w.task.render_prompt(p) for p in w.train], "training prompts")
-    rng = np.random.default_rng([c.seed, 23])
-    privileged = width([w.task.privileged_view(p, rng).teacher_prompt for p in w.train],
-                       "OPSD teacher prompts")  # fmt: skip
+    privileged = width(arms.opsd_teacher_texts(w), "OPSD teacher prompts")
     if c.base.steps > 0 or not c.teacher:
         texts = models.mixture(w, c.base.style, c.seed) + models.mixture(w, "all", c.seed + 1)
-        seq = longest(inputs.encode_examples(student, texts, "base and teacher data"))
+        seq = data.pair_width(inputs.encode_examples(student, texts, "base and teacher data"))
         inputs.check_memory(cfg, w.mesh, objective="sft", batch=c.base.batch_size, seq_len=seq,
                             loss_impl=c.loss_impl)  # fmt: skip
     common = dict(loss_impl=c.loss_impl, batch=rows, sample_batch=sampled)
-    inputs.check_memory(cfg, w.mesh, objective="sft", seq_len=longest(arms.sft_examples(w, student)),
+    inputs.check_memory(cfg, w.mesh, objective="sft", seq_len=data.pair_width(arms.sft_examples(w, student)),
                         **common)  # fmt: skip
     on_policy = dict(prompt_len=prompt, completion_len=a.max_new_tokens, **common)
     inputs.check_memory(cfg, w.mesh, objective="grpo", **on_policy)

@@ -144,9 +144,8 @@ def sft_examples(stage, task, model: Model, *, seed: int, mesh, desc: str = "sft
         steering_share=d.steering_share, privileged_share=d.privileged_share,
     )  # fmt: skip
     examples = inputs.encode_examples(model, pairs, f"{desc} data")
-    width = max(len(p) + len(c) for p, c in examples)
     inputs.check_memory(model.config, mesh, objective="sft", loss_impl=loss_impl,
-                        batch=stage.loop.batch_size, seq_len=data.round_up(width, 16),
+                        batch=stage.loop.batch_size, seq_len=data.pair_width(examples),
                         grad_accum=stage.optim.grad_accum, sample_batch=sample_batch)  # fmt: skip
     log(f"{desc}: {len(examples)} examples ({len(train_problems)} {task.name} problems x "
         f"{d.per_problem}, style {d.style!r}), {stage.loop.steps} steps of "
