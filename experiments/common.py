@@ -16,8 +16,10 @@ a flag twice):
 Before anything else touches JAX, the main starts the multi-controller runtime when the
 environment describes several processes (`jaxpost.distributed`; a no-op for one process) and
 prints how many processes and devices it runs on. A `jaxpost.UserError` (bad flags, missing or
-malformed files, a mesh that does not fit, a plan that does not fit in memory) ends the program
-with one line on stderr and status 1; any other exception keeps its traceback.
+malformed files, a mesh that does not fit, a plan that does not fit in memory, a workdir another
+run holds) ends the program with one line on stderr and status 1, a diverged run with status 3,
+a preempted one (SIGTERM; its checkpoint saved) with 143 (`jaxpost.errors`); any other exception
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -93,18 +95,40 @@ def run_main(name: str, run: Callable[[ml_collections.ConfigDict], object],
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
         from jaxpost import distributed
-        from jaxpost.errors import UserError
+        from jaxpost.errors import Preempted, UserError
 
         try:
             distributed.maybe_initialize_distributed()  # before any other JAX work
         except ValueError as e:  # an incomplete JAX_* / SLURM environment
             print(f"{name}: error: multi-process start-up: {e}", file=sys.stderr)
             sys.exit(1)
-        config = config_from_flags(holders)
+        try:
+            config = config_from_flags(holders)
+        except OSError as e:  # ml_collections defers a --config file that did not load to here
+            print(f"{name}: error: cannot load the --config file: "
+                  f"{str(e).strip().splitlines()[-1].strip()}", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
         try:
             run(config)
-        except UserError as e:
-            print(f"{name}: error: {e}", file=sys.stderr)
-            sys.exit(1)
+        except (UserError, Preempted) as e:  # exit statuses: jaxpost.errors
+            print(f"{name}: {'' if isinstance(e, Preempted) else 'error: '}{e}", file=sys.stderr)
+            sys.exit(e.exit_status)
 
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: _parse_flags(name, argv))
+
+
+def _parse_flags(name: str, argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag (an unknown `--config.foo`, a value of the wrong type)
+    reported in one line instead of after the whole --help."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a config file that raised: its first line and its error
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+        print(f"{name}: error: {text}; see --help", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.path with no such field
+        while isinstance(e, BaseException) and e.args:
+            e = e.args[0]
+        print(f"{name}: error: unknown config field {str(e).replace(chr(10), '; ')}; see --help",
+              file=sys.stderr)  # fmt: skip
+    sys.exit(1)

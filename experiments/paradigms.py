@@ -19,7 +19,8 @@ def run(config) -> dict:
     print("|---|" + "---|" * len(axes))
     for name, arm in result["arms"].items():
         s = arm["scalars"]
-        print(f"| {name} | " + " | ".join(f"{s[k]['mean']:.3f}" for k in axes) + " |")
+        cells = ["diverged" if arm.get("diverged") else f"{s[k]['mean']:.3f}" for k in axes]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     for c in result["claims"]:
         print(f"[{c['verdict']}] {c['claim']} — {c['evidence']}")

@@ -1,39 +1,33 @@
-"""Checkpoints of the training state, and clean stops on preemption.
+"""Checkpoints of the training state: asynchronous, never non-finite, falling back when corrupt.
 
 `Checkpointer` is a thin layer over orbax's `CheckpointManager` that fixes the few decisions a
 post-training run needs:
 
-- What is saved is exactly the pytree it is given (the student's `TrainState`: params, optimizer
-  state, step, rng, skipped-step counter) plus a small JSON dict of run metadata (`extra`: data
-  position, config name, ...). Teacher and reference parameters are never part of that state: the
-  trainer passes only the student's state, so a distillation checkpoint is as small as an SFT one
-  and resuming never depends on which teacher was used.
-- Saves are asynchronous. `save` returns once orbax has copied the arrays to host memory, so the
-  caller may donate or overwrite the device buffers in the next step while the files are written
-  in a background thread.
-- A state with a NaN or inf in its params or optimizer state is refused with `NonFiniteStateError`
-  before anything is written: a corrupted checkpoint is worse than none, because the run would
-  resume from it forever.
+- What is saved is exactly the pytree it is given (the student's `TrainState`; teacher and
+  reference parameters never are, so resuming never depends on the teacher) plus a small JSON
+  dict of run metadata (`extra`).
+- Saves are asynchronous: `save` returns once the arrays are in host memory (the caller may
+  donate the device buffers) and the files are written in a background thread. A save that
+  cannot fit on the disk is refused before it starts; a background write that failed is
+  reported at the next step boundary (`check`); both as a one-line `CheckpointWriteError`.
+- A state with a NaN or inf in its params or optimizer state is refused (`NonFiniteStateError`)
+  before anything is written: a run would resume from a corrupted checkpoint forever.
 - Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save
-  interrupted by SIGKILL leaves a temporary directory that `latest_step` and `restore` ignore, and
-  that a later save of the same step replaces.
+  interrupted by SIGKILL leaves a temporary directory that `latest_step` and `restore` ignore.
+  A complete checkpoint that does not restore (a truncated file) is moved aside and the newest
+  intact one is used (`restore_newest_intact`).
 - Restoring takes an abstract target (`jax.ShapeDtypeStruct` leaves carrying shardings) so every
-  array is read straight into its final placement, and the pytree structure — including integer
-  dict keys such as `{"layers": {0: ...}}` and optax's namedtuples — comes from the target, not
-  from the strings orbax uses on disk.
+  array is read straight into its final placement, and the pytree structure (integer dict keys,
+  optax's namedtuples) comes from the target, not from the strings orbax uses on disk.
 
-`PreemptionGuard` turns SIGTERM (what cluster schedulers send before killing a job) into a flag the
-step loop polls; `sync_should_stop` makes every process of a multi-host run agree on it, so all of
-them take the final save together.
+SIGTERM handling (a clean save-and-stop on preemption) is `jaxpost.preemption`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import threading
-import types
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -42,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-_log = logging.getLogger(__name__)
+from jaxpost.errors import UserError
 
 # Names of the two items of every checkpoint step (subdirectories of `<directory>/<step>/`).
 _STATE = "state"
@@ -53,16 +47,23 @@ class NonFiniteStateError(ValueError):
     """Raised by `Checkpointer.save` for a state whose params or optimizer state are not finite."""
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint's background write failed (a full disk, a lost mount): the run stops at the
+    next step boundary, the previous checkpoints intact."""
+
+
+class NoIntactCheckpointError(UserError):
+    """Every checkpoint in the directory failed to restore (nothing was moved)."""
+
+
 def abstract_like(tree: Any) -> Any:
     """The restore target matching a concrete pytree: its shapes, dtypes and shardings.
 
     Useful for resuming: build the initial state as usual (already placed on the mesh), then
     `restore(abstract_like(state))` reads the checkpoint into the same placement.
     """
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
+        x, "sharding", None)), tree)  # fmt: skip
 
 
 def _is_typed_key(dtype) -> bool:
@@ -104,11 +105,8 @@ def _check_finite(state: Any) -> None:
 
 
 def _key_paths(tree: Any) -> list[str]:
-    return [
-        jax.tree_util.keystr(p)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if _is_typed_key(x.dtype)
-    ]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(p) for p, x in leaves if _is_typed_key(x.dtype)]
 
 
 def _unwrap_keys(state: Any) -> tuple[Any, dict[str, str]]:
@@ -159,14 +157,8 @@ class Checkpointer:
         ckpt.wait(); ckpt.close()
     """
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        max_to_keep: int | None = 3,
-        save_interval_steps: int = 1,
-        async_save: bool = True,
-    ):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True):  # fmt: skip
         """Open (or create) a checkpoint directory.
 
         Args:
@@ -184,14 +176,10 @@ class Checkpointer:
         # The interval is applied here rather than by orbax, whose policy also saves the first
         # step it sees (whatever it is): "multiple of the interval" is simpler to reason about.
         self.save_interval_steps = save_interval_steps
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE, _META)
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)  # fmt: skip
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=(_STATE, _META))  # fmt: skip
 
     def latest_step(self) -> int | None:
         """The newest fully written step, or None if there is none (temporary dirs don't count)."""
@@ -222,6 +210,7 @@ class Checkpointer:
         if not force and step % self.save_interval_steps != 0:
             return False
         _check_finite(state)
+        self._check_space(step, state)
         state, key_impls = _unwrap_keys(state)
         meta = {"extra": dict(extra or {}), "typed_keys": key_impls}
         return self._manager.save(
@@ -250,15 +239,11 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
         elif step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
-            )
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have "
+                                    f"{self.all_steps()}")  # fmt: skip
         abstract_state = abstract_like(abstract_state)
-        missing = [
-            jax.tree_util.keystr(p)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-            if x.sharding is None
-        ]
+        missing = [jax.tree_util.keystr(p) for p, x in
+                   jax.tree_util.tree_flatten_with_path(abstract_state)[0] if x.sharding is None]  # fmt: skip
         if missing:
             raise ValueError(
                 "restore needs a sharding on every leaf of the abstract state (use "
@@ -293,14 +278,100 @@ class Checkpointer:
         )
         return state, meta.get("extra", {})
 
+    def restore_newest_intact(self, abstract_state: Any, say=print) -> tuple[Any, int]:
+        """Restore the newest checkpoint that reads back; returns (state, its step).
+
+        A checkpoint that fails to restore (a truncated or corrupt file: a disk that filled up,
+        a copy cut short) is moved aside to `<directory>.corrupt/<step>` (never deleted), `say`
+        tells which and why, and the next older one is tried. Every process of a multi-host run
+        takes the same decision (a step counts as intact only if it restored everywhere).
+
+        Raises:
+          NoIntactCheckpointError: no checkpoint restored; nothing was moved (a checkpoint of
+            another model or code version fails on every step the same way).
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, _ = self.restore(abstract_state, step)
+                error = None
+            except Exception as e:  # noqa: BLE001  (any reader failure means "not intact")
+                state, error = None, f"{type(e).__name__}: {_first_line(e)}"
+            if _all_processes_agree(error is None):
+                for bad, why in failed:
+                    moved = self._move_aside(bad)
+                    say(f"checkpoint step {bad} in {self.directory} could not be restored "
+                        f"({why}); moved it to {moved}; resuming from step {step}")  # fmt: skip
+                return state, step
+            failed.append((step, error or "failed on another process"))
+        steps = ", ".join(f"step {s}: {why}" for s, why in failed[:3])
+        raise NoIntactCheckpointError(
+            f"no checkpoint in {self.directory} could be restored ({steps}); if it belongs to "
+            f"another run or version, pass a new --workdir"
+        )
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(self.directory + ".corrupt", str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                target = f"{target}.{len(os.listdir(os.path.dirname(target)))}"
+            os.replace(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxpost_checkpoint_moved_{step}")
+        self._manager.reload()  # orbax lists the steps once; read the directory again
+        return target
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse a save that cannot fit before writing any of it (a write that fills the disk
+        fails in orbax's background threads, loudly and late). The previous save is finished
+        first (orbax would wait for it anyway), so the free space is what this one gets."""
+        self.wait()
+        need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) * 1.1 + 2**20
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointWriteError(
+                f"no space for checkpoint step {step} in {self.directory}: it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; "
+                f"{self._last_complete()}: free space or pass another --workdir, then rerun")
+
+    def _last_complete(self) -> str:
+        steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]  # finalized only
+        return f"the last complete checkpoint is step {max(steps)}" if steps else (
+            "no checkpoint is complete")  # fmt: skip
+
+    def check(self) -> None:
+        """Raise `CheckpointWriteError` if a background save has failed (cheap: call per step)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e) from None
+
+    def _write_error(self, e: BaseException) -> CheckpointWriteError:
+        try:
+            free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's form of an OSError
+        why = os.strerror(int(code.group(1))) if code else f"{type(e).__name__}: {_first_line(e)}"
+        return CheckpointWriteError(f"writing a checkpoint to {self.directory} failed ({why}; "
+                                    f"{free} there); {self._last_complete()}: free space or pass "
+                                    f"another --workdir, then rerun to resume")  # fmt: skip
+
     def wait(self) -> None:
-        """Block until every started save is fully on disk (renamed from its temporary dir)."""
-        self._manager.wait_until_finished()
+        """Block until every started save is fully on disk (renamed from its temporary dir);
+        raises `CheckpointWriteError` if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e) from None
 
     def close(self) -> None:
         """Finish pending saves and release orbax's background threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -309,73 +380,21 @@ class Checkpointer:
         self.close()
 
 
-class PreemptionGuard:
-    """Context manager that turns SIGTERM (optionally SIGINT) into a `should_stop` flag.
-
-    Schedulers (Kubernetes, SLURM, TPU maintenance events) send SIGTERM some seconds before they
-    kill a job. Instead of dying mid-step, the loop polls `guard.should_stop` after each step and,
-    when set, saves with `force=True`, waits for the save, and returns. The previous handlers are
-    restored on exit, so the guard composes with whatever the host program installed.
-
-    With `sigint=True`, a first Ctrl-C requests the same clean stop and a second one is passed to
-    the previous handler (normally: KeyboardInterrupt), so an impatient user can still abort.
-
-    Signal handlers can only be installed from the main thread; elsewhere (a loop run in a worker
-    thread) the guard warns and stays inert, `should_stop` remaining False.
-    """
-
-    def __init__(self, *, sigint: bool = False):
-        self.signals: tuple[int, ...] = (signal.SIGTERM,) + ((signal.SIGINT,) if sigint else ())
-        self.should_stop = False
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        if self.should_stop and signum == signal.SIGINT:
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-                return
-            raise KeyboardInterrupt
-        self.should_stop = True
-        self.received = signum
-        _log.warning("received %s: stopping after this step", signal.Signals(signum).name)
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is not threading.main_thread():
-            _log.warning("PreemptionGuard outside the main thread: signals will not be caught")
-            return self
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            # getsignal returns None for handlers not installed from Python; SIG_DFL is the
-            # closest faithful restoration then.
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:300]
 
 
-def sync_should_stop(flag: bool) -> bool:
-    """Whether any process wants to stop; every process gets the same answer.
-
-    A signal reaches the processes of a multi-host job at different times (or only some of them).
-    Since saving is collective, one process breaking out of the loop alone would deadlock the
-    others in the next step's collectives; so the flags are all-gathered and OR-ed. This is a
-    small blocking collective: call it once per step (or every few steps), at the same step on
-    every process. Single process: returns `flag` unchanged.
-    """
+def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
-        return bool(flag)
-    flags = multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))
-    return bool(np.any(flags))
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, dtype=np.int32))))
 
 
 __all__ = [
+    "CheckpointWriteError",
     "Checkpointer",
+    "NoIntactCheckpointError",
     "NonFiniteStateError",
-    "PreemptionGuard",
     "abstract_like",
-    "sync_should_stop",
 ]

@@ -197,16 +197,22 @@ def accuracy_change(base_correct_P, correct_P, *, seed: int = 0) -> Estimate:
 
 
 def sequence_kl(base_logp_BxT, logp_BxT, mask_BxT, *, seed: int = 0) -> Estimate:
-    """Monte-Carlo KL(pi_base || pi) from sequences y_b sampled from pi_base:
+    """Monte-Carlo KL(pi_base || pi) from sequences y_b sampled from pi_base, never negative:
 
-        KL ~= (1/B) sum_b sum_t mask[b, t] (log pi_base(y_bt | y_b<t) - log pi(y_bt | y_b<t)),
+        KL ~= (1/B) sum_b sum_t mask[b, t] (r_bt - 1 - log r_bt),
+        r_bt = pi(y_bt | y_b<t) / pi_base(y_bt | y_b<t).
 
-    the unbiased sequence-level estimator (each term is log pi_base(y_b)/pi(y_b)); 0 for
-    identical policies. CI by bootstrap over sequences."""
+    Each token's term is Schulman's "k3" estimator of that position's KL(pi_base || pi) given
+    the prefix: unbiased (E[r] = 1 under pi_base) and >= 0 term by term; their sum over t is
+    unbiased for the sequence KL by the chain rule. The plain estimator sum_t (log pi_base -
+    log pi) is unbiased too but its sample mean is often negative for nearby policies (a
+    model that assigns the base's own samples more mass than the base does), which reads as
+    nonsense in a report. 0 for identical policies. CI by bootstrap over sequences."""
     base, logp, m = (np.asarray(a, np.float64) for a in (base_logp_BxT, logp_BxT, mask_BxT))
     if not base.shape == logp.shape == m.shape:
         raise ValueError(f"shapes differ: {base.shape}, {logp.shape}, {m.shape}")
-    return mean_ci(((base - logp) * m).sum(1), seed=seed)
+    log_r = np.where(m > 0, logp - base, 0.0)
+    return mean_ci(((np.expm1(log_r) - log_r) * m).sum(1), seed=seed)
 
 
 # ----------------------------------------------------------------------------- steerability

@@ -7,8 +7,8 @@ that it never shadows the standard library's module.
 Non-finite values. JSON has no NaN or infinity (Python's `json` would write the invalid tokens
 `NaN`/`Infinity`, which strict parsers such as `jq` or JavaScript reject). A non-finite metric is
 therefore written as `null`, and `read_metrics` turns `null` back into `float("nan")`: a diverged
-loss stays visible as a gap in a plot instead of breaking the file. TensorBoard receives the value
-itself (it displays NaN/inf natively).
+loss stays visible as a gap in a plot instead of breaking the file. TensorBoard gets no point for
+it either (a gap there too; tensorboardX would warn on stderr for every one).
 """
 
 from __future__ import annotations
@@ -52,12 +52,15 @@ class MetricsWriter:
 
     Only process 0 of a multi-host run writes (metrics are global after the step's reductions, so
     the other processes would write the same numbers). Lines are flushed as they are written, so
-    a run killed at any point leaves a valid file of the rows logged so far; a resumed run
-    appends to the same file.
+    a run killed at any point leaves a valid file of the rows logged so far. A resumed run passes
+    the step it restored: rows after it (logged before the crash, replayed now) are dropped from
+    the file and purged from TensorBoard, so every step appears once.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
-        """Open the writers; `tensorboard=False` (or tensorboardX missing) writes JSONL only."""
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
+                 resume_step: int | None = None):  # fmt: skip
+        """Open the writers; `tensorboard=False` (or tensorboardX missing) writes JSONL only;
+        `resume_step`: keep only the rows up to that step."""
         self.workdir = os.fspath(workdir)
         self.path = os.path.join(self.workdir, METRICS_FILE)
         self._active = jax.process_index() == 0
@@ -66,10 +69,13 @@ class MetricsWriter:
         if not self._active:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            _truncate_after(self.path, resume_step)
         # Line-buffered: every row reaches the OS as soon as it is written.
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            self._tb = _summary_writer(self.workdir)
+            purge = resume_step + 1 if resume_step else None
+            self._tb = _summary_writer(self.workdir, purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log `metrics` (scalars: Python, numpy or jax; strings go to JSONL only) at `step`."""
@@ -86,7 +92,8 @@ class MetricsWriter:
                 if isinstance(value, str):
                     continue
                 value = row[name]
-                self._tb.add_scalar(name, math.nan if value is None else value, int(step))
+                if value is not None:
+                    self._tb.add_scalar(name, value, int(step))
 
     def flush(self) -> None:
         """Push buffered TensorBoard events to disk (JSONL lines are never buffered)."""
@@ -109,8 +116,27 @@ class MetricsWriter:
         self.close()
 
 
-def _summary_writer(logdir: str):
-    """tensorboardX's SummaryWriter, imported lazily; None (with one warning) if not installed."""
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the rows of `path` up to `step` (and lines that are not rows), atomically."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    kept = []
+    for line in filter(str.strip, lines):
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the crash
+        if not isinstance(row_step, int) or row_step <= step:
+            kept.append(line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _summary_writer(logdir: str, purge_step: int | None = None):
+    """tensorboardX's SummaryWriter, imported lazily (events from `purge_step` on, written before
+    a resume, hidden); None (with one warning) if not installed."""
     global _warned_no_tensorboard
     try:
         from tensorboardX import SummaryWriter
@@ -123,7 +149,7 @@ def _summary_writer(logdir: str):
             )
             _warned_no_tensorboard = True
         return None
-    return SummaryWriter(logdir=logdir)
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

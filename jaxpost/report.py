@@ -10,8 +10,10 @@ Input is plain data, so a report can be re-rendered from a saved metrics.json:
           "scalars": {"pass@1": {"mean": m, "lo": l, "hi": h}, ...},
           "history": [{"step": 1, "loss": ...}, ...],      # training curve (arms only)
           "kind": "reference" | "arm",
+          "diverged": "why",              # only for an arm that diverged (no curves, scalars)
         }, ...
       },
+      "smoke_test": bool,                 # the tiny variant: report.md says the numbers mean nothing
       "radar_axes": ["pass@1", "pass@large_k", "diversity", "retention", "steerability",
                      "efficiency"],
       "claims": [{"claim": ..., "source": ..., "verdict": "reproduced" | "not reproduced" |
@@ -59,9 +61,12 @@ def _color_map(names: Sequence[str]) -> dict[str, tuple]:
 def plot_curves(arms: dict, curve: str, path: str, title: str) -> None:
     """A pass@k-style curve per arm on a log-k axis, with its 95% CI band."""
     plt = _plt()
-    names = [n for n in arms if curve in arms[n].get("curves", {})]
+    names = [n for n in arms if curve in arms[n].get("curves", {})
+             and np.isfinite(np.asarray(arms[n]["curves"][curve]["mean"], float)).any()]  # fmt: skip
     colors = _color_map(names)
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    if not names:
+        _empty(ax, f"no arm has a finite {curve} curve")
     for name in names:
         c = arms[name]["curves"][curve]
         k = np.asarray(c["k"], float)
@@ -75,10 +80,29 @@ def plot_curves(arms: dict, curve: str, path: str, title: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    if names:
+        ax.legend(fontsize=8, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def informative_axes(arms: dict, axes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(axes whose finite values differ across the arms, the others): an axis that is NaN or
+    constant for every arm would put every profile at one radius and say nothing."""
+    keep, drop = [], []
+    for a in axes:
+        col = np.asarray([arm["scalars"].get(a, {}).get("mean", math.nan) for arm in arms.values()],
+                         float)  # fmt: skip
+        finite = col[np.isfinite(col)]
+        (keep if finite.size >= 2 and np.ptp(finite) > 1e-12 else drop).append(a)
+    return keep, drop
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def radar_values(arms: dict, axes: Sequence[str]) -> dict[str, list[float]]:
@@ -98,7 +122,15 @@ def plot_radar(arms: dict, axes: Sequence[str], path: str) -> None:
     """Six-axis radar: each arm's profile, axes normalised across the base and the arms (outer
     ring = best). The teacher is left out: it had a different budget and would set every scale."""
     plt = _plt()
-    arms = {n: a for n, a in arms.items() if n != "teacher"}
+    arms = {n: a for n, a in arms.items() if n != "teacher" and not a.get("diverged")}
+    axes, flat = informative_axes(arms, axes)
+    if len(axes) < 3:
+        fig, ax = plt.subplots(figsize=(7.5, 3))
+        _empty(ax, "no radar: fewer than three axes vary across the arms"
+               + (f" (NaN or constant: {', '.join(flat)})" if flat else ""))  # fmt: skip
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return
     values = radar_values(arms, axes)
     colors = _color_map(list(arms))
     angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
@@ -114,8 +146,9 @@ def plot_radar(arms: dict, axes: Sequence[str], path: str) -> None:
     ax.set_yticks([0.25, 0.5, 0.75, 1.0])
     ax.set_yticklabels(["", "", "", ""])
     ax.set_ylim(0, 1.05)
-    ax.set_title("Profiles (each axis min-max scaled across base and arms; outer = best)",
-                 fontsize=10)  # fmt: skip
+    left_out = f"\nleft out, NaN or constant across arms: {', '.join(flat)}" if flat else ""
+    ax.set_title("Profiles (each axis min-max scaled across base and arms; outer = best)"
+                 + left_out, fontsize=10)  # fmt: skip
     ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -127,19 +160,24 @@ def plot_scatter(arms: dict, x: str, y: str, path: str) -> None:
     plt = _plt()
     colors = _color_map(list(arms))
     fig, ax = plt.subplots(figsize=(6.5, 5))
+    drawn = 0
     for name, arm in arms.items():
         sx, sy = arm["scalars"].get(x), arm["scalars"].get(y)
-        if not sx or not sy:
+        if not sx or not sy or not np.isfinite([sx["mean"], sy["mean"]]).all():
             continue
+        drawn += 1
         xerr = [[sx["mean"] - sx.get("lo", sx["mean"])], [sx.get("hi", sx["mean"]) - sx["mean"]]]
         yerr = [[sy["mean"] - sy.get("lo", sy["mean"])], [sy.get("hi", sy["mean"]) - sy["mean"]]]
         ax.errorbar(sx["mean"], sy["mean"], xerr=xerr, yerr=yerr, fmt="o", color=colors[name],
                     capsize=3, label=name)  # fmt: skip
+    if not drawn:
+        _empty(ax, f"no arm has finite {x} and {y}")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(f"{y} against {x} (95% CIs)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -161,7 +199,10 @@ def plot_training(arms: dict, path: str, keys: Sequence[str] = ("loss", "pass_ra
         ax.set_ylabel(key)
         ax.set_title(f"training {key}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax, f"no arm logged {key}")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -202,6 +243,10 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
             if k not in scalar_names:
                 scalar_names.append(k)
     lines = ["# jaxpost head-to-head: SFT vs RL vs on-policy distillation", ""]
+    if metrics.get("smoke_test"):
+        lines += ["> **Smoke test** (the `tiny` variant): budgets of seconds, so every number "
+                  "below only shows that the pipeline runs end to end; no verdict or metric of "
+                  "this report says anything about the paradigms.", ""]  # fmt: skip
     settings = metrics.get("settings", {})
     if settings:
         lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in settings.items()] + [""]
@@ -213,8 +258,13 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
     lines.append("| arm | " + " | ".join(scalar_names) + " |")
     lines.append("|---|" + "---|" * len(scalar_names))
     for name, arm in arms.items():
-        row = [_fmt(arm["scalars"].get(k)) for k in scalar_names]
+        row = [_fmt(arm["scalars"].get(k)) if not arm.get("diverged") else "diverged"
+               for k in scalar_names]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(row) + " |")
+    diverged = {n: a["diverged"] for n, a in arms.items() if a.get("diverged")}
+    if diverged:
+        lines += ["", "## Diverged arms (not evaluated; no claim uses them)", ""]
+        lines += [f"- **{n}**: {why}" for n, why in diverged.items()]
     lines += ["", "## Plots", ""]
     for key in ("pass_at_k", "cot_pass_at_k", "radar", "diversity", "training"):
         lines.append(f"![{key}]({os.path.basename(paths[key])})")

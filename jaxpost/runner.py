@@ -5,12 +5,13 @@ the batch assembled from this process's rows. `Runner.iterate(body)` runs `body(
 remaining steps and owns everything around it: restoring the latest checkpoint, reading step t's
 metrics only after step t+1 is dispatched (`metrics_log.DeferredMetrics`), logging them from
 process 0, saving checkpoints, turning SIGTERM into a clean save-and-stop (every process agrees,
-`checkpoint.sync_should_stop`), and the progress bar.
+`preemption.sync_should_stop`), and the progress bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxpost import distributed, sharding, train
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard, sync_should_stop
+from jaxpost.checkpoint import Checkpointer, abstract_like
+from jaxpost.errors import Diverged
 from jaxpost.metrics_log import DeferredMetrics, MetricsWriter
 from jaxpost.models import ModelConfig
+from jaxpost.preemption import PreemptionGuard, sync_should_stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,16 @@ class LoopConfig:
       keep_checkpoints: how many checkpoints to keep.
       log_every: metrics-file and progress-bar interval.
       progress: show a tqdm bar (process 0).
-      desc: label of the progress bar.
+      desc: label of the progress bar and of the run's messages.
+      max_skipped_streak: stop as diverged (`errors.Diverged`) after this many consecutive steps
+        skipped for a non-finite loss or gradient (0: never).
+      max_skipped_share: ... or when more than this share of the last `skip_window` steps were
+        skipped (checked once that many steps ran; 1.0: never).
+      skip_window: the window of `max_skipped_share`.
+      loss_explode: ... or when a finite loss exceeds this many times max(1, |first loss|)
+        (0: never).
+      max_update_ratio: ... or when one step's update is larger than this many times the
+        parameters' norm (floored at 1; AdamW steps are ~1e-3..1e-1 of it) (0: never).
     """
 
     steps: int = 100
@@ -51,13 +63,81 @@ class LoopConfig:
     log_every: int = 1
     progress: bool = True
     desc: str = "train"
+    max_skipped_streak: int = 10
+    max_skipped_share: float = 0.5
+    skip_window: int = 100
+    loss_explode: float = 1e4
+    max_update_ratio: float = 10.0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every", "skip_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if self.max_skipped_streak < 0 or not 0 < self.max_skipped_share <= 1:
+            raise ValueError("max_skipped_streak must be >= 0 and max_skipped_share in (0, 1]")
+        if self.loss_explode < 0 or self.max_update_ratio < 0:
+            raise ValueError("loss_explode and max_update_ratio must be >= 0 (0: off)")
+
+
+class DivergenceWatch:
+    """Decides, from each step's logged metrics, whether a run has diverged.
+
+    A train step whose loss or gradient is not finite is skipped (`train.make_step`: nothing
+    reaches the parameters) and counted in the `skipped` metric. One skipped step is noise; a run
+    whose steps keep being skipped, or whose loss grows by orders of magnitude, is not training
+    any more, and reporting it as a success would hand on a broken model. `observe` returns the
+    reason the run diverged, or None; `finish` says whether a run too short for the streak
+    ended skipping (its last steps, at least half of the steps it ran, all skipped).
+    """
+
+    def __init__(self, loop: LoopConfig):
+        self.loop = loop
+        self.streak = 0  # consecutive loop steps with a skipped update
+        self.recent: list[bool] = []  # the last skip_window steps: skipped?
+        self.reference: float | None = None  # |first finite loss|, floored at 1
+        self.seen = 0
+        self._skipped = None
+
+    def observe(self, step: int, metrics: dict) -> str | None:
+        loop = self.loop
+        self.seen += 1
+        count = metrics.get("skipped")
+        if count is not None:
+            previous = self._skipped if self._skipped is not None else count - (
+                1 - metrics.get("finite", 1))  # fmt: skip
+            skipped, self._skipped = count > previous, count
+            self.streak = self.streak + 1 if skipped else 0
+            self.recent = (self.recent + [skipped])[-loop.skip_window:]
+            if loop.max_skipped_streak and self.streak >= loop.max_skipped_streak:
+                return (f"{self.streak} consecutive steps were skipped for a non-finite loss or "
+                        f"gradient")  # fmt: skip
+            share = sum(self.recent) / len(self.recent)
+            if len(self.recent) == loop.skip_window and share > loop.max_skipped_share:
+                return (f"{sum(self.recent)} of the last {loop.skip_window} steps were skipped "
+                        f"for a non-finite loss or gradient")  # fmt: skip
+        ratio = metrics.get("update_ratio")
+        if loop.max_update_ratio and ratio is not None and math.isfinite(ratio) and (
+                ratio > loop.max_update_ratio) and metrics.get("finite", 1):  # fmt: skip
+            return (f"a step moved the parameters by {ratio:.3g} x their norm (more than "
+                    f"{loop.max_update_ratio:g})")  # fmt: skip
+        loss = metrics.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return None
+        if self.reference is None:
+            self.reference = max(1.0, abs(loss))
+        elif loop.loss_explode and abs(loss) > loop.loss_explode * self.reference:
+            return (f"the loss exploded to {loss:.3g} (more than {loop.loss_explode:g} x "
+                    f"{self.reference:.3g}, the first step's)")  # fmt: skip
+        return None
+
+    def finish(self) -> str | None:
+        limit = min(self.loop.max_skipped_streak, (self.seen + 1) // 2)
+        if self.loop.max_skipped_streak and self.streak and self.streak >= limit:
+            return (f"its last {self.streak} of {self.seen} steps were skipped for a non-finite "
+                    f"loss or gradient")  # fmt: skip
+        return None
 
 
 @dataclasses.dataclass
@@ -115,14 +195,12 @@ class StepFunction:
 
 
 class Runner:
-    """Checkpoint resume, deferred metric logging, preemption and the progress bar around a
-    step loop (`iterate`)."""
+    """Checkpoint resume, deferred metric logging, divergence, preemption and the progress bar
+    around a step loop (`iterate`)."""
 
     def __init__(self, loop: LoopConfig, state: train.TrainState):
         self.loop = loop
         self.history: list[dict] = []
-        writer = loop.workdir and distributed.is_writer()
-        self.writer = MetricsWriter(loop.workdir) if writer else None
         self.ckpt = None
         self.state = state
         if loop.workdir:
@@ -130,12 +208,14 @@ class Runner:
                                      max_to_keep=loop.keep_checkpoints)  # fmt: skip
         self.start = 0  # loop steps done (an on-policy step may make several updates)
         if self.ckpt is not None and self.ckpt.latest_step() is not None:
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            )
-            self.state, _ = self.ckpt.restore(abstract)
-            self.start = self.ckpt.latest_step()
+            self.state, self.start = self.ckpt.restore_newest_intact(abstract_like(state), _say)
+            _say(f"{loop.desc}: resuming from step {self.start} ({self.ckpt.directory})")
+        writer = loop.workdir and distributed.is_writer()
+        # a resumed run's metrics file keeps the rows up to the restored step, so replayed steps
+        # are written once
+        self.writer = MetricsWriter(loop.workdir, resume_step=self.start) if writer else None
         self.last_batch = None
+        self.watch = DivergenceWatch(loop)
 
     def _log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
@@ -145,14 +225,27 @@ class Runner:
 
     def _save_due(self, step: int) -> bool:
         every = self.loop.checkpoint_every
-        periodic = bool(every) and step % every == 0
+        periodic = bool(every) and step % every == 0 and self.watch.streak == 0
         return self.ckpt is not None and (step == self.loop.steps or periodic)
+
+    def _diverged(self, step: int, reason: str) -> Diverged:
+        where = "no checkpoint was saved"
+        if self.ckpt is not None:
+            self.ckpt.wait()
+            good = self.ckpt.latest_step()
+            if good is not None:
+                where = f"the last good checkpoint is step {good} in {self.ckpt.directory}"
+        return Diverged(f"{self.loop.desc} diverged at step {step}: {reason}; {where}, and no "
+                        f"model was saved; lower the learning rate or raise the warmup")  # fmt: skip
 
     def iterate(self, body: Callable[[int], tuple[dict, dict]]) -> RunResult:
         """Run `body(step) -> (device metrics, host metrics)` for the remaining steps (1-based).
 
         Step t's device metrics are fetched once step t+1 has been dispatched, then logged with
-        its host metrics and the wall time per step.
+        its host metrics and the wall time per step, and checked for divergence
+        (`DivergenceWatch`: raises `errors.Diverged` without saving). A checkpoint whose
+        background write failed stops the run at the next step boundary (`CheckpointWriteError`).
+        A periodic checkpoint is not taken while steps are being skipped.
         """
         loop = self.loop
         preempted = False
@@ -172,6 +265,9 @@ class Runner:
             bar.update(1)
             if step % loop.log_every == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
+            reason = self.watch.observe(step, metrics)
+            if reason is not None:
+                raise self._diverged(step, reason)
 
         with PreemptionGuard() as guard:
             try:
@@ -182,19 +278,29 @@ class Runner:
                     host[step] = (extra, now - last)
                     last = now
                     emit(deferred.push(step, device_metrics))
+                    if self.ckpt is not None:
+                        self.ckpt.check()  # a failed background write surfaces here
                     preempted = sync_should_stop(guard.should_stop)
-                    if self.ckpt is not None and (preempted or self._save_due(step)):
+                    if step == loop.steps or (self.ckpt is not None and (
+                            preempted or self._save_due(step))):  # fmt: skip
                         emit(deferred.flush())  # a checkpoint syncs with the device anyway
+                    if step == loop.steps and (reason := self.watch.finish()) is not None:
+                        raise self._diverged(step, reason)  # before the final checkpoint
+                    if self.ckpt is not None and (preempted or self._save_due(step)):
                         self.ckpt.save(step, self.state, force=True)
                     if preempted:
                         break
                 emit(deferred.flush())
             finally:
                 bar.close()
-                if self.ckpt is not None:
-                    self.ckpt.wait()
-                    self.ckpt.close()
                 if self.writer is not None:
                     self.writer.close()
+                if self.ckpt is not None:
+                    self.ckpt.close()  # waits for the last save; a failed write raises here
         return RunResult(state=self.state, history=self.history, preempted=preempted,
                          last_batch=self.last_batch)  # fmt: skip
+
+
+def _say(message: str) -> None:
+    if distributed.is_writer():
+        print(message, flush=True)

@@ -135,6 +135,18 @@ def test_sequence_kl_matches_exact_kl():
     assert est.lo < exact < est.hi and est.mean == pytest.approx(exact, abs=0.05)
 
 
+def test_sequence_kl_is_never_negative():
+    """A model that gives the base's own samples more mass than the base (so the plain log-ratio
+    estimate is negative) still gets a KL estimate >= 0 for every sequence."""
+    rng = np.random.default_rng(1)
+    base = np.log(rng.uniform(0.05, 0.5, (16, 6)))
+    logp = np.minimum(base + 0.3, 0.0)  # more mass on every sampled token
+    mask = np.ones_like(base)
+    assert ((base - logp) * mask).sum(1).mean() < 0
+    est = M.sequence_kl(base, logp, mask)
+    assert est.lo >= 0 and est.mean > 0
+
+
 # ----------------------------------------------------------------------------- steerability
 
 

@@ -25,10 +25,11 @@ import ml_collections
 VARIANTS_HELP = "'' (the default), 'tiny' (seconds: tests, smoke checks), 'pretrained' (a real checkpoint)"
 
 
-def shared(workdir: str) -> ml_collections.ConfigDict:
+def shared() -> ml_collections.ConfigDict:
     """The fields every main has (see the module docstring)."""
     c = ml_collections.ConfigDict()
-    c.workdir = workdir  # checkpoints/, metrics.jsonl, model/ (HF), eval.json, run_config.json
+    # required (--workdir=DIR): checkpoints/, metrics.jsonl, model/ (HF), eval.json, run_config.json
+    c.workdir = ""
     c.seed = 0  # data order, sampling and every other random choice of the run
     c.model = "small"  # a preset of jaxpost.models.PRESETS, or a local Hugging Face directory
     c.model_overrides = ""  # preset fields to replace, "d_model=96,n_layers=3" (presets only)
@@ -86,6 +87,11 @@ def loop(steps: int, batch_size: int, checkpoint_every: int, log_every: int
     c.checkpoint_every = checkpoint_every  # orbax checkpoint interval (a rerun resumes from it)
     c.log_every = log_every  # metrics.jsonl / progress-bar interval
     c.progress = True  # tqdm progress bar on stderr
+    # divergence (jaxpost.runner.DivergenceWatch): the run stops with status 3, no model saved
+    c.max_skipped_streak = 10  # consecutive steps skipped for a non-finite loss/gradient (0: off)
+    c.max_skipped_share = 0.5  # or more than this share of the last 100 steps skipped
+    c.loss_explode = 1e4  # or a loss above this many times max(1, |first loss|) (0: off)
+    c.max_update_ratio = 10.0  # or a step that moves the parameters by 10 x their norm (0: off)
     return c
 
 

@@ -41,7 +41,7 @@ from experiments import configs
 
 
 def get_config(arg: str | None = None):
-    c = configs.shared("/tmp/jaxpost_grpo")
+    c = configs.shared()
     c.sft = configs.sft_stage(steps=300)  # the built-in student when `model` is a preset
     c.train_problems = 1500  # prompt pool: the task's train problems (the SFT stage's, same seed)
     c.reward = "answer"  # 1 when the final answer verifies; "chain": answer and every step

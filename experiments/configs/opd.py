@@ -49,7 +49,7 @@ from experiments import configs
 
 
 def get_config(arg: str | None = None):
-    c = configs.shared("/tmp/jaxpost_opd")
+    c = configs.shared()
     c.mode = "opd"  # "opd": a separate teacher; "opsd": the frozen student with privileged context
     c.sft = configs.sft_stage(steps=200)  # the built-in student: a shorter SFT than the teacher's
     c.sft.data.privileged_share = 0.25  # so the frozen student can read a reference (OPSD)

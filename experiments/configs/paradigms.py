@@ -41,7 +41,7 @@ ARMS = "sft,grpo,grpo_unlikely,opd_fkl,opd_jsd,opd_rkl,opd_entropy,opd_prefix,op
 
 
 def get_config(arg: str | None = None):
-    c = configs.shared("/tmp/jaxpost_paradigms")
+    c = configs.shared()
     c.variant = arg or "builtin"  # which defaults these are: builtin, tiny or pretrained
     c.model = "small"  # the base: a preset (trained here) or a Hugging Face directory
     c.model_overrides = "d_model=96,n_layers=3,head_dim=24,mlp_dim=256"  # the built-in student

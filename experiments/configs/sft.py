@@ -35,7 +35,7 @@ from experiments import configs
 
 
 def get_config(arg: str | None = None):
-    c = configs.shared("/tmp/jaxpost_sft")
+    c = configs.shared()
     stage = configs.sft_stage(steps=300)
     c.data, c.optim, c.loop = stage.data, stage.optim, stage.loop
     c.eval = configs.evaluation()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxpost import inputs, loops, train
+from jaxpost.errors import Preempted
 from jaxpost.headtohead import settings
 from jaxpost.inputs import Model
 from jaxpost.tasks import addition
@@ -72,6 +73,9 @@ def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: i
                             progress=w.progress, desc=desc)  # fmt: skip
     result = loops.run_sft(model.config, model.params, examples, optim, loop,
                            pad_id=model.tokenizer.pad_id, mesh=w.mesh, loss_impl=c.loss_impl)  # fmt: skip
+    if result.preempted:  # no checkpoints here: a partial model must not be cached as the base
+        raise Preempted(f"{desc}: preempted (SIGTERM) during its SFT; nothing of it was saved; "
+                        f"rerun the same command to train it again")  # fmt: skip
     return result.state.params, result.history
 
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxpost import data, distributed, inputs, losses, metrics, report
-from jaxpost.errors import UserError
+from jaxpost import data, distributed, inputs, losses, metrics, report, workdir
+from jaxpost.errors import Diverged, Preempted, UserError
 from jaxpost.headtohead import arms, claims, evaluation, models, settings
 from jaxpost.headtohead.evaluation import Evaluation
 from jaxpost.inputs import Model
@@ -40,21 +40,28 @@ def _history(path: str) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _load_eval(path: str, key: str) -> Evaluation | None:
+def _load_eval(path: str, key: str) -> Evaluation | str | None:
+    """The saved evaluation of this `key`, the reason an arm of this key diverged, or None."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         saved = json.load(f)
     if saved.get("key") != key:
         return None
+    if "diverged" in saved:
+        return saved["diverged"]
     return Evaluation(saved["curves"], saved["scalars"], saved["per_problem"])
 
 
 def _save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -> None:
+    _save_json(path, {"key": key, **ev.to_json(), **(extra or {})})
+
+
+def _save_json(path: str, value: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"key": key, **ev.to_json(), **(extra or {})}, f, default=float)
+        json.dump(value, f, default=float)
     os.replace(tmp, path)
 
 
@@ -117,6 +124,7 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
                         teacher_prompt_len=privileged, **on_policy)  # fmt: skip
 
 
+@workdir.holding
 def run(config, log: Callable[[str], None] = print) -> dict:
     """Run the protocol (reusing whatever an earlier run of the same settings left) and write
     the report; returns the metrics dictionary the report was rendered from."""
@@ -126,7 +134,6 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                         f"this job has {jax.process_count()} processes: launch it on one host")  # fmt: skip
     names = arms.arm_names(config)
     settings.check(config)
-    os.makedirs(config.workdir, exist_ok=True)
     w = models.world(config)
     log(distributed.describe(w.mesh))
     if w.task.needs_pretrained and not settings.pretrained(config):
@@ -137,6 +144,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
     arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
     evals: dict[str, Evaluation] = {}
     extras: dict[str, dict] = {}
+    diverged: dict[str, str] = {}  # arm -> why it stopped (no evaluation, no claims)
     # the base is always evaluated in-process: other models' paired metrics need its samples
     log("evaluating base")
     evals["base"] = evaluation.evaluate_model(w, m.base, m.base.params, seed=config.seed)
@@ -152,6 +160,10 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         arm_dir = os.path.join(config.workdir, "arms", arm)
         eval_path = os.path.join(arm_dir, "eval.json")
         cached = _load_eval(eval_path, eval_key)
+        if isinstance(cached, str):
+            log(f"{arm}: diverged in an earlier run of these settings ({cached})")
+            diverged[arm] = cached
+            continue
         if cached is not None:
             log(f"{arm}: reusing finished arm")
             evals[arm] = cached
@@ -160,9 +172,16 @@ def run(config, log: Callable[[str], None] = print) -> dict:
             continue
         _claim_arm_dir(arm_dir, arm_key, arm, log)
         t0 = time.perf_counter()
-        result = arms.run_arm(w, arm, m, log)
+        try:
+            result = arms.run_arm(w, arm, m, log)
+        except Diverged as e:  # the arm is reported as diverged; the others go on
+            log(f"{arm}: {e}")
+            diverged[arm] = str(e)
+            _save_json(eval_path, {"key": eval_key, "diverged": str(e)})
+            continue
         if result.preempted:
-            raise SystemExit(f"preempted during arm {arm}; rerun the same command to resume")
+            raise Preempted(f"{arm}: preempted (SIGTERM); the arm's checkpoint is saved; rerun "
+                            f"the same command to resume")  # fmt: skip
         train_s = time.perf_counter() - t0
         log(f"{arm}: trained in {train_s:.0f} s; evaluating")
         params = result.state.params
@@ -178,7 +197,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                                                               own.mask)  # fmt: skip
         _save_eval(eval_path, eval_key, ev, {"extra": extra})
         evals[arm], extras[arm] = ev, extra
-    result = assemble(w, evals, extras, m.history, m.describe)
+    result = assemble(w, evals, extras, m.history, m.describe, diverged)
     result["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     paths = report.write_report(config.workdir, result)
     log(f"report: {paths['report']}")
@@ -186,8 +205,9 @@ def run(config, log: Callable[[str], None] = print) -> dict:
 
 
 def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, dict],
-             pre_hist: dict, describe: dict) -> dict:  # fmt: skip
-    """The report's metrics dictionary from the evaluations (see `jaxpost.report`)."""
+             pre_hist: dict, describe: dict, diverged: dict | None = None) -> dict:  # fmt: skip
+    """The report's metrics dictionary from the evaluations (see `jaxpost.report`); a diverged
+    arm has its reason and training curve, no scalars."""
     c = w.config
     base_p1 = evals["base"].scalars["pass@1"]["mean"]
     out_arms = {}
@@ -207,6 +227,9 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
             "scalars": scalars,
             "history": [] if reference else _history(os.path.join(c.workdir, "arms", name)),
         }
+    for name, reason in (diverged or {}).items():
+        out_arms[name] = {"kind": "arm", "diverged": reason, "curves": {}, "scalars": {},
+                          "history": _history(os.path.join(c.workdir, "arms", name))}  # fmt: skip
     a, e = c.arm, c.eval
     steering = (f"; steering: {e.steer_problems} prompts × {e.steer_samples}" if w.steer
                 else "; steerability not measured (the task has no steering probe)")  # fmt: skip
@@ -220,7 +243,7 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "evaluation": f"{e.problems} held-out problems × {e.samples} samples at temperature 1; "
                       f"retention: {e.retention_problems} addition problems × "
                       f"{e.retention_samples}{steering}",
-        "arms": ", ".join(f"{n} ({arms.ARMS[n].help})" for n in evals if n in arms.ARMS),
+        "arms": ", ".join(f"{n} ({arms.ARMS[n].help})" for n in out_arms if n in arms.ARMS),
         "efficiency": "pass@1 gained over the base per 1k sampled (on-policy) or trained (SFT) "
                       "tokens",
         "seed": c.seed,
@@ -232,6 +255,10 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "entropy (nats) of the empirical distribution of what the task counts as distinct "
         "correct solutions (`task.diversity_key`: canonical solutions on Countdown, reasoning "
         "paths on GSM8K) per problem.",
+        "kl_from_base: KL(base || model) on the base's own samples, summed over tokens, "
+        "estimated per token by r - 1 - log r with r = model/base probability (unbiased and "
+        "never negative; the teacher's is large when it is another architecture or was trained "
+        "on other data).",
         "state_locality: per-token NLL of the final policy on its last training batch minus on "
         "its own samples (≈0 for on-policy training).",
         "rank_bias: Spearman correlation, within each problem, between the base's sequence "
@@ -242,6 +269,7 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
                      + ", ".join(f"{k} {v[-1]['loss']:.3f}" for k, v in pre_hist.items() if v))
     axes = [x for x in RADAR_AXES if w.steer is not None or x != "steerability"]
     return {
+        "smoke_test": c.variant == "tiny",
         "arms": out_arms,
         "radar_axes": axes,
         "claims": claims.claims(evals),

@@ -141,7 +141,13 @@ def read_config(path: str, dtype: str | None = None) -> ModelConfig:
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"missing config.json in {path}")
     with open(cfg_path) as f:
-        return config_from_hf(json.load(f), dtype)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                                  f"the file is truncated or corrupt: copy or save the "
+                                  f"checkpoint again") from None  # fmt: skip
+    return config_from_hf(raw, dtype)
 
 
 def load_hf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
@@ -162,12 +168,16 @@ def load_hf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     config = read_config(path)
-    files = _weight_files(path)
-    tensors = {}
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+    tensors, origin = {}, {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    tensors[name], origin[name] = f.get_tensor(name), file
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the file is "
+                                  f"truncated or corrupt: copy or save the checkpoint "
+                                  f"again") from None  # fmt: skip
 
     stored = {str(t.dtype) for n, t in tensors.items() if n.endswith("embed_tokens.weight")}
     stored_dtype = stored.pop() if stored else "float32"
@@ -192,6 +202,11 @@ def load_hf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
                 f"tensor {hf_name} has shape {stored_shape}, which disagrees with config.json "
                 f"(jaxpost expects {want} after re-layout)"
             )
+        bad = int(value.size - jnp.isfinite(value).sum())
+        if bad:
+            raise CheckpointError(f"tensor {hf_name} in {origin[hf_name]} holds {bad} NaN or "
+                                  f"infinite values; the checkpoint is corrupt or was saved from "
+                                  f"a diverged run: use an earlier one")  # fmt: skip
         return value
 
     params: dict = {}
@@ -284,7 +299,10 @@ def save_hf(
             json.dump(config_to_hf(config), f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: readable by the group, as a
+        if os.path.exists(path):  # directory made any other way would be
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:

@@ -13,14 +13,17 @@ import time
 from collections.abc import Callable
 
 from jaxpost import data, distributed, evaluate, inputs, loops, train
-from jaxpost.errors import UserError
+from jaxpost.errors import Preempted, UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
+from jaxpost.workdir import claim as claim_workdir
 
 RUN_CONFIG = "run_config.json"
 # Settings a rerun may change without changing what is trained: where and how often it reports,
 # and the evaluation (run again on the resumed model).
-_RESUMABLE_CHANGES = ("workdir", "eval", "checkpoint_every", "log_every", "progress")
+_RESUMABLE_CHANGES = ("workdir", "eval", "checkpoint_every", "log_every", "progress",
+                      "max_skipped_streak", "max_skipped_share", "loss_explode",
+                      "max_update_ratio")
 # What the recipes write into a workdir once training starts (other files, a log the user tees
 # there, say, do not make it a started run).
 _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "sft_init", "teacher", "eval.json")
@@ -33,7 +36,8 @@ def log(message: str) -> None:
 
 
 def require_workdir(config) -> str:
-    """Create the workdir, or check that the run it holds was started with these settings.
+    """Create the workdir and take its lock (`jaxpost.workdir.claim`: a second run on it is
+    refused), and check that the run it holds was started with these settings.
 
     The first run writes WORKDIR/run_config.json; once training has written its outputs there
     (`_RUN_OUTPUTS`), a rerun resumes only if the settings that shape training are unchanged,
@@ -41,12 +45,7 @@ def require_workdir(config) -> str:
     would silently mix two runs). A started workdir without the file (from before it existed)
     is used as it is.
     """
-    if not config.workdir:
-        raise UserError("a workdir is needed (--workdir=DIR): the model is saved there")
-    try:
-        os.makedirs(config.workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the workdir {config.workdir}: {e.strerror}") from None
+    claim_workdir(config.workdir, writer=distributed.is_writer())  # held by the recipe's run
     now = _training_settings(config.to_dict())
     path = os.path.join(config.workdir, RUN_CONFIG)
     started = any(os.path.exists(os.path.join(config.workdir, name)) for name in _RUN_OUTPUTS)
@@ -105,7 +104,8 @@ def loop_config(c, *, seed: int, workdir: str | None, desc: str) -> loops.LoopCo
     return _typed("loop", lambda: loops.LoopConfig(
         steps=c.steps, batch_size=c.batch_size, seed=seed, workdir=workdir,
         checkpoint_every=c.checkpoint_every, log_every=c.log_every, progress=c.progress,
-        desc=desc))  # fmt: skip
+        desc=desc, max_skipped_streak=c.max_skipped_streak, max_skipped_share=c.max_skipped_share,
+        loss_explode=c.loss_explode, max_update_ratio=c.max_update_ratio))  # fmt: skip
 
 
 def sampling_config(c) -> SamplingConfig:
@@ -169,6 +169,15 @@ def train_sft(stage, model: Model, examples: list, *, workdir: str | None, seed:
     return result
 
 
+def stop_if_preempted(result: loops.RunResult, what: str) -> None:
+    """Raise `Preempted` (the main exits 143) when the loop stopped on SIGTERM: its checkpoint is
+    saved, and rerunning the command resumes from it."""
+    if result.preempted:
+        step = result.history[-1]["step"] if result.history else "its start"
+        raise Preempted(f"{what}: preempted (SIGTERM) after step {step}; the checkpoint is "
+                        f"saved; rerun the same command to resume")  # fmt: skip
+
+
 def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: str,
              loss_impl: str = "auto") -> Model:  # fmt: skip
     """An SFT-trained model at `workdir/model`: trained here from `start` unless it already is
@@ -181,8 +190,7 @@ def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: 
                                 loss_impl=loss_impl)  # fmt: skip
         result = train_sft(stage, start, examples, workdir=workdir, seed=seed, mesh=mesh,
                            desc=what, loss_impl=loss_impl)  # fmt: skip
-        if result.preempted:
-            raise SystemExit(f"{what}: preempted; rerun the same command to resume")
+        stop_if_preempted(result, what)
         return result.state.params, result.history
 
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -237,7 +245,8 @@ def eval_sets(config, task) -> dict[str, tuple]:
 
 
 def eval_rows(sets: dict, e, mesh) -> int:
-    """The most rows `evaluate_sets` samples at once (a memory plan's `sample_batch`)."""
+    """The most rows `evaluate_sets` samples at once (a memory plan's `sample_batch`; 0 when
+    there is no evaluation)."""
     return max((evaluate.chunk_rows(len(p), e.samples, mesh) for _, p in sets.values()), default=0)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from jaxpost import inputs, loops, losses, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
+from jaxpost.workdir import holding
 
 
 def _check(config) -> None:
@@ -35,6 +36,7 @@ def _window(history: list[dict], key: str, first: bool, n: int = 10) -> float:
     return float(np.mean(rows)) if rows else float("nan")
 
 
+@holding
 def run(config) -> dict:
     """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
@@ -88,9 +90,7 @@ def run(config) -> dict:
         kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
         loss_impl=config.loss_impl,
     )  # fmt: skip
-    if result.preempted:
-        common.log("grpo: preempted; rerun the same command to resume")
-        return {"preempted": True}
+    common.stop_if_preempted(result, "grpo")
     if result.history:
         common.log(f"grpo: rollout pass rate {_window(result.history, 'pass_rate', True):.3f} "
                    f"(first 10 rounds) -> {_window(result.history, 'pass_rate', False):.3f} (last "

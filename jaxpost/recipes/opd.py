@@ -11,6 +11,7 @@ import numpy as np
 from jaxpost import inputs, loops, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
+from jaxpost.workdir import holding
 
 
 def _check(config) -> None:
@@ -42,6 +43,7 @@ def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
     return teacher
 
 
+@holding
 def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
@@ -110,9 +112,7 @@ def run(config) -> dict:
         common.loop_config(L, seed=config.seed, workdir=workdir, desc=config.mode), sampling,
         mesh=mesh, loss_impl=config.loss_impl,
     )  # fmt: skip
-    if result.preempted:
-        common.log(f"{config.mode}: preempted; rerun the same command to resume")
-        return {"preempted": True}
+    common.stop_if_preempted(result, config.mode)
     if result.history:
         h = result.history
         first, last = h[: min(10, len(h))], h[-min(10, len(h)) :]

@@ -7,8 +7,10 @@ import time
 
 from jaxpost import inputs, train
 from jaxpost.recipes import common
+from jaxpost.workdir import holding
 
 
+@holding
 def run(config) -> dict:
     """SFT with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
@@ -22,14 +24,12 @@ def run(config) -> dict:
     sets = common.eval_sets(config, task)
     examples = common.sft_examples(config, task, model, seed=config.seed, mesh=mesh,
                                    loss_impl=config.loss_impl,
-                                   sample_batch=common.eval_rows(sets, config.eval, mesh))  # fmt: skip
+                                   sample_batch=common.eval_rows(sets, config.eval, mesh) or None)  # fmt: skip
     results = {"before": common.evaluate_sets("before", model, model.params, sets, config.eval,
                                                mesh=mesh)}  # fmt: skip
     result = common.train_sft(config, model, examples, workdir=workdir, seed=config.seed,
                               mesh=mesh, loss_impl=config.loss_impl)  # fmt: skip
-    if result.preempted:
-        common.log("sft: preempted; rerun the same command to resume")
-        return {"preempted": True}
+    common.stop_if_preempted(result, "sft")
     params = result.state.params
     results["after SFT"] = common.evaluate_sets("after SFT", model, params, sets, config.eval,
                                                  mesh=mesh)  # fmt: skip

@@ -159,6 +159,10 @@ class GSM8KProblem:
 
 def problem_from_record(record: dict) -> GSM8KProblem:
     """From a GSM8K record {"question", "answer": "<rationale>\\n#### <number>"}."""
+    missing = [k for k in ("question", "answer") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"record has no {' or '.join(repr(k) for k in missing)} field (GSM8K "
+                         f"records are {{\"question\": ..., \"answer\": \"...#### N\"}})")  # fmt: skip
     rationale, _, tail = str(record["answer"]).rpartition("####")
     value = parse_number(tail)
     if value is None:
@@ -184,7 +188,15 @@ class GSM8K:
 
     @classmethod
     def from_jsonl(cls, train_path: str, test_path: str) -> GSM8K:
-        load = lambda path: tuple(problem_from_record(r) for r in data.read_jsonl(path))
+        def load(path: str) -> tuple[GSM8KProblem, ...]:
+            problems = []
+            for line, record in enumerate(data.read_jsonl(path), 1):
+                try:
+                    problems.append(problem_from_record(record))
+                except ValueError as e:
+                    raise ValueError(f"{path}, record {line}: {e}") from None
+            return tuple(problems)
+
         return cls(load(train_path), load(test_path))
 
     @classmethod
