@@ -50,8 +50,9 @@ class LoopConfig:
       skip_window: the window of `max_skipped_share`.
       loss_explode: ... or when a finite loss exceeds this many times max(1, |first loss|)
         (0: never).
-      max_update_ratio: ... or when one step's update is larger than this many times the
-        parameters' norm (floored at 1; AdamW steps are ~1e-3..1e-1 of it) (0: never).
+      max_param_growth: ... or when the parameters' norm has grown more than this many times
+        its value at the start (floored at 1), checked before every checkpoint and at the end
+        (0: never).
     """
 
     steps: int = 100
@@ -67,7 +68,7 @@ class LoopConfig:
     max_skipped_share: float = 0.5
     skip_window: int = 100
     loss_explode: float = 1e4
-    max_update_ratio: float = 10.0
+    max_param_growth: float = 100.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "skip_window"):
@@ -77,8 +78,8 @@ class LoopConfig:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.max_skipped_streak < 0 or not 0 < self.max_skipped_share <= 1:
             raise ValueError("max_skipped_streak must be >= 0 and max_skipped_share in (0, 1]")
-        if self.loss_explode < 0 or self.max_update_ratio < 0:
-            raise ValueError("loss_explode and max_update_ratio must be >= 0 (0: off)")
+        if self.loss_explode < 0 or self.max_param_growth < 0:
+            raise ValueError("loss_explode and max_param_growth must be >= 0 (0: off)")
 
 
 class DivergenceWatch:
@@ -86,8 +87,10 @@ class DivergenceWatch:
 
     A train step whose loss or gradient is not finite is skipped (`train.make_step`: nothing
     reaches the parameters) and counted in the `skipped` metric. One skipped step is noise; a run
-    whose steps keep being skipped, or whose loss grows by orders of magnitude, is not training
-    any more, and reporting it as a success would hand on a broken model. `observe` returns the
+    whose steps keep being skipped, whose loss grows by orders of magnitude, or whose parameters
+    blew up (`params`: a learning rate far too large moves them by orders of magnitude at its
+    first step, before any loss has seen it) is not training any more, and reporting it as a
+    success would hand on a broken model. `observe` returns the
     reason the run diverged, or None; `finish` says whether a run too short for the streak
     ended skipping (its last steps, at least half of the steps it ran, all skipped).
     """
@@ -117,11 +120,6 @@ class DivergenceWatch:
             if len(self.recent) == loop.skip_window and share > loop.max_skipped_share:
                 return (f"{sum(self.recent)} of the last {loop.skip_window} steps were skipped "
                         f"for a non-finite loss or gradient")  # fmt: skip
-        ratio = metrics.get("update_ratio")
-        if loop.max_update_ratio and ratio is not None and math.isfinite(ratio) and (
-                ratio > loop.max_update_ratio) and metrics.get("finite", 1):  # fmt: skip
-            return (f"a step moved the parameters by {ratio:.3g} x their norm (more than "
-                    f"{loop.max_update_ratio:g})")  # fmt: skip
         loss = metrics.get("loss")
         if loss is None or not math.isfinite(loss):
             return None
@@ -130,6 +128,14 @@ class DivergenceWatch:
         elif loop.loss_explode and abs(loss) > loop.loss_explode * self.reference:
             return (f"the loss exploded to {loss:.3g} (more than {loop.loss_explode:g} x "
                     f"{self.reference:.3g}, the first step's)")  # fmt: skip
+        return None
+
+    def params(self, norm: float, start: float) -> str | None:
+        """`norm`: the parameters' global norm now; `start`: at the start of the run."""
+        limit = self.loop.max_param_growth
+        if limit and not norm <= limit * max(start, 1.0):  # (NaN fails the comparison)
+            return (f"the parameters' norm grew to {norm:.3g} from {start:.3g} (more than "
+                    f"{limit:g} x)")  # fmt: skip
         return None
 
     def finish(self) -> str | None:
@@ -216,6 +222,14 @@ class Runner:
         self.writer = MetricsWriter(loop.workdir, resume_step=self.start) if writer else None
         self.last_batch = None
         self.watch = DivergenceWatch(loop)
+        self.start_norm = _param_norm(self.state) if loop.max_param_growth else 0.0
+
+    def _check_params(self, step: int) -> None:
+        """Before a checkpoint or the end of the run: refuse parameters that blew up."""
+        if self.loop.max_param_growth:
+            reason = self.watch.params(_param_norm(self.state), self.start_norm)
+            if reason is not None:
+                raise self._diverged(step, reason)
 
     def _log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
@@ -286,6 +300,9 @@ class Runner:
                         emit(deferred.flush())  # a checkpoint syncs with the device anyway
                     if step == loop.steps and (reason := self.watch.finish()) is not None:
                         raise self._diverged(step, reason)  # before the final checkpoint
+                    if step == loop.steps or (self.ckpt is not None and (
+                            preempted or self._save_due(step))):  # fmt: skip
+                        self._check_params(step)
                     if self.ckpt is not None and (preempted or self._save_due(step)):
                         self.ckpt.save(step, self.state, force=True)
                     if preempted:
@@ -299,6 +316,15 @@ class Runner:
                     self.ckpt.close()  # waits for the last save; a failed write raises here
         return RunResult(state=self.state, history=self.history, preempted=preempted,
                          last_batch=self.last_batch)  # fmt: skip
+
+
+@jax.jit
+def _global_norm(params) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params)))
+
+
+def _param_norm(state) -> float:
+    return float(_global_norm(state.params))
 
 
 def _say(message: str) -> None:

@@ -190,10 +190,6 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
             "grad_norm": optax.global_norm(grads),
             "skipped": new_state.skipped,
             "finite": finite.astype(jnp.int32),
-            # how far the step moved the parameters (`runner.DivergenceWatch`: a blown-up
-            # learning rate shows here at once, before any loss can see it)
-            "update_ratio": optax.global_norm(updates)
-            / jnp.maximum(optax.global_norm(state.params), 1.0),
             **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
         }
         return new_state, metrics

@@ -128,7 +128,8 @@ def test_a_diverged_arm_is_reported_as_diverged(mini, tmp_path):
     result = headtohead.run(c, log=lines.append)  # the others go on; the run itself succeeds
     for arm in ("sft", "opd_rkl"):
         reason = result["arms"][arm]["diverged"]
-        assert reason.startswith(f"{arm} diverged at step ") and "no model was saved" in reason
+        assert reason.startswith(f"{arm} diverged at step 2: the parameters' norm grew to ")
+        assert "no model was saved" in reason  # two steps: no loss saw the blown-up parameters
         assert result["arms"][arm]["scalars"] == {} and result["arms"][arm]["history"]
     with open(os.path.join(copy, "metrics.json")) as f:
         assert json.load(f)["arms"]["sft"]["diverged"] == result["arms"]["sft"]["diverged"]

@@ -91,7 +91,7 @@ def loop(steps: int, batch_size: int, checkpoint_every: int, log_every: int
     c.max_skipped_streak = 10  # consecutive steps skipped for a non-finite loss/gradient (0: off)
     c.max_skipped_share = 0.5  # or more than this share of the last 100 steps skipped
     c.loss_explode = 1e4  # or a loss above this many times max(1, |first loss|) (0: off)
-    c.max_update_ratio = 10.0  # or a step that moves the parameters by 10 x their norm (0: off)
+    c.max_param_growth = 100.0  # or parameters whose norm grew 100 x, checked at saves (0: off)
     return c
 
 

@@ -23,7 +23,7 @@ RUN_CONFIG = "run_config.json"
 # and the evaluation (run again on the resumed model).
 _RESUMABLE_CHANGES = ("workdir", "eval", "checkpoint_every", "log_every", "progress",
                       "max_skipped_streak", "max_skipped_share", "loss_explode",
-                      "max_update_ratio")
+                      "max_param_growth")
 # What the recipes write into a workdir once training starts (other files, a log the user tees
 # there, say, do not make it a started run).
 _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "sft_init", "teacher", "eval.json")
@@ -105,7 +105,7 @@ def loop_config(c, *, seed: int, workdir: str | None, desc: str) -> loops.LoopCo
         steps=c.steps, batch_size=c.batch_size, seed=seed, workdir=workdir,
         checkpoint_every=c.checkpoint_every, log_every=c.log_every, progress=c.progress,
         desc=desc, max_skipped_streak=c.max_skipped_streak, max_skipped_share=c.max_skipped_share,
-        loss_explode=c.loss_explode, max_update_ratio=c.max_update_ratio))  # fmt: skip
+        loss_explode=c.loss_explode, max_param_growth=c.max_param_growth))  # fmt: skip
 
 
 def sampling_config(c) -> SamplingConfig:
