@@ -295,15 +295,13 @@ class Runner:
                     if self.ckpt is not None:
                         self.ckpt.check()  # a failed background write surfaces here
                     preempted = sync_should_stop(guard.should_stop)
-                    if step == loop.steps or (self.ckpt is not None and (
-                            preempted or self._save_due(step))):  # fmt: skip
+                    save = self.ckpt is not None and (preempted or self._save_due(step))
+                    if save or step == loop.steps:  # checked before anything is saved
                         emit(deferred.flush())  # a checkpoint syncs with the device anyway
-                    if step == loop.steps and (reason := self.watch.finish()) is not None:
-                        raise self._diverged(step, reason)  # before the final checkpoint
-                    if step == loop.steps or (self.ckpt is not None and (
-                            preempted or self._save_due(step))):  # fmt: skip
+                        if step == loop.steps and (reason := self.watch.finish()) is not None:
+                            raise self._diverged(step, reason)
                         self._check_params(step)
-                    if self.ckpt is not None and (preempted or self._save_due(step)):
+                    if save:
                         self.ckpt.save(step, self.state, force=True)
                     if preempted:
                         break

@@ -16,7 +16,7 @@ from jaxpost import data, distributed, evaluate, inputs, loops, train
 from jaxpost.errors import Preempted, UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
-from jaxpost.workdir import claim as claim_workdir
+from jaxpost.workdir import prepare as prepare_workdir
 
 RUN_CONFIG = "run_config.json"
 # Settings a rerun may change without changing what is trained: where and how often it reports,
@@ -36,8 +36,8 @@ def log(message: str) -> None:
 
 
 def require_workdir(config) -> str:
-    """Create the workdir and take its lock (`jaxpost.workdir.claim`: a second run on it is
-    refused), and check that the run it holds was started with these settings.
+    """Create the workdir (the recipe's `run` holds its lock: `jaxpost.workdir.holding`) and
+    check that the run it holds was started with these settings.
 
     The first run writes WORKDIR/run_config.json; once training has written its outputs there
     (`_RUN_OUTPUTS`), a rerun resumes only if the settings that shape training are unchanged,
@@ -45,7 +45,7 @@ def require_workdir(config) -> str:
     would silently mix two runs). A started workdir without the file (from before it existed)
     is used as it is.
     """
-    claim_workdir(config.workdir, writer=distributed.is_writer())  # held by the recipe's run
+    prepare_workdir(config.workdir)  # its lock is held by the recipe's run (`workdir.holding`)
     now = _training_settings(config.to_dict())
     path = os.path.join(config.workdir, RUN_CONFIG)
     started = any(os.path.exists(os.path.join(config.workdir, name)) for name in _RUN_OUTPUTS)
