@@ -57,12 +57,16 @@ def run_sft(
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
+    pack: bool = False,
 ) -> RunResult:
     """Supervised fine-tuning on fixed (prompt, completion) token pairs, completion-only loss.
 
     Step t uses examples perm_e[(t·B) mod n ...] where perm_e is the permutation of epoch e drawn
     from (seed, e): every example once per epoch, a fixed order per seed. Rows are padded to one
     run-wide width (the longest example, rounded up to 16), so the step compiles once.
+    With `pack`, a step is `loop.batch_size` rows of that width holding as many examples as fit
+    (`data.pack_plan`, the same epoch order; each example keeps its own positions and attention),
+    so padding costs far less; the `examples` metric counts a step's examples.
     `loss_impl`: `train.LOSS_IMPLS` ("auto": fused-linear cross-entropy at a large vocabulary).
     """
     if not examples:
@@ -78,16 +82,27 @@ def run_sft(
     run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
     mine = distributed.local_rows(mesh, loop.batch_size)
 
+    plan = None
+    if pack:
+        plan = data.pack_plan([len(p) + len(c) for p, c in examples], loop.batch_size, width,
+                              loop.seed, loop.steps)  # fmt: skip
+
     def body(step: int) -> tuple[dict, dict]:
-        idx = []
-        for j in range((step - 1) * loop.batch_size, step * loop.batch_size):
-            epoch, pos = divmod(j, n)
-            perm = np.random.default_rng([loop.seed, epoch]).permutation(n)
-            idx.append(int(perm[pos]))
-        batch = data.sft_batch([examples[i] for i in idx[mine]], pad_id, length=width)
+        if plan is not None:
+            rows = plan[step - 1]
+            batch = data.packed_sft_batch(examples, rows[mine], pad_id, width)
+            extra = {"examples": float(sum(len(r) for r in rows))}
+        else:
+            idx = []
+            for j in range((step - 1) * loop.batch_size, step * loop.batch_size):
+                epoch, pos = divmod(j, n)
+                perm = np.random.default_rng([loop.seed, epoch]).permutation(n)
+                idx.append(int(perm[pos]))
+            batch = data.sft_batch([examples[i] for i in idx[mine]], pad_id, length=width)
+            extra = {}
         run.last_batch = batch
         run.state, metrics = step_fn(run.state, batch)
-        return metrics, {}
+        return metrics, extra
 
     with _mesh_context(mesh):
         return run.iterate(body)

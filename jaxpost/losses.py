@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.importance import check as check_is
+from jaxpost.importance import weights as is_weights
 from jaxpost.opd import (
     OPDLoss,
     OPDLossSpec,
@@ -237,6 +239,10 @@ def grpo_loss(
     loss_type: str = "dapo",
     max_len: int | None = None,
     importance: str = "token",
+    sampling_logp: jax.Array | None = None,
+    is_mode: str = "sequence_mask",
+    is_min: float | None = None,
+    is_max: float = 3.0,
 ) -> tuple[jax.Array, Aux]:
     """Clipped policy-gradient loss of GRPO and its descendants.
 
@@ -268,15 +274,22 @@ def grpo_loss(
       eps_low, eps_high: clip range [1 − eps_low, 1 + eps_high]; eps_high=None means eps_low.
         DAPO's clip-higher is e.g. eps_low=0.2, eps_high=0.28; GSPO uses ~3e-4 / 4e-4.
       loss_type, max_len, importance: see above.
+      sampling_logp: [B, L] log q(y_t) under the distribution the sampler drew from (tempered,
+        truncated); each token's policy term (not the KL term) is then multiplied by the
+        importance weight of `jaxpost.importance` (`is_mode`, truncated or masked outside
+        [is_min, is_max], TRL's semantics). None: no correction.
 
     Returns:
       (loss, aux) with `policy_loss` (without the KL term), `kl` (mean k3 over valid tokens, 0
       without ref_logp), `clip_frac_low` (r < 1 − eps_low with A < 0: the lower clip is active),
-      `clip_frac_high` (r > 1 + eps_high with A > 0), `ratio_mean`, `num_tokens`.
+      `clip_frac_high` (r > 1 + eps_high with A > 0), `ratio_mean`, `num_tokens`; with
+      `sampling_logp`, the weights' `is_ratio_min/mean/max` and `is_corrected_frac`.
     """
     eps_high = eps_low if eps_high is None else eps_high
     _check_grpo_args(logp_BxL, old_logp_BxL, advantages_B, mask_BxL, ref_logp, kl_beta,
-                     eps_low, eps_high, loss_type, max_len, importance)  # fmt: skip
+                     eps_low, eps_high, loss_type, max_len, importance, sampling_logp)  # fmt: skip
+    if sampling_logp is not None:
+        check_is(is_mode, is_min, is_max)
     b, l = logp_BxL.shape
     dtype = _compute_dtype(logp_BxL)
     valid_BxL = mask_BxL.astype(bool)
@@ -293,6 +306,10 @@ def grpo_loss(
     ratio_BxL = jnp.exp(jnp.where(valid_BxL, log_ratio_BxL, 0))
     clipped_BxL = jnp.clip(ratio_BxL, 1 - eps_low, 1 + eps_high)
     policy_BxL = -jnp.minimum(ratio_BxL * adv_BxL, clipped_BxL * adv_BxL)
+    is_aux = {}
+    if sampling_logp is not None:
+        w_BxL, is_aux = is_weights(old_logp, sampling_logp, valid_BxL, is_mode, is_min, is_max)
+        policy_BxL = policy_BxL * w_BxL
 
     if ref_logp is not None:
         ref_gap_BxL = jnp.where(valid_BxL, jax.lax.stop_gradient(ref_logp).astype(dtype) - logp, 0)
@@ -302,9 +319,8 @@ def grpo_loss(
     token_loss_BxL = policy_BxL + kl_beta * kl_BxL if kl_beta else policy_BxL
 
     aggregate = _aggregator(loss_type, valid_BxL, max_len or l)
-    frac = lambda x: (
-        _masked_sum_count(x.astype(dtype), valid_BxL)[0] / jnp.maximum(valid_BxL.sum(), 1)
-    )
+    count = jnp.maximum(valid_BxL.sum(), 1)
+    frac = lambda x: _masked_sum_count(x.astype(dtype), valid_BxL)[0] / count  # noqa: E731
     aux = {
         "policy_loss": aggregate(policy_BxL),
         "kl": frac(kl_BxL),
@@ -312,6 +328,7 @@ def grpo_loss(
         "clip_frac_high": frac((ratio_BxL > 1 + eps_high) & (adv_BxL > 0)),
         "ratio_mean": frac(ratio_BxL),
         "num_tokens": valid_BxL.sum().astype(dtype),
+        **is_aux,
     }
     return aggregate(token_loss_BxL), jax.tree.map(jax.lax.stop_gradient, aux)
 
@@ -332,7 +349,7 @@ def _aggregator(loss_type: str, valid_BxL: jax.Array, max_len: int):
 
 
 def _check_grpo_args(logp, old_logp, advantages, mask, ref_logp, kl_beta, eps_low, eps_high,
-                     loss_type, max_len, importance):  # fmt: skip
+                     loss_type, max_len, importance, sampling_logp=None):  # fmt: skip
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance not in IMPORTANCE_LEVELS:
@@ -347,20 +364,17 @@ def _check_grpo_args(logp, old_logp, advantages, mask, ref_logp, kl_beta, eps_lo
         raise ValueError("kl_beta > 0 needs ref_logp (reference-policy token logprobs)")
     if logp.ndim != 2:
         raise ValueError(f"logp must be [B, L], got {logp.shape}")
-    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp),
+                    ("sampling_logp", sampling_logp)):
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} {x.shape} must match logp {logp.shape}")
     if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(
-            f"advantages {advantages.shape} must be [B] or [B, L] for logp {logp.shape}"
-        )
+        raise ValueError(f"advantages {advantages.shape} must be [B] or [B, L] for {logp.shape}")
     if max_len is not None:
         if loss_type != "dr_grpo":
             raise ValueError(f"max_len only applies to loss_type='dr_grpo', not {loss_type!r}")
         if max_len < logp.shape[1]:
-            raise ValueError(
-                f"max_len={max_len} is shorter than the completions (L={logp.shape[1]})"
-            )
+            raise ValueError(f"max_len={max_len} is shorter than the completions ({logp.shape})")
 
 
 __all__ = [

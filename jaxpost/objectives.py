@@ -160,8 +160,13 @@ def _policy_logprobs(config, params, batch: data.CompletionBatch, impl: str, **f
 
 
 def grpo_objective(config: ModelConfig, *, loss_impl: str = "materialized",
-                   with_reference: bool = False, **loss_kwargs) -> Objective:  # fmt: skip
+                   with_reference: bool = False, is_correction: bool = False,
+                   **loss_kwargs) -> Objective:  # fmt: skip
     """GRPO on a `data.CompletionBatch` with `old_logp` and `advantages` set.
+
+    With `is_correction` the batch's `sampling_logp` (the sampler's logprobs under the tempered,
+    truncated distribution it drew from) goes to `grpo_loss`, which weights each token's policy
+    term by π_old/q (`jaxpost.importance`; `is_mode`, `is_min`, `is_max` in `loss_kwargs`).
 
     With `with_reference` the objective takes the frozen reference policy's parameters as a
     third argument and computes its logprobs in the same program, on the same path (the KL
@@ -176,8 +181,12 @@ def grpo_objective(config: ModelConfig, *, loss_impl: str = "materialized",
         ref_logp = None
         if with_reference:
             ref_logp = jax.lax.stop_gradient(_policy_logprobs(config, ref_params, batch, impl).logp)
+        sampling = batch.sampling_logp if is_correction else None
+        if is_correction and sampling is None:
+            raise ValueError("is_correction needs the batch's sampling_logp (the sampler's)")
         loss, aux = losses.grpo_loss(out.logp, batch.old_logp, batch.advantages,
-                                     batch.completion_mask, ref_logp=ref_logp, **loss_kwargs)  # fmt: skip
+                                     batch.completion_mask, ref_logp=ref_logp,
+                                     sampling_logp=sampling, **loss_kwargs)  # fmt: skip
         valid = batch.completion_mask.astype(bool)
         count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
         return loss, {**aux, "entropy": jnp.where(valid, out.entropy, 0.0).sum() / count}

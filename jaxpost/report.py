@@ -183,6 +183,35 @@ def plot_scatter(arms: dict, x: str, y: str, path: str) -> None:
     plt.close(fig)
 
 
+def plot_central(arms: dict, path: str) -> None:
+    """The seed's central picture: one point per arm placed by supervision density (bits per
+    trained token, log scale), on-policy-ness (state locality: ~0 when the arm trained on the
+    states it now visits) and, by colour, diversity."""
+    plt = _plt()
+    pts = [(n, a["supervision_bits_per_token"], a["scalars"].get("state_locality", {}).get("mean"),
+            a["scalars"].get("diversity", {}).get("mean")) for n, a in arms.items()
+           if a.get("supervision_bits_per_token") and not a.get("diverged")]  # fmt: skip
+    pts = [p for p in pts if p[2] is not None and np.isfinite([p[1], p[2]]).all()]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if pts:
+        names, x, y, div = zip(*pts)
+        div = [d if d is not None else np.nan for d in div]
+        sc = ax.scatter(x, y, c=div, cmap="viridis", s=70, edgecolors="k")
+        for n, xi, yi in zip(names, x, y):
+            ax.annotate(n, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        fig.colorbar(sc, ax=ax, label="diversity (nats)")
+        ax.set_xscale("log")
+    else:
+        _empty(ax, "no arm has a supervision density and a state locality")
+    ax.set_xlabel("supervision bits per trained token (log)")
+    ax.set_ylabel("state locality (NLL on training states − on own samples)")
+    ax.set_title("Supervision density × on-policy-ness × diversity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_training(arms: dict, path: str, keys: Sequence[str] = ("loss", "pass_rate")) -> None:
     """Training curves of every arm that has a history: one panel per metric."""
     plt = _plt()
@@ -216,6 +245,16 @@ def _fmt(s: dict | None) -> str:
     return f"{s['mean']:.3f}"
 
 
+def _signed(s: dict) -> str:
+    return f"{s['mean']:+.3f} [{s['lo']:+.3f}, {s['hi']:+.3f}]"
+
+
+def _setting(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {x}" for k, x in v.items())
+    return str(v)
+
+
 def write_report(workdir: str, metrics: dict) -> dict[str, str]:
     """Write metrics.json, the plots and report.md into `workdir`; return their paths."""
     os.makedirs(workdir, exist_ok=True)
@@ -227,6 +266,7 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
         "radar": os.path.join(workdir, "radar.png"),
         "diversity": os.path.join(workdir, "diversity_vs_pass1.png"),
         "training": os.path.join(workdir, "training.png"),
+        "central": os.path.join(workdir, "density_locality_diversity.png"),
         "report": os.path.join(workdir, "report.md"),
     }
     with open(paths["metrics"], "w") as f:
@@ -236,6 +276,7 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
     plot_radar(arms, metrics["radar_axes"], paths["radar"])
     plot_scatter(arms, "pass@1", "diversity", paths["diversity"])
     plot_training(arms, paths["training"])
+    plot_central(arms, paths["central"])
 
     scalar_names: list[str] = []
     for arm in arms.values():
@@ -249,7 +290,14 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
                   "this report says anything about the paradigms.", ""]  # fmt: skip
     settings = metrics.get("settings", {})
     if settings:
-        lines += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in settings.items()] + [""]
+        lines += ["## Setup", ""] + [f"- **{k}**: {_setting(v)}" for k, v in settings.items()]
+        lines.append("")
+    res = metrics.get("resolution")
+    if res:
+        lines += [f"Resolution: with {res['problems']} held-out problems this evaluation detects "
+                  f"a pass@1 difference from the base of about {res['pass@1_mde']:.3f} (80% "
+                  f"power, two-sided 5%; per-problem SD {res['sd']:.3f}, {res['from']}); "
+                  f"smaller effects read as inconclusive.", ""]  # fmt: skip
     lines += ["## Claims from the literature, tested on this run", ""]
     lines += ["| claim | source | verdict | evidence |", "|---|---|---|---|"]
     for c in metrics.get("claims", []):
@@ -261,12 +309,25 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
         row = [_fmt(arm["scalars"].get(k)) if not arm.get("diverged") else "diverged"
                for k in scalar_names]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(row) + " |")
+    gains = {n: a["gain_vs_base"] for n, a in arms.items() if a.get("gain_vs_base")}
+    if gains:
+        lines += ["", "## Gain over the base (paired over problems, 95% CI)", "",
+                  "| model | pass@1 − base | pass@large_k − base |", "|---|---|---|"]
+        lines += [f"| {n} | {_signed(g['pass@1'])} | {_signed(g['pass@large_k'])} |"
+                  for n, g in gains.items()]  # fmt: skip
+    weighted = {n: a["importance"] for n, a in arms.items() if a.get("importance")}
+    if weighted:
+        lines += ["", "## Importance correction π_old/q over training (GRPO arms)", "",
+                  "| arm | ratio min | ratio mean | ratio max | tokens whose weight was cut |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {w['ratio_min']:.3g} | {w['ratio_mean']:.3g} | {w['ratio_max']:.3g} "
+                  f"| {w['corrected_frac']:.3f} |" for n, w in weighted.items()]  # fmt: skip
     diverged = {n: a["diverged"] for n, a in arms.items() if a.get("diverged")}
     if diverged:
         lines += ["", "## Diverged arms (not evaluated; no claim uses them)", ""]
         lines += [f"- **{n}**: {why}" for n, why in diverged.items()]
     lines += ["", "## Plots", ""]
-    for key in ("pass_at_k", "cot_pass_at_k", "radar", "diversity", "training"):
+    for key in ("central", "pass_at_k", "cot_pass_at_k", "radar", "diversity", "training"):
         lines.append(f"![{key}]({os.path.basename(paths[key])})")
     notes = metrics.get("notes", [])
     if notes:

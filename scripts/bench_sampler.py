@@ -7,8 +7,14 @@ Both run the same random Qwen2-style checkpoint (built with transformers, loaded
 `load_hf`), greedy, with a KV cache, on the same machine; the runs alternate so drift in machine
 load hits both. transformers runs on CUDA when JAX's backend is a GPU and torch sees one
 (`--torch-device`). One JSON line per measurement, then a summary line holding
-`speedup_vs_transformers` (ratio of decode tokens/s); with `--out` each line is also appended
-to that file. jaxpost's compilation is timed separately and excluded from its tokens/s; both
+`speedup_vs_transformers` (ratio of decode tokens/s) against transformers at its best thread
+count (on CPU it runs at each of `--torch-threads`, default 1 and every core; the per-count
+numbers are in `transformers_tokens_per_s_by_threads`), and `floor_ratio`: jaxpost's generation
+time over a jitted while-loop of the same matmuls (the prefill's once, then each decode step's:
+q/k/v/o, attention over the cache's capacity as the sampler computes it, the MLP and the head,
+on random operands), timed in the
+same process; 1.0 would be a sampler that costs nothing beyond its matmuls. With `--out` each
+line is also appended to that file. jaxpost's compilation is timed separately and excluded from its tokens/s; both
 numbers include the prefill of the prompts. `--size` picks a preset shape (small: the CPU
 default; large: 8 layers of width 1024, V = 32768, 64 prompts of 128 tokens, 256 new tokens, in
 bfloat16); explicit flags override it. `--skip-transformers` times jaxpost alone.
@@ -33,6 +39,48 @@ SIZES = {
 }  # fmt: skip
 
 
+def matmul_floor(config, batch: int, prompt: int, new: int):
+    """A jitted while-loop of the sampler's matmuls (module docstring) on random operands."""
+    import jax.numpy as jnp
+
+    c = config
+    D, H, K, E, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size
+    S, dt = prompt + new, c.compute_dtype
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+
+    def rand(*shape):
+        return (jax.random.normal(next(keys), shape) * 0.02).astype(dt)
+
+    w = dict(qkv=rand(D, (H + 2 * K) * E), o=rand(H * E, D), up=rand(D, 2 * F), down=rand(F, D),
+             head=rand(D, V), kv=rand(c.n_layers, 2, batch * K, S, E))  # fmt: skip
+
+    def layers(x, rows):  # x [batch·rows, D]: every layer's dots, then the head
+        for i in range(c.n_layers):
+            qkv = x @ w["qkv"]
+            q = qkv[:, : H * E].reshape(batch * K, -1, E)
+            att = jnp.einsum("bqe,bse->bqs", q, w["kv"][i, 0], preferred_element_type=jnp.float32)
+            out = jnp.einsum("bqs,bse->bqe", att.astype(dt), w["kv"][i, 1])
+            x = out.reshape(batch * rows, H * E) @ w["o"]
+            x = (x @ w["up"])[:, :F] @ w["down"]
+        return x, x[-batch:] @ w["head"]
+
+    x0 = rand(batch * prompt, D)
+
+    @jax.jit
+    def run(x0):
+        x, _ = layers(x0, prompt)
+        x = x[-batch:]
+
+        def body(carry):
+            t, x = carry
+            x, logits = layers(x, 1)
+            return t + 1, x + logits[:, :1].astype(dt)
+
+        return jax.lax.while_loop(lambda cr: cr[0] < new, body, (jnp.int32(0), x))[1]
+
+    return lambda: run(x0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small", help="preset shape")
@@ -43,6 +91,8 @@ def main() -> None:
     ap.add_argument("--torch-device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: cuda when JAX runs on a GPU and torch sees one")  # fmt: skip
     ap.add_argument("--skip-transformers", action="store_true", help="time jaxpost only")
+    ap.add_argument("--torch-threads", default="", help="comma-separated thread counts for "
+                    "transformers on CPU (default: 1 and os.cpu_count())")  # fmt: skip
     ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     args = ap.parse_args()
     for name, value in SIZES[args.size].items():
@@ -115,27 +165,51 @@ def main() -> None:
         assert out.shape[1] == args.prompt + args.new
         return time.perf_counter() - start
 
+    floor = matmul_floor(config, args.batch, args.prompt, args.new)
+    threads = [None]
+    if device == "cpu":
+        threads = sorted({int(t) for t in args.torch_threads.split(",") if t} or
+                         {1, os.cpu_count() or 1})  # fmt: skip
+
+    def run_torch_at(n):
+        if n is not None:
+            torch.set_num_threads(n)
+        return run_torch()
+
     first = run_jax()
-    runs = {"jaxpost": [], "transformers": []}
+    jax.block_until_ready(floor())
+    runs = {"jaxpost": [], "floor": []}
     if not args.skip_transformers:
-        run_torch()  # warm-up of torch's kernels and caches
+        for n in threads:
+            runs[f"transformers@{n}"] = []
+            run_torch_at(n)  # warm-up of torch's kernels and caches
     for _ in range(args.repeats):
         runs["jaxpost"].append(run_jax())
+        start = time.perf_counter()
+        jax.block_until_ready(floor())
+        runs["floor"].append(time.perf_counter() - start)
         if not args.skip_transformers:
-            runs["transformers"].append(run_torch())
+            for n in threads:
+                runs[f"transformers@{n}"].append(run_torch_at(n))
     compile_s = first - min(runs["jaxpost"])
 
     for name, times in runs.items():
         for i, t in enumerate(times):
             emit({"bench": "sampler", "impl": name, "repeat": i, "seconds": round(t, 4),
                   "decode_tokens_per_s": round(new_tokens / t, 1), **common})  # fmt: skip
-    jax_tps = new_tokens / statistics.median(runs["jaxpost"])
+    jax_s = statistics.median(runs["jaxpost"])
+    jax_tps = new_tokens / jax_s
     summary = {"bench": "sampler_summary", "jaxpost_tokens_per_s": round(jax_tps, 1),
-               "jaxpost_compile_s": round(compile_s, 2)}  # fmt: skip
-    if runs["transformers"]:
-        torch_tps = new_tokens / statistics.median(runs["transformers"])
-        summary["transformers_tokens_per_s"] = round(torch_tps, 1)
+               "jaxpost_compile_s": round(compile_s, 2),
+               "floor_ratio": round(jax_s / statistics.median(runs["floor"]), 3)}  # fmt: skip
+    by_threads = {name.split("@")[1]: round(new_tokens / statistics.median(t), 1)
+                  for name, t in runs.items() if name.startswith("transformers")}  # fmt: skip
+    if by_threads:
+        torch_tps = max(by_threads.values())
+        summary["transformers_tokens_per_s"] = torch_tps
+        summary["transformers_tokens_per_s_by_threads"] = by_threads
         summary["speedup_vs_transformers"] = round(jax_tps / torch_tps, 2)
+    common.pop("torch_threads")
     emit({**summary, **common})
 
 

@@ -26,6 +26,36 @@ def test_sft_batch_layout():
         data.sft_batch(encoded, 0, length=5)
 
 
+def test_pack_plan_trains_every_example_once_per_epoch_in_rows_that_fit():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 20, 50).tolist()
+    plan = data.pack_plan(lengths, rows=4, width=24, seed=5, steps=30)
+    assert plan == data.pack_plan(lengths, rows=4, width=24, seed=5, steps=30)  # a function
+    stream = [i for e in range(6) for i in np.random.default_rng([5, e]).permutation(50)]
+    at = 0
+    for step in plan:  # each step takes the next examples of the epochs' order, in rows that fit
+        assert len(step) == 4 and all(sum(lengths[i] for i in row) <= 24 for row in step)
+        taken = sorted(i for row in step for i in row)
+        assert taken and taken == sorted(stream[at : at + len(taken)])
+        at += len(taken)
+    assert at > 50  # a full epoch: each example once
+    with pytest.raises(ValueError, match="more than the width"):
+        data.pack_plan([30], rows=2, width=24, seed=0, steps=1)
+
+
+def test_packed_sft_batch_marks_segments_and_completions():
+    encoded = data.encode_pairs(TOK, [("1 2:", "3"), ("ab", "cd"), ("x", "y")])
+    batch = data.packed_sft_batch(encoded, [[0, 2], [1]], TOK.pad_id, width=16)
+    (p0, c0), (p1, c1), (p2, c2) = encoded
+    n0, n2 = len(p0) + len(c0), len(p2) + len(c2)
+    np.testing.assert_array_equal(batch.tokens[0, : n0 + n2], [*p0, *c0, *p2, *c2])
+    np.testing.assert_array_equal(batch.attention_mask[0], [1] * n0 + [2] * n2 + [0] * (16 - n0 - n2))
+    assert TOK.decode(batch.tokens[0][batch.loss_mask[0] == 1]) == TOK.decode([*c0, *c2])
+    assert TOK.decode(batch.tokens[1][batch.loss_mask[1] == 1]) == TOK.decode(c1)
+    with pytest.raises(ValueError, match="more than the width"):
+        data.packed_sft_batch(encoded, [[0, 1, 2]], TOK.pad_id, width=8)
+
+
 def test_pair_batch_aligns_completions_across_privileged_views():
     task = cd.Countdown()
     problems = task.prompts("train", 3, seed=0)

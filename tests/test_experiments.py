@@ -99,10 +99,14 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
 def test_grpo_from_a_preset_trains_its_own_sft_start(tmp_path, capsys):
     g = _tiny(grpo_config, tmp_path / "grpo")
     g.grpo.unlikeliness_beta, g.grpo.kl_beta = 0.25, 0.04
+    g.sampling.temperature, g.sampling.top_p = 0.7, 0.9  # the sampler's q differs from π_old
     out = grpo.run(g)
     assert set(out["results"]) == {"start", "after GRPO"}
     rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
     assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["kl"])
+    for r in rows:  # the importance correction is on by default, and logs its ratio
+        assert 0 < r["is_ratio_min"] <= r["is_ratio_mean"] <= r["is_ratio_max"]
+    assert any(r["is_ratio_min"] < 1 for r in rows)  # tempered and truncated: q ≠ π_old
     init = tmp_path / "grpo" / "sft_init" / "model"
     assert (init / "config.json").exists() and (init / tokenizers.TOKENIZER_MARKER).exists()
     assert isinstance(inputs.load_model(str(init)).tokenizer, CharTokenizer)
@@ -235,6 +239,9 @@ def test_bad_overrides_and_settings(tmp_path):
     g = _tiny(grpo_config, tmp_path)
     g.grpo.loss_type = "ppo"
     with pytest.raises(UserError, match="loss_type must be one of"):
+        grpo.run(g)
+    g.grpo.loss_type, g.grpo.is_mode = "dapo", "per_token"
+    with pytest.raises(UserError, match="grpo.is_mode must be one of"):
         grpo.run(g)
     o = _tiny(opd_config, tmp_path)
     o.alpha = 1.5

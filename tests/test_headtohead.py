@@ -41,7 +41,7 @@ pytestmark = pytest.mark.xdist_group("headtohead_mini")
 def test_miniature_protocol_writes_the_report(mini):
     workdir, result, _ = mini
     for name in ("report.md", "metrics.json", "pass_at_k.png", "cot_pass_at_k.png", "radar.png",
-                 "diversity_vs_pass1.png", "training.png"):  # fmt: skip
+                 "diversity_vs_pass1.png", "training.png", "density_locality_diversity.png"):  # fmt: skip
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert list(result["arms"]) == ["base", "teacher", *headtohead.ARMS]
     n = tiny(workdir).eval.samples
@@ -66,6 +66,32 @@ def test_miniature_protocol_writes_the_report(mini):
         assert claim["evidence"] in report
     for arm in headtohead.ARMS.values():  # every arm's description comes from its table entry
         assert arm.help in saved["settings"]["arms"]
+    c = tiny(workdir)
+    a = c.arm
+    assert saved["settings"]["budget"] == {
+        "arm_steps": a.steps, "prompts_per_step": a.prompts_per_step, "group_size": a.group_size,
+        "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size}  # fmt: skip
+    assert set(saved["settings"]["wall_seconds_by_stage"]) == {"models", "evaluation",
+                                                                "arm_training"}  # fmt: skip
+    base_p1 = saved["arms"]["base"]["scalars"]["pass@1"]["mean"]
+    bits = {}
+    for name, arm in saved["arms"].items():  # paired gains: every problem has both values
+        if name == "base":
+            assert "gain_vs_base" not in arm
+            continue
+        gain = arm["gain_vs_base"]["pass@1"]
+        assert gain["lo"] <= gain["mean"] <= gain["hi"]
+        assert np.isclose(gain["mean"], arm["scalars"]["pass@1"]["mean"] - base_p1)
+        assert f"| {name} | {gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}]" in report
+        if name in headtohead.ARMS:
+            bits[headtohead.ARMS[name].kind] = arm["supervision_bits_per_token"]
+    assert 0 < bits["rl"] < 1 < bits["sft"] < bits["distill"]  # a verdict, a token, a distribution
+    assert saved["resolution"]["pass@1_mde"] > 0 and "Resolution: with 4 held-out" in report
+    for name in ("grpo", "grpo_unlikely"):  # rollouts at temperature 0.7, top-p 0.9: π_old ≠ q
+        w = saved["arms"][name]["importance"]
+        assert 0 < w["ratio_min"] < 1 and w["ratio_min"] <= w["ratio_mean"] <= w["ratio_max"]
+        assert f"| {name} | {w['ratio_min']:.3g} |" in report
+    assert "importance" not in saved["arms"]["opd_rkl"]
 
 
 @pytest.mark.slow

@@ -329,3 +329,69 @@ def test_group_advantages_rejects_bad_arguments(kwargs, message):
     kwargs = dict(group_size=2) | kwargs
     with pytest.raises(ValueError, match=message):
         losses.group_advantages(jnp.zeros(4), **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate",
+                                  "sequence_mask"])  # fmt: skip
+def test_importance_correction_matches_the_reference(mode, loss_type):
+    """grpo_loss(sampling_logp=...): TRL's four modes of π_old/q, values and gradients against
+    the float64 reference (its gradient by central differences), with a KL term beside."""
+    rng = np.random.default_rng(7)
+    b, l = 6, 5
+    old = rng.normal(-1.5, 0.5, (b, l))
+    logp = old + rng.normal(0, 0.1, (b, l))
+    sampling = old + rng.normal(0, 0.45, (b, l))  # weights from ~0.3 to ~5: some cut
+    adv = rng.normal(size=b)
+    mask = np.ones((b, l), np.int32)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    ref_logp = old + rng.normal(0, 0.2, (b, l))
+    kw = dict(loss_type=loss_type, is_mode=mode, is_min=0.5, is_max=2.0)
+    with jax.enable_x64(True):
+        def fn(x):
+            return losses.grpo_loss(x, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                    ref_logp=jnp.asarray(ref_logp), kl_beta=0.05,
+                                    sampling_logp=jnp.asarray(sampling), **kw)  # fmt: skip
+
+        loss, aux = fn(jnp.asarray(logp))
+        grad = np.asarray(jax.grad(lambda x: fn(x)[0])(jnp.asarray(logp)))
+
+    def reference(x):
+        return ref.grpo(x, old, adv, mask, ref=ref_logp, beta=0.05, sampling=sampling, **kw)
+
+    np.testing.assert_allclose(float(loss), reference(logp), rtol=1e-10)
+    step, numeric = 1e-6, np.zeros_like(logp)
+    for i in np.ndindex(logp.shape):
+        e = np.zeros_like(logp)
+        e[i] = step
+        numeric[i] = (reference(logp + e) - reference(logp - e)) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+    assert 0 < aux["is_corrected_frac"] < 1  # the bounds cut some weights, not all
+    ratios = np.exp(old - sampling)[mask == 1] if mode.startswith("token") else None
+    if ratios is not None:
+        np.testing.assert_allclose([aux["is_ratio_min"], aux["is_ratio_max"]],
+                                   [ratios.min(), ratios.max()], rtol=1e-10)  # fmt: skip
+
+
+def test_importance_correction_is_a_no_op_when_the_sampler_drew_from_the_policy():
+    rng = np.random.default_rng(8)
+    logp, old = rng.normal(-1, 0.3, (4, 6)), rng.normal(-1, 0.3, (4, 6))
+    args = (jnp.asarray(logp), jnp.asarray(old), jnp.asarray(rng.normal(size=4)),
+            jnp.ones((4, 6)))  # fmt: skip
+    plain, _ = losses.grpo_loss(*args)
+    for mode in ("token_mask", "sequence_truncate"):
+        same, aux = losses.grpo_loss(*args, sampling_logp=jnp.asarray(old), is_mode=mode)
+        np.testing.assert_allclose(same, plain, rtol=1e-6)
+        assert float(aux["is_ratio_min"]) == float(aux["is_ratio_max"]) == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(is_mode="tokens"), "is_mode must be one of"),
+    (dict(is_max=0.0), "is_max must be > 0"),
+    (dict(is_min=4.0), "is_min must lie in"),
+])  # fmt: skip
+def test_importance_correction_refuses_bad_settings(kw, match):
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=match):
+        losses.grpo_loss(x, x, jnp.zeros(2), jnp.ones((2, 3)), sampling_logp=x, **kw)

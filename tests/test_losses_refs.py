@@ -85,9 +85,22 @@ def unlikeliness(rewards, seq_logprobs, group_size, beta_rank):
     return out
 
 
+def is_weight(old, sampling, idx, mode, lo, hi):
+    """TRL's vLLM importance-sampling weights of one sequence's valid tokens `idx`."""
+    ratio = np.exp(old[idx] - sampling[idx])
+    if mode.startswith("sequence"):
+        ratio = np.full(idx.size, np.prod(ratio))
+    lo = -np.inf if lo is None else lo
+    if mode.endswith("truncate"):
+        return np.minimum(np.maximum(ratio, lo), hi)
+    return np.array([r if lo <= r <= hi else 0.0 for r in ratio])
+
+
 def grpo(logp, old, adv, mask, *, ref=None, beta=0.0, eps_low=0.2, eps_high=None,
-         loss_type="dapo", max_len=None, importance="token"):  # fmt: skip
-    """Per-sequence loop over the formulas of grpo_loss's docstring."""
+         loss_type="dapo", max_len=None, importance="token", sampling=None,
+         is_mode="sequence_mask", is_min=None, is_max=3.0):  # fmt: skip
+    """Per-sequence loop over the formulas of grpo_loss's docstring (and, with `sampling`, the
+    importance weight multiplying the policy term before the KL term is added)."""
     eps_high = eps_low if eps_high is None else eps_high
     logp, old = np.asarray(logp, np.float64), np.asarray(old, np.float64)
     mask = np.asarray(mask, bool)
@@ -104,6 +117,9 @@ def grpo(logp, old, adv, mask, *, ref=None, beta=0.0, eps_low=0.2, eps_high=None
         else:
             ratio = np.exp(logp[b, idx] - old[b, idx])
         loss = -np.minimum(ratio * a, np.clip(ratio, 1 - eps_low, 1 + eps_high) * a)
+        if sampling is not None:
+            loss = loss * is_weight(old[b], np.asarray(sampling, np.float64)[b], idx, is_mode,
+                                    is_min, is_max)  # fmt: skip
         if beta:
             gap = ref[b, idx] - logp[b, idx]
             loss = loss + beta * (np.exp(gap) - gap - 1)

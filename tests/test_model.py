@@ -58,6 +58,31 @@ def test_padding_on_either_side_never_changes_real_logits(name):
     chex.assert_trees_all_close(got_right, alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_packed_row_gives_each_example_the_logits_it_has_alone(name):
+    """Segment ids in the attention mask (`data.packed_sft_batch`): every example restarts its
+    positions and attends only itself, so packing never changes a real token's logits."""
+    config = CONFIGS[name]
+    params = _params(config)
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(3, config.vocab_size, n) for n in (5, 1, 7)]
+    row = np.concatenate([*parts, np.full(3, 9)])[None]  # garbage in the trailing padding
+    segments = np.concatenate([np.full(len(p), k + 1) for k, p in enumerate(parts)] + [[0] * 3])
+    packed = models.apply(config, params, jnp.asarray(row), jnp.asarray(segments[None]))[0]
+    at = 0
+    for p in parts:
+        alone = models.apply(config, params, jnp.asarray(p[None]))[0]
+        chex.assert_trees_all_close(packed[at : at + len(p)], alone, atol=1e-5, rtol=0)
+        at += len(p)
+
+
+def test_positions_restart_per_segment_and_count_through_gaps():
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 0, 1], [1, 1, 2, 2, 2, 3, 0], [1, 2, 2, 0, 3, 3, 3]])
+    np.testing.assert_array_equal(models.positions_from_mask(mask),
+                                  [[0, 0, 0, 1, 2, 2, 3], [0, 1, 0, 1, 2, 0, 0],
+                                   [0, 0, 1, 1, 0, 1, 2]])  # fmt: skip
+
+
 @pytest.mark.parametrize("presliced", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_cached_prefill_and_decode_equal_full_forward(name, presliced):

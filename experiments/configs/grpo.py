@@ -54,6 +54,12 @@ def get_config(arg: str | None = None):
     c.grpo.num_iterations = 1  # updates per rollout batch
     c.grpo.advantage_scale = "group"  # divide by the group's std; "batch", "none" (Dr. GRPO)
     c.grpo.unlikeliness_beta = 0.0  # He et al.'s rank discount of likely correct samples (0: off)
+    # importance correction π_old/q between the sampler's tempered/truncated distribution q and
+    # the policy (jaxpost.importance; a no-op at temperature 1 without top-k/top-p)
+    c.grpo.is_correction = True
+    c.grpo.is_mode = "sequence_mask"  # token_truncate, token_mask, sequence_truncate, sequence_mask
+    c.grpo.is_min = 0.0  # lower bound of the weight (0: none)
+    c.grpo.is_max = 3.0  # upper bound: truncated to it, or masked above it
 
     # tiny SFT models: lr >= 1e-3 wrecks them on Adam's first step
     c.optim = configs.optimizer(learning_rate=1e-4, warmup_steps=10)

@@ -78,9 +78,11 @@ def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
             def transform(r, seq_logp):
                 return np.asarray(losses.unlikeliness_rewards(
                     jnp.asarray(r), jnp.asarray(seq_logp), group, beta_rank=beta))  # fmt: skip
+        a = ctx.config.arm
         return loops.run_grpo(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
                               ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh,
-                              loss_impl=ctx.config.loss_impl)  # fmt: skip
+                              loss_impl=ctx.config.loss_impl, is_correction=True,
+                              is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
 
     return build
 
@@ -136,6 +138,18 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
 )}  # fmt: skip
 
 
+def supervision_bits(kind: str, vocab: int, completion_len: float | None) -> float:
+    """Supervision bits per trained token, the x of the report's central picture (a convention,
+    for orders of magnitude): RL gets one 0/1 verdict per sampled sequence, at most 1 bit over
+    its `completion_len` tokens; SFT one target token per token, log2 V bits; distillation a
+    teacher distribution per token, counted as V - 1 probabilities of log2 V bits each. NaN
+    when an RL arm logged no completion length."""
+    if kind == "rl":
+        return 1.0 / completion_len if completion_len else float("nan")
+    bits = float(np.log2(max(vocab, 2)))
+    return bits if kind == "sft" else (max(vocab, 2) - 1) * bits
+
+
 def arm_names(config) -> tuple[str, ...]:
     """The arms `config.arms` lists (comma-separated), checked against the table."""
     names = tuple(a.strip() for a in str(config.arms).split(",") if a.strip())
@@ -157,7 +171,8 @@ def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:
                             progress=w.progress, desc=name,
                             workdir=os.path.join(c.workdir, "arms", name),
                             checkpoint_every=max(1, a.steps // 3))  # fmt: skip
-    sampling = SamplingConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens)
+    sampling = SamplingConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens,
+                              temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None)  # fmt: skip
     base, tok = models.base, models.base.tokenizer
     prompts = inputs.encode_prompts(base, [w.task.render_prompt(p) for p in w.train],
                                     max_new_tokens=a.max_new_tokens, what="training prompts")  # fmt: skip

@@ -14,7 +14,7 @@ from jaxpost import metrics
 from jaxpost.headtohead.arms import ARMS
 
 
-def _paired(a, b) -> metrics.Estimate:
+def paired(a, b) -> metrics.Estimate:
     """Mean of a - b over problems where both are defined, with a bootstrap CI."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     ok = np.isfinite(a) & np.isfinite(b)
@@ -43,8 +43,8 @@ def claims(evals: dict) -> list[dict]:
     out = []
     pp = {k: v.per_problem for k, v in evals.items()}
     if "grpo" in pp:
-        gain1 = _paired(pp["grpo"]["pass@1"], pp["base"]["pass@1"])
-        over = _paired(pp["base"]["pass@large_k"], pp["grpo"]["pass@large_k"])
+        gain1 = paired(pp["grpo"]["pass@1"], pp["base"]["pass@1"])
+        over = paired(pp["base"]["pass@large_k"], pp["grpo"]["pass@large_k"])
         verdict = _verdict(over)
         if verdict == "reproduced" and gain1.lo <= 0:
             verdict = "inconclusive"  # a crossover needs GRPO ahead at k=1 first
@@ -54,16 +54,16 @@ def claims(evals: dict) -> list[dict]:
             "evidence": f"pass@1 GRPO−base {_e(gain1)}; pass@large_k base−GRPO {_e(over)}",
         })  # fmt: skip
     if "grpo" in pp and "grpo_unlikely" in pp:
-        d = _paired(pp["grpo_unlikely"]["pass@large_k"], pp["grpo"]["pass@large_k"])
+        d = paired(pp["grpo_unlikely"]["pass@large_k"], pp["grpo"]["pass@large_k"])
         out.append({"claim": "the unlikeliness reward raises pass@large_k over GRPO",
                     "source": "He, Fried & Welleck 2025", "verdict": _verdict(d),
                     "evidence": f"pass@large_k unlikely−GRPO {_e(d)}"})  # fmt: skip
     on_policy = [a for a in pp if a in ARMS and ARMS[a].on_policy]  # the table says which
     if "sft" in pp and on_policy:
         ret = np.mean([pp[a]["retention"] for a in on_policy], axis=0)
-        d = _paired(ret, pp["sft"]["retention"])
+        d = paired(ret, pp["sft"]["retention"])
         gains = ", ".join(
-            f"{a} {_e(_paired(pp[a]['pass@1'], pp['base']['pass@1']))}" for a in ["sft", *on_policy]
+            f"{a} {_e(paired(pp[a]['pass@1'], pp['base']['pass@1']))}" for a in ["sft", *on_policy]
         )
         out.append({"claim": "on-policy methods retain more of the earlier skill than SFT",
                     "source": "Shenfeld et al. 2025; Chen et al. 2025 (RL's razor / retention)",
@@ -72,13 +72,13 @@ def claims(evals: dict) -> list[dict]:
                                 f"{_e(d)}; pass@1 gains: {gains}"})  # fmt: skip
     for arm, label in (("opd_rkl", "reverse-KL OPD"), ("opsd", "OPSD")):
         if arm in pp:
-            d = _paired(pp[arm]["diversity"], pp["base"]["diversity"])
+            d = paired(pp[arm]["diversity"], pp["base"]["diversity"])
             out.append({"claim": f"{label} narrows diversity (solution entropy) below the base",
                         "source": "Agarwal et al. 2024 (GKD); mode-seeking reverse KL",
                         "verdict": _verdict(d, expect_positive=False),
                         "evidence": f"entropy {arm}−base {_e(d)} nats"})  # fmt: skip
     if "opd_entropy" in pp and "opd_rkl" in pp:
-        d = _paired(pp["opd_entropy"]["diversity"], pp["opd_rkl"]["diversity"])
+        d = paired(pp["opd_entropy"]["diversity"], pp["opd_rkl"]["diversity"])
         out.append({"claim": "entropy-aware OPD keeps more diversity than reverse-KL OPD",
                     "source": "Jin et al. 2026", "verdict": _verdict(d),
                     "evidence": f"entropy entropy-aware−reverse-KL {_e(d)} nats"})  # fmt: skip

@@ -72,7 +72,8 @@ def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: i
     loop = loops.LoopConfig(steps=steps, batch_size=c.base.batch_size, seed=seed,
                             progress=w.progress, desc=desc)  # fmt: skip
     result = loops.run_sft(model.config, model.params, examples, optim, loop,
-                           pad_id=model.tokenizer.pad_id, mesh=w.mesh, loss_impl=c.loss_impl)  # fmt: skip
+                           pad_id=model.tokenizer.pad_id, mesh=w.mesh, loss_impl=c.loss_impl,
+                           pack=c.base.pack)  # fmt: skip
     if result.preempted:  # no checkpoints here: a partial model must not be cached as the base
         raise Preempted(f"{desc}: preempted (SIGTERM) during its SFT; nothing of it was saved; "
                         f"rerun the same command to train it again")  # fmt: skip
@@ -128,7 +129,8 @@ def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | 
         teacher_line = f"the base trained {c.teacher_steps} more steps with all solutions"
     base, teacher = base.on(w.mesh), teacher.on(w.mesh)  # loops and sampling agree on devices
     extras = " + addition" + (" + steering" if w.steer else "") + " + privileged-context examples"
-    base_line = (f"SFT {c.base.steps} steps × {c.base.batch_size} on {w.task.name} slice "
+    rows = f"{c.base.batch_size} packed rows" if c.base.pack else str(c.base.batch_size)
+    base_line = (f"SFT {c.base.steps} steps × {rows} on {w.task.name} slice "
                  f"'{c.base.style}'{extras}")  # fmt: skip
     if c.base.steps == 0:
         base_line = f"the checkpoint {c.model} as it is"

@@ -124,6 +124,23 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
                         teacher_prompt_len=privileged, **on_policy)  # fmt: skip
 
 
+def _compilation_cache(path: str, log) -> None:
+    """Keep the run's compiled programs in WORKDIR/xla_cache (JAX's persistent cache), unless
+    the caller set a cache: arms whose steps are the same program (grpo and grpo_unlikely) and
+    every rerun of the command skip compiling. Programs that compile in under a second are not
+    kept."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    try:
+        from jax.experimental import compilation_cache as cc
+
+        jax.config.update("jax_compilation_cache_dir", os.path.join(path, "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        cc.compilation_cache.reset_cache()  # take the directory even if a program compiled before
+    except (ImportError, AttributeError) as e:  # a jax without these: run without the cache
+        log(f"no persistent compilation cache ({e})")
+
+
 @workdir.holding
 def run(config, log: Callable[[str], None] = print) -> dict:
     """Run the protocol (reusing whatever an earlier run of the same settings left) and write
@@ -134,19 +151,22 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                         f"this job has {jax.process_count()} processes: launch it on one host")  # fmt: skip
     names = arms.arm_names(config)
     settings.check(config)
+    _compilation_cache(config.workdir, log)
     w = models.world(config)
     log(distributed.describe(w.mesh))
     if w.task.needs_pretrained and not settings.pretrained(config):
         raise UserError(f"task {w.task.name} needs a pretrained --model=DIR and the pretrained "
                         f"variant (the built-in base is a character-level model trained here)")  # fmt: skip
     m = models.base_and_teacher(w, log, check=lambda s, t: _check_memory(w, s, t))
-    log(f"models ready ({time.perf_counter() - start:.0f} s)")
+    stages = {"models": time.perf_counter() - start, "evaluation": 0.0, "arm_training": 0.0}
+    log(f"models ready ({stages['models']:.0f} s)")
     arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
     evals: dict[str, Evaluation] = {}
     extras: dict[str, dict] = {}
     diverged: dict[str, str] = {}  # arm -> why it stopped (no evaluation, no claims)
     # the base is always evaluated in-process: other models' paired metrics need its samples
     log("evaluating base")
+    t0 = time.perf_counter()
     evals["base"] = evaluation.evaluate_model(w, m.base, m.base.params, seed=config.seed)
     log("evaluating teacher")
     teacher_eval = os.path.join(config.workdir, "models", "teacher_eval.json")
@@ -156,6 +176,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                                                      base=evals["base"], base_model=m.base,
                                                      seed=config.seed)  # fmt: skip
         _save_eval(teacher_eval, eval_key, evals["teacher"])
+    stages["evaluation"] += time.perf_counter() - t0
     for arm in names:
         arm_dir = os.path.join(config.workdir, "arms", arm)
         eval_path = os.path.join(arm_dir, "eval.json")
@@ -183,7 +204,9 @@ def run(config, log: Callable[[str], None] = print) -> dict:
             raise Preempted(f"{arm}: preempted (SIGTERM); the arm's checkpoint is saved; rerun "
                             f"the same command to resume")  # fmt: skip
         train_s = time.perf_counter() - t0
+        stages["arm_training"] += train_s
         log(f"{arm}: trained in {train_s:.0f} s; evaluating")
+        t0 = time.perf_counter()
         params = result.state.params
         ev = evaluation.evaluate_model(w, m.base, params, base=evals["base"], base_model=m.base,
                                        seed=config.seed)  # fmt: skip
@@ -197,17 +220,42 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                                                               own.mask)  # fmt: skip
         _save_eval(eval_path, eval_key, ev, {"extra": extra})
         evals[arm], extras[arm] = ev, extra
-    result = assemble(w, evals, extras, m.history, m.describe, diverged)
+        stages["evaluation"] += time.perf_counter() - t0
+    result = assemble(w, evals, extras, m.history, m.describe, diverged, m.base.config.vocab_size)
     result["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
+    # this run's own work; what a rerun reused from the workdir costs nothing here
+    result["settings"]["wall_seconds_by_stage"] = {k: round(v, 1) for k, v in stages.items()}
     paths = report.write_report(config.workdir, result)
     log(f"report: {paths['report']}")
     return result
 
 
+def resolution(evals: dict[str, Evaluation], samples: int) -> dict:
+    """The smallest pass@1 difference from the base this evaluation detects with 80% power at
+    a two-sided 5% level: 2.8 · SD / sqrt(problems). SD is the larger of the median, over the
+    other models, of the spread of their per-problem differences from the base, and the
+    sampling noise alone (two evaluations of one model differ per problem with variance
+    2·p(1-p)/`samples`, p clipped to [1/samples, 1 - 1/samples] so a model that never or always
+    succeeds still has the resolution its sample count gives)."""
+    base = np.asarray(evals["base"].per_problem["pass@1"], float)
+    n = len(base)
+    p = np.clip(base, 1 / samples, 1 - 1 / samples)
+    noise = float(np.sqrt(np.mean(2 * p * (1 - p) / samples)))
+    sds = [np.std(np.asarray(ev.per_problem["pass@1"], float) - base, ddof=1)
+           for name, ev in evals.items() if name != "base" and n > 1]  # fmt: skip
+    paired = float(np.median(sds)) if sds else 0.0
+    sd, source = ((paired, "median paired SD over the other models") if paired > noise
+                  else (noise, "sampling noise"))  # fmt: skip
+    return {"pass@1_mde": 2.8 * sd / np.sqrt(max(n, 1)), "problems": n, "sd": sd,
+            "from": source}
+
+
 def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, dict],
-             pre_hist: dict, describe: dict, diverged: dict | None = None) -> dict:  # fmt: skip
+             pre_hist: dict, describe: dict, diverged: dict | None = None, vocab: int = 0
+             ) -> dict:  # fmt: skip
     """The report's metrics dictionary from the evaluations (see `jaxpost.report`); a diverged
-    arm has its reason and training curve, no scalars."""
+    arm has its reason and training curve, no scalars. `vocab`: the student's vocabulary size
+    (what a token or a distribution of supervision carries, `arms.supervision_bits`)."""
     c = w.config
     base_p1 = evals["base"].scalars["pass@1"]["mean"]
     out_arms = {}
@@ -227,6 +275,23 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
             "scalars": scalars,
             "history": [] if reference else _history(os.path.join(c.workdir, "arms", name)),
         }
+        if name != "base":  # paired over problems, as the claims are
+            out_arms[name]["gain_vs_base"] = {
+                k: claims.paired(ev.per_problem[k], evals["base"].per_problem[k]).as_dict()
+                for k in ("pass@1", "pass@large_k")}  # fmt: skip
+        hist = out_arms[name]["history"]
+        if any(h.get("is_ratio_mean") is not None for h in hist):
+            rows = [h for h in hist if h.get("is_ratio_mean") is not None]
+            out_arms[name]["importance"] = {
+                "ratio_min": min(h["is_ratio_min"] for h in rows),
+                "ratio_mean": float(np.mean([h["is_ratio_mean"] for h in rows])),
+                "ratio_max": max(h["is_ratio_max"] for h in rows),
+                "corrected_frac": float(np.mean([h["is_corrected_frac"] for h in rows]))}  # fmt: skip
+        if name in arms.ARMS:
+            lengths = [h["completion_len"] for h in out_arms[name]["history"]
+                       if h.get("completion_len")]  # fmt: skip
+            out_arms[name]["supervision_bits_per_token"] = arms.supervision_bits(
+                arms.ARMS[name].kind, vocab, float(np.mean(lengths)) if lengths else None)
     for name, reason in (diverged or {}).items():
         out_arms[name] = {"kind": "arm", "diverged": reason, "curves": {}, "scalars": {},
                           "history": _history(os.path.join(c.workdir, "arms", name))}  # fmt: skip
@@ -239,7 +304,12 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "base": describe["base"],
         "teacher": describe["teacher"],
         "budget per arm": f"{a.steps} steps × {a.prompts_per_step} prompts × {a.group_size} "
-                          f"samples, lr {a.learning_rate}, ≤ {a.max_new_tokens} new tokens",
+                          f"samples, lr {a.learning_rate}, ≤ {a.max_new_tokens} new tokens, "
+                          f"rollouts at temperature {a.temperature}, top-p {a.top_p}; GRPO "
+                          f"weighted by π_old/q ({a.is_mode}, ≤ {a.is_max})",
+        "budget": {"arm_steps": a.steps, "prompts_per_step": a.prompts_per_step,
+                   "group_size": a.group_size,
+                   "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size},
         "evaluation": f"{e.problems} held-out problems × {e.samples} samples at temperature 1; "
                       f"retention: {e.retention_problems} addition problems × "
                       f"{e.retention_samples}{steering}",
@@ -269,6 +339,7 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
                      + ", ".join(f"{k} {v[-1]['loss']:.3f}" for k, v in pre_hist.items() if v))
     axes = [x for x in RADAR_AXES if w.steer is not None or x != "steerability"]
     return {
+        "resolution": resolution(evals, e.samples),
         "smoke_test": c.variant == "tiny",
         "arms": out_arms,
         "radar_axes": axes,

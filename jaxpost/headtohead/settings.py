@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from jaxpost import train
+from jaxpost import importance, train
 from jaxpost.errors import UserError
 
 # Fields that never change a result: where it goes, what is shown, which arms run this time.
@@ -53,6 +53,13 @@ def check(config) -> None:
     train.resolve_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
+    if not (a.temperature > 0 and 0 < a.top_p <= 1):
+        raise UserError(f"arm.temperature must be > 0 and arm.top_p in (0, 1], got "
+                        f"{a.temperature} and {a.top_p}")  # fmt: skip
+    try:
+        importance.check(a.is_mode, None, a.is_max)
+    except ValueError as e:
+        raise UserError(f"arm.{e}") from None
     if pretrained(config):
         if config.variant != "pretrained":
             raise UserError(

@@ -69,14 +69,27 @@ def check_tokens(config: ModelConfig, tokens) -> None:
 
 
 def positions_from_mask(mask_BxL) -> jax.Array:
-    """Position of each slot counted from its row's first real token (0-based)."""
-    return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+    """Position of each slot counted from the first real token of its segment (0-based).
+
+    `mask_BxL` is 0 on padding and, on real tokens, 1, or the token's segment id in a packed
+    row (several examples side by side, ids 1, 2, ... increasing along the row): a segment's
+    positions start at 0 where its id first exceeds every id before it. A 0/1 mask is one
+    segment per row, so positions count from the row's first real token."""
+    seg = mask_BxL.astype(jnp.int32)
+    count = jnp.cumsum(seg > 0, axis=-1, dtype=jnp.int32)
+    before = jnp.concatenate([jnp.zeros_like(seg[:, :1]), jax.lax.cummax(seg, axis=1)[:, :-1]], 1)
+    offset = jax.lax.cummax(jnp.where(seg > before, count - 1, 0), axis=1)
+    return jnp.maximum(count - 1 - offset, 0)
 
 
 def _full_mask(attention_mask_BxL) -> jax.Array:
+    """[B, L, L]: slot i attends slot j <= i holding a real token of its own segment (a padding
+    slot attends every real slot before it: its output is defined, never used)."""
     L = attention_mask_BxL.shape[-1]
     causal = jnp.tril(jnp.ones((L, L), dtype=bool))
-    return causal[None] & attention_mask_BxL.astype(bool)[:, None, :]
+    seg = attention_mask_BxL.astype(jnp.int32)
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+    return causal[None] & (seg > 0)[:, None, :] & same
 
 
 def hidden_states(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> jax.Array:
@@ -99,7 +112,9 @@ def apply(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> j
 
     `attention_mask_BxL` marks real tokens (1) and padding (0), on either side. Positions count
     from 0 at each row's first real token and a real token never attends padding, so a real
-    token's logits do not depend on the padding around it. Logits at padded slots are defined but
+    token's logits do not depend on the padding around it. A packed row marks its examples'
+    tokens with segment ids 1, 2, ... instead (`positions_from_mask`): each example then has
+    its own positions and attends only itself, so its logits are those it has alone in a row. Logits at padded slots are defined but
     meaningless.
     """
     check_tokens(config, tokens_BxL)

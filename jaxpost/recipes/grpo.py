@@ -8,7 +8,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import inputs, loops, losses, train
+from jaxpost import importance, inputs, loops, losses, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 from jaxpost.workdir import holding
@@ -26,6 +26,11 @@ def _check(config) -> None:
         raise UserError("grpo.kl_beta must be >= 0 and grpo.num_iterations >= 1")
     if not 0 <= g.eps_low <= 1 or g.eps_high < 0:
         raise UserError("grpo.eps_low must lie in [0, 1] and grpo.eps_high be >= 0")
+    if g.is_correction:
+        try:
+            importance.check(g.is_mode, g.is_min or None, g.is_max)
+        except ValueError as e:
+            raise UserError(f"grpo.{e}") from None
     if config.reward not in ("answer", "chain"):
         raise UserError(f'reward must be "answer" or "chain", got {config.reward!r}')
 
@@ -88,7 +93,9 @@ def run(config) -> dict:
         ref_params=model.params if g.kl_beta > 0 else None, num_iterations=g.num_iterations,
         reward_transform=transform, advantage_scale=g.advantage_scale, loss_type=g.loss_type,
         kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
-        loss_impl=config.loss_impl,
+        loss_impl=config.loss_impl, is_correction=g.is_correction,
+        **({"is_mode": g.is_mode, "is_min": g.is_min or None, "is_max": g.is_max}
+           if g.is_correction else {}),
     )  # fmt: skip
     common.stop_if_preempted(result, "grpo")
     if result.history:

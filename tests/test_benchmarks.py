@@ -1,0 +1,28 @@
+"""The benchmark scripts run as printed and say what they measure (timings themselves are not
+tested: they live in benchmarks/)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_train_prints_one_floor_line_per_objective():
+    out = subprocess.run([sys.executable, "scripts/bench_train.py", "--variant", "tiny",
+                          "--repeats", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "NO_GCE_CHECK": "true"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert [x["objective"] for x in lines] == ["sft", "grpo", "opd"]
+    for x in lines:
+        assert x["model_flops"] > 0 and 0 < x["floor_ratio"] < 5
+        assert x["floor_ratio"] == pytest.approx(x["matmul_s"] / x["step_s"], rel=0.01)
+        assert x["model_flops_per_s"] == pytest.approx(x["model_flops"] / x["step_s"], rel=0.01)
+        assert 0 <= x["padding_share"] < 1
+    # the opd step also runs the teacher's forward: a third more flops than grpo's
+    assert lines[2]["model_flops"] == pytest.approx(lines[1]["model_flops"] * 4 / 3)
