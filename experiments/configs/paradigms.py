@@ -14,19 +14,21 @@ interruption reuses the cached models, finished arms and the interrupted arm's l
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
 Measured from a clean clone on the project's 2-core CPU (XLA:CPU, 2026-12-02, otherwise idle):
-433 s for the whole README main command (venv and install 36 s with wheels cached locally; 397 s
-of protocol, of which 262 s build the base and teacher; each arm trains in 8-11 s). That run:
+641 s for the whole README main command (venv, install, start-up ~64 s, wheels cached locally; 577 s
+of protocol: base and teacher 157 s, the nine arms' training 340 s, evaluations 81 s). That run:
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.264 | 0.583 | 0.215 | 0.898 | 0.100 |
-    | teacher | 0.260 | 0.938 | 0.589 | 0.977 | 0.291 |
-    | sft | 0.166 | 0.708 | 0.253 | 0.801 | 0.043 |
-    | grpo | 0.268 | 0.583 | 0.250 | 0.871 | 0.100 |
-    | opd_rkl | 0.253 | 0.542 | 0.219 | 0.902 | 0.062 |
-    | opsd | 0.258 | 0.646 | 0.163 | 0.867 | 0.086 |
+    | base | 0.259 | 0.500 | 0.178 | 0.875 | 0.135 |
+    | teacher | 0.330 | 0.896 | 0.650 | 0.957 | 0.275 |
+    | sft | 0.203 | 0.938 | 0.451 | 0.750 | 0.061 |
+    | grpo | 0.284 | 0.562 | 0.104 | 0.867 | 0.096 |
+    | opd_rkl | 0.289 | 0.750 | 0.190 | 0.844 | 0.111 |
+    | opsd | 0.233 | 0.542 | 0.148 | 0.898 | 0.053 |
 
-(and five more arms); "on-policy methods retain more of the earlier skill than SFT" reproduced
-(+0.076 [+0.027, +0.125] addition accuracy), the other five claims inconclusive.
+(and five more arms); three claims reproduced (retention of on-policy arms over SFT, OPSD
+narrowing diversity, entropy-aware OPD keeping more than reverse KL), three inconclusive; the
+evaluation resolves a pass@1 difference of ~0.10 (48 problems), so no arm's pass@1 gain is
+decisive (benchmarks/paradigms_budget.md).
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
