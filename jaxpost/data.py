@@ -38,8 +38,8 @@ class SequenceBatch:
 
     tokens_BxL: prompt ++ completion ++ padding; attention_mask_BxL: 1 on real tokens (in a
     packed row, each example's segment id 1, 2, ...); loss_mask_BxL: 1 on the tokens to predict
-    (the completion). The loss at slot t predicts
-    tokens[t + 1] from tokens[<= t], so objectives shift by one.
+    (the completion). The loss at slot t predicts tokens[t + 1] from tokens[<= t], so
+    objectives shift by one.
     """
 
     tokens: jax.Array
@@ -188,8 +188,8 @@ def pack_plan(lengths: Sequence[int], rows: int, width: int, seed: int, steps: i
     Examples come in `epoch_order(len(lengths), seed)`; each is placed in the first row it fits
     (first-fit), and a step ends at the first example that fits no row, which opens the next
     step. Every example is trained once per epoch, the number per step varies a little (on
-    the head-to-head's mixture, 64 rows of 64 slots as one-example rows are ~55% real tokens;
-    packed, ~81%), and the plan is a function of (lengths, rows, width, seed) alone, so a
+    the head-to-head's mixture, one-example rows of 64 slots are ~55% real tokens; packed,
+    ~78-81%), and the plan is a function of (lengths, rows, width, seed) alone, so a
     resumed run replays the same steps."""
     if max(lengths) > width:
         raise ValueError(f"an example has {max(lengths)} tokens, more than the width {width}")

@@ -201,6 +201,7 @@ def plot_central(arms: dict, path: str) -> None:
             ax.annotate(n, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
         fig.colorbar(sc, ax=ax, label="diversity (nats)")
         ax.set_xscale("log")
+        ax.margins(x=0.25)  # room for the labels of the rightmost arms
     else:
         _empty(ax, "no arm has a supervision density and a state locality")
     ax.set_xlabel("supervision bits per trained token (log)")

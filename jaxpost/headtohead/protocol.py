@@ -280,13 +280,16 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
                 k: claims.paired(ev.per_problem[k], evals["base"].per_problem[k]).as_dict()
                 for k in ("pass@1", "pass@large_k")}  # fmt: skip
         hist = out_arms[name]["history"]
-        if any(h.get("is_ratio_mean") is not None for h in hist):
-            rows = [h for h in hist if h.get("is_ratio_mean") is not None]
+        if any(h.get("is_ratio_mean") is not None for h in hist):  # GRPO's importance weights
+
+            def seen(key, hist=hist):  # a non-finite value was logged as None
+                return [h[key] for h in hist if h.get(key) is not None] or [float("nan")]
+
             out_arms[name]["importance"] = {
-                "ratio_min": min(h["is_ratio_min"] for h in rows),
-                "ratio_mean": float(np.mean([h["is_ratio_mean"] for h in rows])),
-                "ratio_max": max(h["is_ratio_max"] for h in rows),
-                "corrected_frac": float(np.mean([h["is_corrected_frac"] for h in rows]))}  # fmt: skip
+                "ratio_min": min(seen("is_ratio_min")),
+                "ratio_mean": float(np.mean(seen("is_ratio_mean"))),
+                "ratio_max": max(seen("is_ratio_max")),
+                "corrected_frac": float(np.mean(seen("is_corrected_frac")))}  # fmt: skip
         if name in arms.ARMS:
             lengths = [h["completion_len"] for h in out_arms[name]["history"]
                        if h.get("completion_len")]  # fmt: skip

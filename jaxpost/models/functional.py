@@ -114,8 +114,8 @@ def apply(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> j
     from 0 at each row's first real token and a real token never attends padding, so a real
     token's logits do not depend on the padding around it. A packed row marks its examples'
     tokens with segment ids 1, 2, ... instead (`positions_from_mask`): each example then has
-    its own positions and attends only itself, so its logits are those it has alone in a row. Logits at padded slots are defined but
-    meaningless.
+    its own positions and attends only itself, so its logits are those it has alone in a row.
+    Logits at padded slots are defined but meaningless.
     """
     check_tokens(config, tokens_BxL)
     if attention_mask_BxL is None:

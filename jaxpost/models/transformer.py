@@ -63,8 +63,9 @@ def dense(x, w, in_dims: int = 1):
     The leading (batch, length) axes are folded into rows and w's input and output axes into
     one each, so the dot and both of its gradients are plain 2-D matmuls. XLA:CPU emits a
     [B, T, D] x [D, F] einsum's backward (contracting over B and T) and the elementwise ops
-    fused around it far slower: an MLP's value-and-grad took 39 ms at B·T = 4096, D = 96,
-    F = 256 as einsums against 14 ms folded (2-core CPU, 2026-12-02, scripts/bench_train.py).
+    fused around it far slower: an isolated SwiGLU MLP's value-and-grad took 39 ms at
+    B·T = 4096, D = 96, F = 256 as einsums against 14 ms folded (2-core CPU, 2026-12-02;
+    benchmarks/paradigms_budget.md).
     """
     lead = x.shape[: x.ndim - in_dims]
     n_in = math.prod(w.shape[:in_dims])
