@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.importance import check as check_is
 from jaxpost.importance import weights as is_weights
 from jaxpost.opd import (
     OPDLoss,
@@ -288,8 +287,6 @@ def grpo_loss(
     eps_high = eps_low if eps_high is None else eps_high
     _check_grpo_args(logp_BxL, old_logp_BxL, advantages_B, mask_BxL, ref_logp, kl_beta,
                      eps_low, eps_high, loss_type, max_len, importance, sampling_logp)  # fmt: skip
-    if sampling_logp is not None:
-        check_is(is_mode, is_min, is_max)
     b, l = logp_BxL.shape
     dtype = _compute_dtype(logp_BxL)
     valid_BxL = mask_BxL.astype(bool)

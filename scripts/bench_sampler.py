@@ -12,9 +12,9 @@ count (on CPU it runs at each of `--torch-threads`, default 1 and every core; th
 numbers are in `transformers_tokens_per_s_by_threads`), and `floor_ratio`: jaxpost's generation
 time over a jitted while-loop of the same matmuls (the prefill's once, then each decode step's:
 q/k/v/o, attention over the cache's capacity as the sampler computes it, the MLP and the head,
-on random operands), timed in the
-same process; 1.0 would be a sampler that costs nothing beyond its matmuls. With `--out` each
-line is also appended to that file. jaxpost's compilation is timed separately and excluded from its tokens/s; both
+on random operands), timed in the same process; 1.0 would be a sampler that costs nothing beyond
+its matmuls. With `--out` each line is also appended to that file. jaxpost's compilation is
+timed separately and excluded from its tokens/s; both
 numbers include the prefill of the prompts. `--size` picks a preset shape (small: the CPU
 default; large: 8 layers of width 1024, V = 32768, 64 prompts of 128 tokens, 256 new tokens, in
 bfloat16); explicit flags override it. `--skip-transformers` times jaxpost alone.
@@ -139,7 +139,7 @@ def main() -> None:
         layers=args.layers, width=args.width, vocab=args.vocab, batch=args.batch,
         prompt_len=args.prompt, new_tokens=args.new, dtype=args.dtype,
         backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
-        torch_device=device, torch_threads=torch.get_num_threads(),
+        torch_device=device,  # transformers' thread count is in each run's impl name
     )  # fmt: skip
 
     def run_jax() -> float:
@@ -209,7 +209,6 @@ def main() -> None:
         summary["transformers_tokens_per_s"] = torch_tps
         summary["transformers_tokens_per_s_by_threads"] = by_threads
         summary["speedup_vs_transformers"] = round(jax_tps / torch_tps, 2)
-    common.pop("torch_threads")
     emit({**summary, **common})
 
 

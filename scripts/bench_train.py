@@ -59,7 +59,8 @@ def matmul_chain(trained, frozen):
     """A jitted function of random operands running each trained dot forward and backward
     (its two gradient dots) and each frozen dot forward, in sequence: each dot waits for the
     one before it (an optimization barrier, no arithmetic), as a model's dots wait for their
-    inputs, so XLA's runtime cannot overlap dots the step could not overlap either."""
+    inputs, so XLA's runtime cannot overlap dots the step could not overlap either. Returns a
+    callable that runs it once."""
     keys = iter(jax.random.split(jax.random.key(0), 3 * (len(trained) + len(frozen))))
 
     def operands(spec):

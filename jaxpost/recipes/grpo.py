@@ -93,9 +93,8 @@ def run(config) -> dict:
         ref_params=model.params if g.kl_beta > 0 else None, num_iterations=g.num_iterations,
         reward_transform=transform, advantage_scale=g.advantage_scale, loss_type=g.loss_type,
         kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
-        loss_impl=config.loss_impl, is_correction=g.is_correction,
-        **({"is_mode": g.is_mode, "is_min": g.is_min or None, "is_max": g.is_max}
-           if g.is_correction else {}),
+        loss_impl=config.loss_impl, is_correction=g.is_correction, is_mode=g.is_mode,
+        is_min=g.is_min or None, is_max=g.is_max,
     )  # fmt: skip
     common.stop_if_preempted(result, "grpo")
     if result.history:
