@@ -68,6 +68,9 @@ class CompletionBatch:
         (temperature, top-k, top-p applied): the importance-correction denominator.
       advantages: [N] per sequence or [N, M] per token (GRPO).
       ref_logp: [N, M] a frozen reference policy's logprobs (GRPO's KL penalty).
+      loss_mask: [N, M] the completion tokens the loss counts, a subset of completion_mask
+        (GRPO's truncated completions, high-entropy tokens, dynamic sampling's filler groups);
+        None: every completion token. The model still sees every completion token.
     Optional fields are None when unused; a None is an empty pytree, so it costs nothing in a
     jitted step (but a run keeps the same fields set on every step, or the step recompiles).
     """
@@ -82,10 +85,15 @@ class CompletionBatch:
     sampling_logp: jax.Array | None = None
     advantages: jax.Array | None = None
     ref_logp: jax.Array | None = None
+    loss_mask: jax.Array | None = None
 
     @property
     def rows(self) -> int:
         return self.completion.shape[0]
+
+    def trained_mask(self) -> jax.Array:
+        """[N, M] the tokens a loss counts: `loss_mask` if set, else the completion mask."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
     def teacher_prompt(self) -> tuple[jax.Array, jax.Array]:
         """(tokens, mask) of the prompt the teacher conditions on: its privileged view if set."""

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+DEFAULT_MODE, DEFAULT_MAX = "sequence_mask", 3.0  # `losses.grpo_loss`'s defaults (TRL's)
 
 
 def check(mode: str, is_min: float | None, is_max: float) -> None:

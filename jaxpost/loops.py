@@ -34,9 +34,11 @@ import jax
 import numpy as np
 
 from jaxpost import data, distributed, rollouts, runner, sharding, train
+from jaxpost import shaping as shaping_lib
 from jaxpost.models import ModelConfig
 from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult, StepFunction
+from jaxpost.shaping import Shaping
 
 
 def _mesh_context(mesh):
@@ -113,6 +115,7 @@ def run_sft(
 
 
 Score = Callable[[rollouts.StepRollouts], tuple[data.CompletionBatch, dict]]
+Collect = Callable[[Any, int], tuple[rollouts.StepRollouts, dict]]
 
 
 def run_on_policy(
@@ -128,6 +131,7 @@ def run_on_policy(
     frozen: Sequence[tuple[ModelConfig, Any]] = (),
     updates_per_batch: int = 1,
     mesh: jax.sharding.Mesh | None = None,
+    collect: Collect | None = None,
 ) -> RunResult:
     """The on-policy loop: sample the step's prompts with the current policy, score them on the
     host, take `updates_per_batch` optimizer steps on the batch.
@@ -140,6 +144,8 @@ def run_on_policy(
         reference policy): inputs of the step, sharded like a student, never trained or saved.
       updates_per_batch: optimisation passes over each batch (PPO-style; old logprobs are the
         sampler's, i.e. those of the policy that generated the batch).
+      collect: (params, step) -> (this process's rollouts, metrics), e.g. `shaping.collect`'s
+        dynamic sampling; default one `rollouts.sample_step`.
     """
     rows = loop.batch_size * sampling.group_size
     if mesh is not None and rows % sharding.data_parallel_size(mesh):
@@ -151,11 +157,14 @@ def run_on_policy(
                            config, optimizer, mesh)  # fmt: skip
     frozen_params = tuple(step_fn.place_frozen(c, p) for c, p in frozen)
     run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
+    if collect is None:
+        def collect(params, step):
+            return rollouts.sample_step(config, params, source, sampling, batch_size=loop.batch_size,
+                                        seed=loop.seed, step=step, mesh=mesh), {}  # fmt: skip
 
     def body(step: int) -> tuple[dict, dict]:
         start = time.perf_counter()
-        r = rollouts.sample_step(config, run.state.params, source, sampling,
-                                 batch_size=loop.batch_size, seed=loop.seed, step=step, mesh=mesh)  # fmt: skip
+        r, collected = collect(run.state.params, step)
         batch, extra = score(r)
         run.last_batch = batch
         for _ in range(updates_per_batch):
@@ -163,10 +172,28 @@ def run_on_policy(
         roll = rollouts.rollout_metrics(r)
         roll["sampled_tokens_per_s"] = roll["sampled_tokens"] / max(time.perf_counter() - start,
                                                                     1e-9)  # fmt: skip
-        return metrics, {**extra, **roll}
+        return metrics, {**collected, **extra, **roll}
 
     with _mesh_context(mesh):
         return run.iterate(body)
+
+
+def _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale, reward_transform):
+    """(collect, score) of the reward-driven loops: `shaping.collect` and `shaping.grpo_batch`."""
+    shaping = shaping or Shaping()
+    shaping.check_budget(sampling.max_new_tokens)
+
+    def collect(params, step):
+        return shaping_lib.collect(config, params, source, sampling, shaping,
+                                   batch_size=loop.batch_size, seed=loop.seed, step=step,
+                                   mesh=mesh)  # fmt: skip
+
+    def score(r: rollouts.StepRollouts):
+        return shaping_lib.grpo_batch(source, r, sampling, shaping,
+                                      advantage_scale=advantage_scale,
+                                      reward_transform=reward_transform)  # fmt: skip
+
+    return collect, score
 
 
 def run_grpo(
@@ -181,6 +208,7 @@ def run_grpo(
     num_iterations: int = 1,
     reward_transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     advantage_scale: str = "group",
+    shaping: Shaping | None = None,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
     **loss_kwargs: Any,
@@ -193,34 +221,72 @@ def run_grpo(
       num_iterations: optimisation passes over each rollout batch.
       reward_transform: (rewards [N], sequence logprobs [N]) -> rewards, e.g. He et al.'s
         unlikeliness reward via `losses.unlikeliness_rewards`.
+      shaping: `shaping.Shaping`: dynamic sampling, truncation masking, overlong penalty,
+        high-entropy token mask (default: none of them).
       loss_impl: `train.LOSS_IMPLS`, the policy's (and reference's) logprobs' path.
-      loss_kwargs: forwarded to `losses.grpo_loss` (loss_type, eps_low, eps_high, kl_beta, ...).
+      loss_kwargs: forwarded to `objectives.grpo_objective` (is_correction, entropy_coef) and
+        `losses.grpo_loss` (loss_type, eps_low, eps_high, kl_beta, ...).
     """
     if source.reward is None:
         raise ValueError("run_grpo needs a PromptSource with a reward function")
     if loss_kwargs.get("kl_beta", 0.0) > 0 and ref_params is None:
         raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
-    group = sampling.group_size
     with_ref = ref_params is not None and loss_kwargs.get("kl_beta", 0.0) > 0
     objective = train.grpo_objective(config, loss_impl=loss_impl, with_reference=with_ref,
                                      **loss_kwargs)  # fmt: skip
-
-    def score(r: rollouts.StepRollouts):
-        correct = rollouts.rewards(source, r)
-        rewards = correct
-        batch = r.batch
-        if reward_transform is not None:
-            seq_logp = (batch.old_logp * batch.completion_mask).sum(1)
-            rewards = np.asarray(reward_transform(correct, seq_logp), np.float32)
-        adv = rollouts.advantages(rewards, r.rows, group, advantage_scale)
-        totals = np.asarray(distributed.all_hosts(np.asarray(
-            [[rewards.sum(), (correct > 0).sum(), len(rewards)]], np.float64))).sum(0)  # fmt: skip
-        extra = {"reward": totals[0] / totals[2], "pass_rate": totals[1] / totals[2]}
-        return batch.replace(advantages=adv), extra
-
+    collect, score = _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale,
+                               reward_transform)  # fmt: skip
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
                          frozen=[(config, ref_params)] if with_ref else [],
-                         updates_per_batch=num_iterations, mesh=mesh)  # fmt: skip
+                         updates_per_batch=num_iterations, mesh=mesh, collect=collect)  # fmt: skip
+
+
+def run_sampled_opd(
+    config: ModelConfig,
+    params,
+    teacher_config: ModelConfig,
+    teacher_params,
+    source: PromptSource,
+    optim: train.OptimConfig,
+    loop: LoopConfig,
+    sampling: SamplingConfig,
+    *,
+    coef: float = 1.0,
+    with_reward: bool = False,
+    advantage_scale: str = "group",
+    shaping: Shaping | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    loss_impl: str = "auto",
+    **loss_kwargs: Any,
+) -> RunResult:
+    """Sampled-token on-policy distillation as RL (the tinker-cookbook recipe): the teacher
+    scores only the sampled token, and each token's advantage is
+
+        A_t = coef · (log π_T(y_t) − log π_S(y_t))  [+ the group advantage of the task reward]
+
+    (`opd.reverse_kl_token_advantages`; one teacher logprob per token, the sampled estimate of
+    the reverse KL's gradient) in GRPO's clipped loss. `with_reward` adds the verifier's group
+    advantages (GRPO + distillation); without it the reward is only logged. The teacher sees
+    `source.teacher_prompts` when set (a privileged view). `loss_kwargs` as for `run_grpo`.
+    """
+    if with_reward and source.reward is None:
+        raise ValueError("with_reward needs a PromptSource with a reward function")
+    objective = train.sampled_opd_objective(config, teacher_config, coef=coef,
+                                            loss_impl=loss_impl, **loss_kwargs)  # fmt: skip
+    if source.reward is not None:
+        collect, score = _rl_hooks(config, source, sampling, loop, shaping, mesh,
+                                   advantage_scale, None)  # fmt: skip
+    else:
+        collect, score = None, lambda r: (r.batch, {})
+
+    def scored(r: rollouts.StepRollouts):
+        batch, extra = score(r)
+        if not with_reward:
+            batch = batch.replace(advantages=np.zeros(batch.rows, np.float32))
+        return batch, extra
+
+    return run_on_policy(config, params, source, objective, scored, optim, loop, sampling,
+                         frozen=[(teacher_config, teacher_params)], mesh=mesh, collect=collect)  # fmt: skip
 
 
 def run_opd(
@@ -259,5 +325,5 @@ def run_opd(
                          frozen=[(teacher_config, teacher_params)], mesh=mesh)  # fmt: skip
 
 
-__all__ = ["LoopConfig", "PromptSource", "RunResult", "SamplingConfig", "StepFunction",
-           "run_grpo", "run_on_policy", "run_opd", "run_sft"]  # fmt: skip
+__all__ = ["LoopConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",
+           "run_grpo", "run_on_policy", "run_opd", "run_sampled_opd", "run_sft"]  # fmt: skip

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.importance import DEFAULT_MAX, DEFAULT_MODE
 from jaxpost.importance import weights as is_weights
 from jaxpost.opd import (
     OPDLoss,
@@ -239,9 +240,9 @@ def grpo_loss(
     max_len: int | None = None,
     importance: str = "token",
     sampling_logp: jax.Array | None = None,
-    is_mode: str = "sequence_mask",
+    is_mode: str = DEFAULT_MODE,
     is_min: float | None = None,
-    is_max: float = 3.0,
+    is_max: float = DEFAULT_MAX,
 ) -> tuple[jax.Array, Aux]:
     """Clipped policy-gradient loss of GRPO and its descendants.
 

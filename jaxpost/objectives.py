@@ -30,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxpost import data, losses, models, opd
+from jaxpost import data, importance, losses, models, opd
 from jaxpost.errors import UserError
 from jaxpost.models import ModelConfig
 
@@ -90,12 +90,13 @@ def completion_logits(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, 
 
 
 def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_BxL, *,
-                  loss_impl: str, with_entropy: bool = False, with_argmax: bool = False):  # fmt: skip
+                  loss_impl: str, with_entropy: bool = False, with_argmax: bool = False,
+                  entropy_grad: bool = False):  # fmt: skip
     """`kernels.TokenLogprobs` [B, L] of the targets under the head, on the given path.
 
-    logp is log softmax(h W)[y] (0 at masked positions on the fused path), entropy (a constant)
-    and is_argmax are filled when asked for. "materialized" forms the [B, L, V] logits;
-    "fused_linear" never does.
+    logp is log softmax(h W)[y] (0 at masked positions on the fused path), entropy (a constant
+    unless `entropy_grad`, e.g. for an entropy bonus) and is_argmax are filled when asked for.
+    "materialized" forms the [B, L, V] logits; "fused_linear" never does.
     """
     import kernels
 
@@ -106,16 +107,18 @@ def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_B
             hidden_BxLxD.reshape(b * l, d), head, targets_BxL.reshape(b * l),
             mask=mask_BxL.reshape(b * l), head_layout=layout,
             compute_dtype=config.compute_dtype, with_entropy=with_entropy,
-            with_argmax=with_argmax,
+            with_argmax=with_argmax, entropy_grad=entropy_grad,
         )  # fmt: skip
         return jax.tree.map(lambda x: x.reshape(b, l), out)
     logits = _head_logits(config, params, hidden_BxLxD)
     logp_BxLxV = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     entropy = is_argmax = None
-    if with_entropy:
-        lp = jax.lax.stop_gradient(logp_BxLxV)
-        entropy = -jnp.where(lp > -jnp.inf, jnp.exp(lp) * lp, 0.0).sum(-1)  # 0·log 0 = 0
+    if with_entropy or entropy_grad:
+        lp = logp_BxLxV if entropy_grad else jax.lax.stop_gradient(logp_BxLxV)
+        finite = lp > -jnp.inf
+        lp_safe = jnp.where(finite, lp, 0.0)  # 0·log 0 = 0, with a finite gradient there
+        entropy = -jnp.where(finite, jnp.exp(lp_safe) * lp_safe, 0.0).sum(-1)
     if with_argmax:
         is_argmax = jnp.argmax(logits, axis=-1) == targets_BxL
     return kernels.TokenLogprobs(logp, entropy, is_argmax)
@@ -161,37 +164,111 @@ def _policy_logprobs(config, params, batch: data.CompletionBatch, impl: str, **f
 
 def grpo_objective(config: ModelConfig, *, loss_impl: str = "materialized",
                    with_reference: bool = False, is_correction: bool = False,
-                   **loss_kwargs) -> Objective:  # fmt: skip
+                   entropy_coef: float = 0.0, **loss_kwargs) -> Objective:  # fmt: skip
     """GRPO on a `data.CompletionBatch` with `old_logp` and `advantages` set.
+
+    The loss counts the batch's `trained_mask()` tokens (its `loss_mask` when set: truncated
+    completions, low-entropy tokens or filler groups left out by `jaxpost.shaping`).
 
     With `is_correction` the batch's `sampling_logp` (the sampler's logprobs under the tempered,
     truncated distribution it drew from) goes to `grpo_loss`, which weights each token's policy
     term by π_old/q (`jaxpost.importance`; `is_mode`, `is_min`, `is_max` in `loss_kwargs`).
 
+    `entropy_coef` > 0 subtracts entropy_coef × the policy's mean entropy over the trained
+    tokens from the loss (an entropy bonus; its gradient flows on both paths).
+
     With `with_reference` the objective takes the frozen reference policy's parameters as a
     third argument and computes its logprobs in the same program, on the same path (the KL
     term of `grpo_loss`, weighted by `kl_beta`); the reference is never part of the trained
-    state. aux: `grpo_loss`'s, plus `entropy`, the policy's mean entropy over completion tokens
-    (a constant; on the fused path it comes from the same sweep as the logprobs).
+    state. aux: `grpo_loss`'s (with a loss mask, the importance weights' statistics are over
+    every sampled token), plus `entropy`, the policy's mean entropy over the trained tokens (on
+    the fused path it comes from the same sweep as the logprobs).
     """
     impl = _plain(loss_impl, config)
+    _check_entropy_coef(entropy_coef)
 
     def objective(params, batch: data.CompletionBatch, ref_params=None):
-        out = _policy_logprobs(config, params, batch, impl, with_entropy=True)
         ref_logp = None
         if with_reference:
             ref_logp = jax.lax.stop_gradient(_policy_logprobs(config, ref_params, batch, impl).logp)
-        sampling = batch.sampling_logp if is_correction else None
-        if is_correction and sampling is None:
-            raise ValueError("is_correction needs the batch's sampling_logp (the sampler's)")
-        loss, aux = losses.grpo_loss(out.logp, batch.old_logp, batch.advantages,
-                                     batch.completion_mask, ref_logp=ref_logp,
-                                     sampling_logp=sampling, **loss_kwargs)  # fmt: skip
-        valid = batch.completion_mask.astype(bool)
-        count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
-        return loss, {**aux, "entropy": jnp.where(valid, out.entropy, 0.0).sum() / count}
+        return _policy_gradient(config, params, batch, impl, batch.advantages, ref_logp,
+                                is_correction, entropy_coef, loss_kwargs)  # fmt: skip
 
     return objective
+
+
+def sampled_opd_objective(config: ModelConfig, teacher_config: ModelConfig, *, coef: float = 1.0,
+                          loss_impl: str = "materialized", is_correction: bool = False,
+                          entropy_coef: float = 0.0, **loss_kwargs) -> Objective:  # fmt: skip
+    """Sampled-token on-policy distillation in GRPO's loss (`loops.run_sampled_opd`).
+
+    The teacher (its parameters the third argument) scores the sampled tokens in its own view of
+    the prompt (`batch.teacher_prompt()`); each token's advantage is the batch's advantage (the
+    task reward's group advantage, zeros for pure distillation) plus
+    coef · (log π_T(y_t) − log π_old(y_t)) (`opd.reverse_kl_token_advantages`, with the
+    sampler's untempered logprobs as the student's). aux: `grpo_objective`'s plus
+    `sampled_reverse_kl`, the mean of log π_old − log π_T over the trained tokens (the sampled
+    estimate of KL(π_S ‖ π_T) per token).
+    """
+    if teacher_config.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"teacher and student vocabularies differ ({teacher_config.vocab_size} vs "
+            f"{config.vocab_size}); sampled-token distillation scores the student's token ids"
+        )
+    if not coef > 0:
+        raise ValueError(f"coef must be > 0 (the distillation advantage's weight), got {coef}")
+    impl, t_impl = _plain(loss_impl, config), _plain(loss_impl, teacher_config)
+    _check_entropy_coef(entropy_coef)
+
+    def objective(params, batch: data.CompletionBatch, teacher_params):
+        prompt, prompt_mask = batch.teacher_prompt()
+        hidden = completion_hidden(teacher_config, teacher_params, prompt, prompt_mask,
+                                   batch.completion, batch.completion_mask)  # fmt: skip
+        teacher_logp = jax.lax.stop_gradient(head_logprobs(
+            teacher_config, teacher_params, jax.lax.stop_gradient(hidden), batch.completion,
+            batch.completion_mask, loss_impl=t_impl).logp)  # fmt: skip
+        mask = batch.trained_mask()
+        gap = opd.reverse_kl_token_advantages(batch.old_logp, teacher_logp, mask)
+        reward = batch.advantages
+        reward = reward[:, None] if reward.ndim == 1 else reward
+        loss, aux = _policy_gradient(config, params, batch, impl, reward + coef * gap, None,
+                                     is_correction, entropy_coef, loss_kwargs)  # fmt: skip
+        count = jnp.maximum(mask.astype(bool).sum(), 1).astype(jnp.float32)
+        return loss, {**aux, "sampled_reverse_kl": -gap.sum() / count}
+
+    return objective
+
+
+def _check_entropy_coef(entropy_coef: float) -> None:
+    if not entropy_coef >= 0:
+        raise ValueError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
+
+
+def _policy_gradient(config, params, batch: data.CompletionBatch, impl: str, advantages,
+                     ref_logp, is_correction: bool, entropy_coef: float, loss_kwargs):  # fmt: skip
+    """GRPO's clipped loss on the batch's trained tokens, the entropy bonus and its aux."""
+    out = _policy_logprobs(config, params, batch, impl, with_entropy=True,
+                           entropy_grad=entropy_coef > 0)  # fmt: skip
+    sampling = batch.sampling_logp if is_correction else None
+    if is_correction and sampling is None:
+        raise ValueError("is_correction needs the batch's sampling_logp (the sampler's)")
+    mask = batch.trained_mask()
+    loss, aux = losses.grpo_loss(out.logp, batch.old_logp, advantages, mask, ref_logp=ref_logp,
+                                 sampling_logp=sampling, **loss_kwargs)  # fmt: skip
+    if sampling is not None and batch.loss_mask is not None:
+        # the weights' statistics over every sampled token, trained or not: the sampler/trainer
+        # mismatch of the rollouts (a step whose loss mask is empty still reports it)
+        _, is_aux = importance.weights(
+            batch.old_logp.astype(jnp.float32), sampling, batch.completion_mask.astype(bool),
+            loss_kwargs.get("is_mode", importance.DEFAULT_MODE), loss_kwargs.get("is_min"),
+            loss_kwargs.get("is_max", importance.DEFAULT_MAX))  # fmt: skip
+        aux = {**aux, **is_aux}
+    valid = mask.astype(bool)
+    count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    entropy = jnp.where(valid, out.entropy, 0.0).sum() / count
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * entropy
+    return loss, {**aux, "entropy": jax.lax.stop_gradient(entropy)}
 
 
 def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn,
@@ -250,4 +327,5 @@ def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn,
 
 __all__ = ["FUSED_MIN_VOCAB", "KERNEL_IMPLS", "LOSS_IMPLS", "Objective", "completion_hidden",
            "completion_logits", "completion_logprobs", "grpo_objective", "head_logprobs",
-           "head_operand", "opd_objective", "resolve_loss_impl", "sft_objective"]  # fmt: skip
+           "head_operand", "opd_objective", "resolve_loss_impl", "sampled_opd_objective",
+           "sft_objective"]  # fmt: skip

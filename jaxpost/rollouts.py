@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jaxpost import data, distributed, losses, sampler
@@ -87,26 +88,30 @@ class StepRollouts:
     completions: list[list[int]]
     entropy: np.ndarray  # [rows, M] per-token entropy of the untempered policy
     rows: slice  # which rows of the step's global batch these are (`distributed.local_rows`)
+    rewards: np.ndarray | None = None  # [rows] the verifier's, once scored (`shaping.collect`)
+    trained: np.ndarray | None = None  # [rows] bool: False on dynamic sampling's filler rows
 
 
-def step_prompts(source: PromptSource, batch_size: int, seed: int, step: int) -> list[int]:
-    """The prompt indices of step `step`: a permutation of the pool drawn from (seed, step)."""
+def step_prompts(source: PromptSource, batch_size: int, seed: int, step: int,
+                 round: int = 0) -> list[int]:  # fmt: skip
+    """The prompt indices of step `step`: a permutation of the pool drawn from (seed, step), and
+    for a later sampling round of the step (dynamic sampling) from (seed, step, round)."""
     n = len(source.prompts)
-    perm = np.random.default_rng([seed, 7, step]).permutation(n)
+    perm = np.random.default_rng([seed, 7, step] + ([round] if round else [])).permutation(n)
     return [int(perm[i % n]) for i in range(batch_size)]
 
 
 def sample_step(config: ModelConfig, params, source: PromptSource, sampling: SamplingConfig, *,
-                batch_size: int, seed: int, step: int, mesh=None) -> StepRollouts:  # fmt: skip
+                batch_size: int, seed: int, step: int, mesh=None, round: int = 0) -> StepRollouts:  # fmt: skip
     """Sample `group_size` completions of step `step`'s prompts with `params` (this process's
-    rows); the sampler's seed is a function of (seed, step)."""
+    rows); the prompts and the sampler's seed are functions of (seed, step, round)."""
     G = sampling.group_size
     rows = batch_size * G
     mine = distributed.local_rows(mesh, rows)
     if mine.start % G or mine.stop % G:
         raise ValueError(f"a process's rows ({mine.start}..{mine.stop}) must hold whole groups of "
                          f"{G}: use a batch of prompts divisible by the process count")  # fmt: skip
-    chosen = step_prompts(source, batch_size, seed, step)[mine.start // G : mine.stop // G]
+    chosen = step_prompts(source, batch_size, seed, step, round)[mine.start // G : mine.stop // G]
     problems = [i for i in chosen for _ in range(G)]
     prompt, prompt_mask = data.left_pad([source.prompts[i] for i in problems], source.width(),
                                         source.pad_id)  # fmt: skip
@@ -114,7 +119,7 @@ def sample_step(config: ModelConfig, params, source: PromptSource, sampling: Sam
         config, params, prompt, prompt_mask, np.arange(mine.start, mine.stop, dtype=np.int32),
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, eos_id=source.eos_id, pad_id=source.pad_id,
-        seed=(seed * 1_000_003 + step) % (2**31), with_entropy=True, mesh=mesh,
+        seed=(seed * 1_000_003 + step + round * 104_729) % (2**31), with_entropy=True, mesh=mesh,
     )  # fmt: skip
     batch = data.CompletionBatch(
         prompt_tokens=prompt, prompt_mask=prompt_mask, completion=out.tokens,
@@ -126,6 +131,22 @@ def sample_step(config: ModelConfig, params, source: PromptSource, sampling: Sam
         batch = batch.replace(teacher_prompt_tokens=t, teacher_prompt_mask=tm)
     completions = [out.tokens[r, : int(out.lengths[r])].tolist() for r in range(len(problems))]
     return StepRollouts(batch, problems, completions, out.entropy, mine)
+
+
+def take(picks: Sequence[tuple[StepRollouts, int]]) -> StepRollouts:
+    """A step's rollouts made of (rollouts, row) picks, in order: rows of several sampling rounds
+    of one step (same widths) as one batch; `rows` is the first pick's (this process's block)."""
+    first = picks[0][0]
+
+    def rows_of(field):
+        return np.stack([np.asarray(field(r))[i] for r, i in picks])
+
+    batch = jax.tree.map(lambda *rows: np.stack(rows),
+                         *[jax.tree.map(lambda x, i=i: np.asarray(x)[i], r.batch) for r, i in picks])  # fmt: skip
+    rewards = None if first.rewards is None else rows_of(lambda r: r.rewards)
+    return StepRollouts(batch, [r.problems[i] for r, i in picks],
+                        [r.completions[i] for r, i in picks], rows_of(lambda r: r.entropy),
+                        first.rows, rewards)  # fmt: skip
 
 
 def rollout_metrics(r: StepRollouts) -> dict[str, float]:
@@ -149,7 +170,10 @@ def advantages(rewards: np.ndarray, rows: slice, group_size: int, scale: str) ->
 
 
 def rewards(source: PromptSource, r: StepRollouts) -> np.ndarray:
-    """The verifier's reward of every row (float32); a non-finite reward is an error."""
+    """The verifier's reward of every row (float32; the ones already scored when set); a
+    non-finite reward is an error."""
+    if r.rewards is not None:
+        return np.asarray(r.rewards, np.float32)
     values = np.asarray([source.reward(i, c) for i, c in zip(r.problems, r.completions)],
                         np.float32)  # fmt: skip
     if not np.all(np.isfinite(values)):
@@ -158,4 +182,4 @@ def rewards(source: PromptSource, r: StepRollouts) -> np.ndarray:
 
 
 __all__ = ["PromptSource", "SamplingConfig", "StepRollouts", "rewards", "rollout_metrics",
-           "sample_step", "step_prompts"]  # fmt: skip
+           "sample_step", "step_prompts", "take"]  # fmt: skip

@@ -38,6 +38,7 @@ from jaxpost.objectives import (  # noqa: F401  (re-exported: train.sft_objectiv
     head_operand,
     opd_objective,
     resolve_loss_impl,
+    sampled_opd_objective,
     sft_objective,
 )
 

@@ -62,6 +62,7 @@ class LogprobsConfig:
     with_entropy: bool
     with_argmax: bool
     poison: bool = False
+    entropy_grad: bool = False
 
 
 def _check(hidden, head, targets, temperature, head_layout, block_sizes, flags):
@@ -114,6 +115,7 @@ def fused_linear_logprobs(
     block_sizes: BlockSizes | None = None,
     with_entropy: bool = False,
     with_argmax: bool = False,
+    entropy_grad: bool = False,
 ) -> TokenLogprobs:
     """Per-row log softmax(hidden @ head / τ)[targets] without materializing the logits.
 
@@ -131,6 +133,7 @@ def fused_linear_logprobs(
       block_sizes: ``block_vocab`` sets the columns per step (default 4096).
       with_entropy, with_argmax: also return the entropy and the argmax hit (module docstring),
         computed in the same sweep; constants for autodiff.
+      entropy_grad: the entropy is differentiable (module docstring); implies with_entropy.
 
     Returns:
       ``TokenLogprobs(logp, entropy, is_argmax)``; fields not requested are None. Gradients of
@@ -140,7 +143,9 @@ def fused_linear_logprobs(
       ValueError: wrong ranks, mismatched N or D, non-float hidden/head, non-integer targets,
         targets out of range (when concrete), a mask that is not [N], temperature ≤ 0.
     """
-    flags = {"with_entropy": with_entropy, "with_argmax": with_argmax}
+    flags = {"with_entropy": with_entropy, "with_argmax": with_argmax,
+             "entropy_grad": entropy_grad}  # fmt: skip
+    with_entropy = with_entropy or entropy_grad
     targets = targets if isinstance(targets, jax.Array) else jnp.asarray(targets)
     blocks, vocab = _check(hidden, head, targets, temperature, head_layout, block_sizes, flags)
     valid = row_mask(mask, hidden.shape[0])
@@ -153,14 +158,13 @@ def fused_linear_logprobs(
         with_entropy=with_entropy,
         with_argmax=with_argmax,
         poison=linear_blocks.poison_enabled(),
+        entropy_grad=entropy_grad,
     )
     hidden = jnp.where(valid[:, None], hidden, jnp.zeros((), hidden.dtype))
     logp, entropy, is_argmax = _logprobs(cfg, hidden, head, targets.astype(jnp.int32), valid)
-    return TokenLogprobs(
-        logp,
-        None if entropy is None else lax.stop_gradient(entropy),
-        is_argmax,
-    )
+    if entropy is not None and not entropy_grad:
+        entropy = lax.stop_gradient(entropy)
+    return TokenLogprobs(logp, entropy, is_argmax)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -212,12 +216,12 @@ def _fwd(cfg: LogprobsConfig, hidden, head, targets, valid):
         entropy = jnp.where(valid, entropy, 0.0)
     if cfg.with_argmax:
         is_argmax = valid & (best == targets)
-    return (logp, entropy, is_argmax), (hidden, head, targets, valid, m, log_z)
+    return (logp, entropy, is_argmax), (hidden, head, targets, valid, m, log_z, entropy)
 
 
 def _bwd(cfg: LogprobsConfig, saved, ct):
-    hidden, head, targets, valid, m, log_z = saved
-    ct_logp = ct[0]  # entropy and is_argmax are constants
+    hidden, head, targets, valid, m, log_z, entropy = saved
+    ct_logp = ct[0]  # is_argmax is a constant; the entropy too unless entropy_grad
     vocab = cfg.head.vocab(head)
     width, _ = vocab_blocks(vocab, cfg.block_vocab)
     tau = cfg.temperature
@@ -225,11 +229,20 @@ def _bwd(cfg: LogprobsConfig, saved, ct):
     coef = jnp.where(valid, ct_logp.astype(jnp.float32) / tau, 0.0)
     coef = jnp.where(valid & ~in_range, jnp.nan, coef)[:, None]
     m, log_z, y = m[:, None], log_z[:, None], targets[:, None]
+    coef_h = None
+    if cfg.entropy_grad:
+        coef_h = jnp.where(valid, ct[1].astype(jnp.float32) / tau, 0.0)[:, None]
+        entropy = entropy[:, None]
 
     def block_grad(start, x):
         cols = start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-        p = jnp.exp((x - m) / tau - log_z)
-        return coef * ((cols == y).astype(jnp.float32) - p)
+        log_p = (x - m) / tau - log_z
+        p = jnp.exp(log_p)
+        g = coef * ((cols == y).astype(jnp.float32) - p)
+        if coef_h is not None:
+            # p·(log p + H), with 0·log 0 = 0 at columns of zero mass.
+            g = g - coef_h * jnp.where(p > 0, p * (log_p + entropy), 0.0)
+        return g
 
     d_hidden, d_head = linear_blocks.backward_sweep(
         hidden, head, block_grad, cfg.block_vocab, cfg.poison, cfg.head
@@ -248,12 +261,13 @@ def fused_linear_logprobs_reference(
     temperature: float = 1.0,
     mask: jax.Array | None = None,
     head_layout: str = "DV",
+    entropy_grad: bool = False,
 ) -> TokenLogprobs:
     """Dense ``jnp`` formula (materializes ``[N, V]`` logits), differentiable by autodiff.
 
     What the fused op replaces: logits = h @ W in float32, log_softmax(logits / τ), the target's
-    entry, the entropy and the argmax hit, all three always returned. Masked rows are zeroed
-    before any arithmetic, as in the fused op.
+    entry, the entropy (a constant unless ``entropy_grad``) and the argmax hit, all three always
+    returned. Masked rows are zeroed before any arithmetic, as in the fused op.
     """
     targets = jnp.asarray(targets)
     _check(hidden, head, targets, temperature, head_layout, None, {})
@@ -266,8 +280,9 @@ def fused_linear_logprobs_reference(
     logp = jnp.take_along_axis(logp_all, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
     entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
     is_argmax = jnp.argmax(logits, axis=-1) == targets
+    entropy = entropy if entropy_grad else lax.stop_gradient(entropy)
     return TokenLogprobs(
         jnp.where(valid, logp, 0.0),
-        jnp.where(valid, lax.stop_gradient(entropy), 0.0),
+        jnp.where(valid, entropy, 0.0),
         valid & is_argmax,
     )

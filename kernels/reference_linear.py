@@ -25,11 +25,12 @@ def _log_softmax(x):
 
 
 def token_logprobs(hidden, head, targets, *, temperature: float = 1.0, mask=None,
-                   cotangent=None) -> dict:  # fmt: skip
+                   cotangent=None, entropy_cotangent=None) -> dict:  # fmt: skip
     """log softmax(hW/τ)[y] per row and its gradients, float64; masked rows give 0.
 
     Returns a dict: ``logp``, ``entropy`` (H of softmax(hW/τ)), ``is_argmax`` (first argmax of
-    hW equals y), ``d_hidden`` and ``d_head`` of Σ_n cotangent_n · logp_n.
+    hW equals y), ``d_hidden`` and ``d_head`` of Σ_n cotangent_n · logp_n (+ Σ_n
+    entropy_cotangent_n · H_n when given).
     """
     h, w, valid = _rows(hidden, head, mask)
     y = np.asarray(targets)
@@ -45,6 +46,11 @@ def token_logprobs(hidden, head, targets, *, temperature: float = 1.0, mask=None
     onehot[rows[valid], y[valid]] = 1.0
     ct = np.ones(h.shape[0]) if cotangent is None else np.asarray(cotangent, np.float64)
     g = np.where(valid[:, None], ct[:, None] * (onehot - p) / temperature, 0.0)
+    if entropy_cotangent is not None:
+        # H = −Σ p log p;  ∂H/∂x_v = −p_v (log p_v + H)/τ
+        ct_h = np.asarray(entropy_cotangent, np.float64)[:, None]
+        d_h = -p * (lp + entropy[:, None]) / temperature
+        g = g + np.where(valid[:, None], ct_h * d_h, 0.0)
     return dict(logp=logp, entropy=entropy, is_argmax=is_argmax, d_hidden=g @ w.T, d_head=h.T @ g)
 
 

@@ -85,6 +85,16 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
     assert set(out["results"]) == {"start", "teacher", "after OPD"}
     assert hf.load_hf(out["model_dir"])[0] == loaded.config
 
+    o = _tiny(opd_config, tmp_path / "opd_sampled")
+    o.model, o.teacher, o.loss, o.sampled_with_reward, o.model_overrides = (
+        model_dir, model_dir, "sampled", True, "")  # fmt: skip
+    o.eval.prompts = 0
+    out = opd.run(o)
+    rows = [json.loads(line) for line in open(tmp_path / "opd_sampled" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(np.isfinite(r["sampled_reverse_kl"]) for r in rows)
+    # the teacher is the student's own checkpoint: on-policy, the estimate is exactly 0
+    assert all(abs(r["sampled_reverse_kl"]) < 1e-4 for r in rows[:1])
+
     s = _tiny(opd_config, tmp_path / "opsd")
     s.model, s.mode, s.prefix_len, s.model_overrides = model_dir, "opsd", 4, ""
     s.eval.prompts = 0  # training only
@@ -100,6 +110,9 @@ def test_grpo_from_a_preset_trains_its_own_sft_start(tmp_path, capsys):
     g = _tiny(grpo_config, tmp_path / "grpo")
     g.grpo.unlikeliness_beta, g.grpo.kl_beta = 0.25, 0.04
     g.sampling.temperature, g.sampling.top_p = 0.7, 0.9  # the sampler's q differs from π_old
+    # every GRPO practice on at once (jaxpost.shaping; the entropy bonus in the objective)
+    g.grpo.dynamic_sampling, g.grpo.mask_truncated, g.grpo.overlong_buffer = True, True, 4
+    g.grpo.entropy_top_frac, g.grpo.entropy_coef = 0.5, 0.01
     out = grpo.run(g)
     assert set(out["results"]) == {"start", "after GRPO"}
     rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
@@ -107,6 +120,10 @@ def test_grpo_from_a_preset_trains_its_own_sft_start(tmp_path, capsys):
     for r in rows:  # the importance correction is on by default, and logs its ratio
         assert 0 < r["is_ratio_min"] <= r["is_ratio_mean"] <= r["is_ratio_max"]
     assert any(r["is_ratio_min"] < 1 for r in rows)  # tempered and truncated: q ≠ π_old
+    for key in ("ds_rounds", "ds_informative_frac", "ds_filler_groups", "truncated_frac",
+                "trained_token_frac"):  # fmt: skip
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(1 <= r["ds_rounds"] <= g.grpo.max_sampling_rounds for r in rows)
     init = tmp_path / "grpo" / "sft_init" / "model"
     assert (init / "config.json").exists() and (init / tokenizers.TOKENIZER_MARKER).exists()
     assert isinstance(inputs.load_model(str(init)).tokenizer, CharTokenizer)
@@ -243,6 +260,19 @@ def test_bad_overrides_and_settings(tmp_path):
     g.grpo.loss_type, g.grpo.is_mode = "dapo", "per_token"
     with pytest.raises(UserError, match="grpo.is_mode must be one of"):
         grpo.run(g)
+    g.grpo.is_mode, g.grpo.entropy_top_frac = "sequence_mask", 0.0
+    with pytest.raises(UserError, match=r"grpo.entropy_top_frac must lie in \(0, 1\]"):
+        grpo.run(g)
+    g.grpo.entropy_top_frac, g.grpo.overlong_buffer = 1.0, 1000
+    with pytest.raises(UserError, match="grpo.overlong_buffer .* must be shorter"):
+        grpo.run(g)
+    g.grpo.overlong_buffer, g.grpo.max_sampling_rounds = 0, 0
+    with pytest.raises(UserError, match="grpo.max_sampling_rounds must be >= 1"):
+        grpo.run(g)
+    o = _tiny(opd_config, tmp_path)
+    o.loss, o.sampled_coef = "sampled", 0.0
+    with pytest.raises(UserError, match="sampled_coef must be > 0"):
+        opd.run(o)
     o = _tiny(opd_config, tmp_path)
     o.alpha = 1.5
     with pytest.raises(UserError, match=r"alpha must lie in \[0, 1\]"):

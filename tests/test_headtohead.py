@@ -86,8 +86,11 @@ def test_miniature_protocol_writes_the_report(mini):
         if name in headtohead.ARMS:
             bits[headtohead.ARMS[name].kind] = arm["supervision_bits_per_token"]
     assert 0 < bits["rl"] < 1 < bits["sft"] < bits["distill"]  # a verdict, a token, a distribution
+    assert bits["distill_sampled"] == bits["sft"]  # one teacher logprob of the sampled token
     assert saved["resolution"]["pass@1_mde"] > 0 and "Resolution: with 4 held-out" in report
-    for name in ("grpo", "grpo_unlikely"):  # rollouts at temperature 0.7, top-p 0.9: π_old ≠ q
+    for name in ("opd_sampled", "grpo_opd"):  # sampled-token OPD logs its reverse-KL estimate
+        assert all(np.isfinite(h["sampled_reverse_kl"]) for h in saved["arms"][name]["history"])
+    for name in ("grpo", "grpo_unlikely", "opd_sampled", "grpo_opd"):  # T 0.7, top-p 0.9: π_old ≠ q
         w = saved["arms"][name]["importance"]
         assert 0 < w["ratio_min"] < 1 and w["ratio_min"] <= w["ratio_mean"] <= w["ratio_max"]
         assert f"| {name} | {w['ratio_min']:.3g} |" in report

@@ -32,7 +32,11 @@ Variants: "tiny" (seconds), "pretrained" (a checkpoint given with --model: bfloa
 256 new tokens). Overrides: `--config.grpo.unlikeliness_beta=0.25` (He et al.'s unlikeliness
 reward), `--config.grpo.kl_beta=0.04` (k3 KL penalty to the starting model),
 `--config.grpo.loss_type=dr_grpo --config.grpo.advantage_scale=none` (Dr. GRPO),
-`--config.reward=chain` (reward only answers whose chain of steps verifies too).
+`--config.reward=chain` (reward only answers whose chain of steps verifies too);
+GRPO practice: `--config.grpo.dynamic_sampling=true` (DAPO's dynamic sampling),
+`--config.grpo.mask_truncated=true --config.grpo.overlong_buffer=8` (DAPO's overlong filtering and
+soft penalty), `--config.grpo.entropy_top_frac=0.2` (train only the 20% highest-entropy tokens),
+`--config.grpo.entropy_coef=0.001` (entropy bonus).
 """
 
 import ml_collections
@@ -60,6 +64,14 @@ def get_config(arg: str | None = None):
     c.grpo.is_mode = "sequence_mask"  # token_truncate, token_mask, sequence_truncate, sequence_mask
     c.grpo.is_min = 0.0  # lower bound of the weight (0: none)
     c.grpo.is_max = 3.0  # upper bound: truncated to it, or masked above it
+    # GRPO practice (jaxpost.shaping), each off by default
+    c.grpo.dynamic_sampling = False  # DAPO: drop all-equal-reward groups, refill the batch
+    c.grpo.max_sampling_rounds = 4  # sampling rounds per step at most when refilling
+    c.grpo.mask_truncated = False  # DAPO: completions that ran out of tokens leave the loss
+    c.grpo.overlong_buffer = 0  # DAPO's soft overlong penalty window in tokens (0: off)
+    c.grpo.overlong_factor = 1.0  # the penalty at the budget's end
+    c.grpo.entropy_top_frac = 1.0  # train the top fraction of tokens by entropy (0.2: Wang et al.)
+    c.grpo.entropy_coef = 0.0  # entropy bonus: loss - coef * mean policy entropy
 
     # tiny SFT models: lr >= 1e-3 wrecks them on Adam's first step
     c.optim = configs.optimizer(learning_rate=1e-4, warmup_steps=10)

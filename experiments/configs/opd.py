@@ -42,7 +42,8 @@ student, yet distilling it did not help here (0.030 -> 0.020; rollout pass rate 
 
 Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --teacher: bfloat16,
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),
-`--config.loss=entropy_aware`, `--config.prefix_len=8`.
+`--config.loss=entropy_aware`, `--config.prefix_len=8`, `--config.loss=sampled` (sampled-token
+OPD: one teacher logprob per token; `--config.sampled_with_reward=true` adds the task reward).
 """
 
 from experiments import configs
@@ -57,7 +58,11 @@ def get_config(arg: str | None = None):
     c.train_problems = 1500  # prompt pool: the task's train problems (the SFT stages', same seed)
 
     c.alpha = 1.0  # divergence: 0 forward KL(teacher || student), 1 reverse KL, between: JSD
-    c.loss = "kl"  # "kl": opd_kl(alpha); "entropy_aware": reverse/forward KL mix by teacher entropy
+    c.loss = "kl"  # "kl": opd_kl(alpha); "entropy_aware": reverse/forward KL mix by teacher entropy;
+    # "sampled": sampled-token OPD as RL (the tinker recipe): the teacher scores only the sampled
+    # token, advantage sampled_coef * (log p_T - log p_S) in GRPO's clipped loss
+    c.sampled_coef = 1.0
+    c.sampled_with_reward = False  # "sampled": add the verifier's group advantage (GRPO + OPD)
     c.distill_temperature = 1.0  # both models' logits are divided by it inside the loss
     c.prefix_len = 0  # > 0: distil only the first prefix_len tokens of each completion
 

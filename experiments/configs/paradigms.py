@@ -39,7 +39,8 @@ import ml_collections
 
 from experiments import configs
 
-ARMS = "sft,grpo,grpo_unlikely,opd_fkl,opd_jsd,opd_rkl,opd_entropy,opd_prefix,opsd"
+ARMS = ("sft,grpo,grpo_unlikely,opd_fkl,opd_jsd,opd_rkl,opd_entropy,opd_prefix,opsd,"
+        "opd_sampled,grpo_opd")
 
 
 def get_config(arg: str | None = None):
@@ -78,6 +79,7 @@ def get_config(arg: str | None = None):
     c.arm.is_max = 3.0
     c.arm.beta_rank = 0.25  # grpo_unlikely: He et al.'s rank discount
     c.arm.prefix_len = 8  # opd_prefix: distil only the first tokens
+    c.arm.sampled_coef = 1.0  # opd_sampled, grpo_opd: weight of the teacher's token advantage
 
     c.eval = ml_collections.ConfigDict()
     c.eval.problems = 48  # held-out problems

@@ -43,7 +43,9 @@ class ArmContext:
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One row of the table: name, a one-line description (the report's), kind ("sft", "rl",
-    "distill"), whether it trains on the student's own samples, and its builder."""
+    "distill" with the teacher's whole distribution per token, "distill_sampled" with its
+    logprob of the sampled token only), whether it trains on the student's own samples, and its
+    builder."""
 
     name: str
     help: str
@@ -101,6 +103,21 @@ def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], lo
     return build
 
 
+def _sampled_opd(with_reward: bool) -> Callable[[ArmContext], loops.RunResult]:
+    """Sampled-token OPD (the tinker recipe): one teacher logprob per sampled token as a
+    per-token advantage in GRPO's loss; `with_reward` adds the verifier's group advantage."""
+
+    def build(ctx: ArmContext) -> loops.RunResult:
+        base, teacher, a = ctx.models.base, ctx.models.teacher, ctx.config.arm
+        return loops.run_sampled_opd(base.config, base.params, teacher.config, teacher.params,
+                                     ctx.source, ctx.optim, ctx.loop, ctx.sampling,
+                                     coef=a.sampled_coef, with_reward=with_reward,
+                                     mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl,
+                                     is_correction=True, is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
+
+    return build
+
+
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
@@ -135,6 +152,11 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "distill", True, _opd(lambda c: losses.prefix_opd(_kl(c, 1.0), c.config.arm.prefix_len))),
     Arm("opsd", "OPSD: teacher = frozen base seeing a reference solution in its prompt",
         "distill", True, _opsd),
+    Arm("opd_sampled", "sampled-token OPD as RL (tinker): advantage log p_T - log p_S of the "
+        "sampled token, one teacher logprob per token", "distill_sampled", True,
+        _sampled_opd(with_reward=False)),
+    Arm("grpo_opd", "GRPO + sampled-token OPD: the verifier's group advantage plus the "
+        "teacher's per-token one", "distill_sampled", True, _sampled_opd(with_reward=True)),
 )}  # fmt: skip
 
 
@@ -142,12 +164,13 @@ def supervision_bits(kind: str, vocab: int, completion_len: float | None) -> flo
     """Supervision bits per trained token, the x of the report's central picture (a convention,
     for orders of magnitude): RL gets one 0/1 verdict per sampled sequence, at most 1 bit over
     its `completion_len` tokens; SFT one target token per token, log2 V bits; distillation a
-    teacher distribution per token, counted as V - 1 probabilities of log2 V bits each. NaN
-    when an RL arm logged no completion length."""
+    teacher distribution per token, counted as V - 1 probabilities of log2 V bits each;
+    sampled-token distillation one teacher logprob of the sampled token per token, counted as
+    log2 V bits (what SFT's target carries). NaN when an RL arm logged no completion length."""
     if kind == "rl":
         return 1.0 / completion_len if completion_len else float("nan")
     bits = float(np.log2(max(vocab, 2)))
-    return bits if kind == "sft" else (max(vocab, 2) - 1) * bits
+    return bits if kind in ("sft", "distill_sampled") else (max(vocab, 2) - 1) * bits
 
 
 def arm_names(config) -> tuple[str, ...]:

@@ -53,6 +53,8 @@ def check(config) -> None:
     train.resolve_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
+    if not a.sampled_coef > 0:
+        raise UserError(f"arm.sampled_coef must be > 0, got {a.sampled_coef}")
     if not (a.temperature > 0 and 0 < a.top_p <= 1):
         raise UserError(f"arm.temperature must be > 0 and arm.top_p in (0, 1], got "
                         f"{a.temperature} and {a.top_p}")  # fmt: skip

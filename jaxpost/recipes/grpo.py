@@ -8,7 +8,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import importance, inputs, loops, losses, train
+from jaxpost import importance, inputs, loops, losses, shaping, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 from jaxpost.workdir import holding
@@ -33,6 +33,23 @@ def _check(config) -> None:
             raise UserError(f"grpo.{e}") from None
     if config.reward not in ("answer", "chain"):
         raise UserError(f'reward must be "answer" or "chain", got {config.reward!r}')
+    if not g.entropy_coef >= 0:
+        raise UserError(f"grpo.entropy_coef must be >= 0 (an entropy bonus), got {g.entropy_coef}")
+    practice(g, config.sampling.max_new_tokens)
+
+
+def practice(g, max_new_tokens: int) -> shaping.Shaping:
+    """The `shaping.Shaping` of a config's grpo fields; UserError naming the bad field."""
+    try:
+        settings = shaping.Shaping(
+            dynamic_sampling=bool(g.dynamic_sampling), max_rounds=g.max_sampling_rounds,
+            mask_truncated=bool(g.mask_truncated), overlong_buffer=g.overlong_buffer,
+            overlong_factor=g.overlong_factor, entropy_top_frac=g.entropy_top_frac)  # fmt: skip
+        settings.check_budget(max_new_tokens)
+    except ValueError as e:
+        message = str(e).replace("max_rounds", "max_sampling_rounds")
+        raise UserError(f"grpo.{message} (see experiments/configs/grpo.py)") from None
+    return settings
 
 
 def _window(history: list[dict], key: str, first: bool, n: int = 10) -> float:
@@ -95,6 +112,7 @@ def run(config) -> dict:
         kl_beta=g.kl_beta, eps_low=g.eps_low, eps_high=g.eps_high, mesh=mesh,
         loss_impl=config.loss_impl, is_correction=g.is_correction, is_mode=g.is_mode,
         is_min=g.is_min or None, is_max=g.is_max,
+        shaping=practice(g, sampling.max_new_tokens), entropy_coef=g.entropy_coef,
     )  # fmt: skip
     common.stop_if_preempted(result, "grpo")
     if result.history:

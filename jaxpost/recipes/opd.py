@@ -22,7 +22,13 @@ def _check(config) -> None:
 
 
 def loss_function(config):
-    """The OPD loss the config names (`inputs.distillation_loss`)."""
+    """The OPD loss the config names (`inputs.distillation_loss`); for loss "sampled" the full
+    distribution's reverse KL, which the memory check plans for (it needs more than the sampled
+    token's logprob)."""
+    if config.loss == "sampled":
+        if not config.sampled_coef > 0:
+            raise UserError(f"sampled_coef must be > 0, got {config.sampled_coef}")
+        return inputs.distillation_loss("kl", alpha=1.0)
     return inputs.distillation_loss(config.loss, alpha=float(config.alpha),
                                     temperature=config.distill_temperature,
                                     prefix_len=config.prefix_len)  # fmt: skip
@@ -106,12 +112,18 @@ def run(config) -> dict:
                f"{sampling.group_size} samples, alpha {config.alpha:g}, loss {config.loss!r}, "
                f"lr {config.optim.learning_rate:g}")  # fmt: skip
     train_start = time.perf_counter()
-    result = loops.run_opd(
-        student.config, student.params, teacher.config, teacher.params, source, loss_fn,
-        common.optim_config(config.optim, L.steps),
-        common.loop_config(L, seed=config.seed, workdir=workdir, desc=config.mode), sampling,
-        mesh=mesh, loss_impl=config.loss_impl,
-    )  # fmt: skip
+    run_args = (common.optim_config(config.optim, L.steps),
+                common.loop_config(L, seed=config.seed, workdir=workdir, desc=config.mode),
+                sampling)  # fmt: skip
+    if config.loss == "sampled":
+        result = loops.run_sampled_opd(
+            student.config, student.params, teacher.config, teacher.params, source, *run_args,
+            coef=config.sampled_coef, with_reward=bool(config.sampled_with_reward), mesh=mesh,
+            loss_impl=config.loss_impl, is_correction=True,
+        )  # fmt: skip
+    else:
+        result = loops.run_opd(student.config, student.params, teacher.config, teacher.params,
+                               source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl)  # fmt: skip
     common.stop_if_preempted(result, config.mode)
     if result.history:
         h = result.history
