@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,6 +69,9 @@ class CompletionBatch:
         (temperature, top-k, top-p applied): the importance-correction denominator.
       advantages: [N] per sequence or [N, M] per token (GRPO).
       ref_logp: [N, M] a frozen reference policy's logprobs (GRPO's KL penalty).
+      teacher_topk: a top-k teacher's view of every completion token (`kernels.TopK`, arrays
+        [N, M, k], [N, M, k], [N, M]), scored outside the student's step (`loops.run_opd`'s
+        teacher_topk).
       loss_mask: [N, M] the completion tokens the loss counts, a subset of completion_mask
         (GRPO's truncated completions, high-entropy tokens, dynamic sampling's filler groups);
         None: every completion token. The model still sees every completion token.
@@ -85,6 +89,7 @@ class CompletionBatch:
     sampling_logp: jax.Array | None = None
     advantages: jax.Array | None = None
     ref_logp: jax.Array | None = None
+    teacher_topk: Any = None
     loss_mask: jax.Array | None = None
 
     @property

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpost import data, distributed, rollouts, runner, sharding, train
+from jaxpost import data, distributed, rollouts, runner, sharding, teachers, train
 from jaxpost import shaping as shaping_lib
 from jaxpost.models import ModelConfig
 from jaxpost.rollouts import PromptSource, SamplingConfig
@@ -302,6 +302,7 @@ def run_opd(
     *,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
+    teacher_topk: int = 0,
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
@@ -309,20 +310,49 @@ def run_opd(
     is OPSD: the teacher (typically the frozen initial student) sees a privileged prompt. With a
     reward in `source` the rollouts' pass rate is logged. `loss_impl`: `train.LOSS_IMPLS` (the
     fused-linear path computes the divergence from both models' hidden states and heads).
+
+    `teacher_topk` = k > 0: a top-k teacher (`jaxpost.teachers`): after sampling, the teacher's
+    own jitted program scores the batch once (its k most likely ids per token, their logprobs and
+    a tail bucket) and the student's step distils from those k + 1 numbers a token, holding no
+    teacher parameters; `loss_fn` must then be `opd_kl(alpha)` (its alpha and temperature are
+    used). Without a mesh only (the scoring program runs on the default device).
     """
-    objective = train.opd_objective(config, teacher_config, loss_fn, loss_impl=loss_impl)
+    if teacher_topk:
+        if mesh is not None:
+            raise ValueError("teacher_topk runs without a mesh (its scoring program is not "
+                             "sharded yet); drop the mesh or use the full-vocabulary teacher")  # fmt: skip
+        if getattr(loss_fn, "kind", None) != "kl" or getattr(loss_fn, "prefix_len", None):
+            raise ValueError("teacher_topk needs loss_fn = opd_kl(alpha) (no entropy-aware or "
+                             f"prefix variant), got {loss_fn!r}")  # fmt: skip
+        if not 1 <= teacher_topk <= teacher_config.vocab_size:
+            raise ValueError(f"teacher_topk must lie in [1, V = {teacher_config.vocab_size}], "
+                             f"got {teacher_topk}")  # fmt: skip
+        if teacher_config.vocab_size != config.vocab_size:
+            raise ValueError("teacher and student vocabularies differ; a top-k teacher's ids "
+                             "index the student's vocabulary")  # fmt: skip
+        objective = teachers.topk_opd_objective(config, alpha=loss_fn.alpha,
+                                                temperature=loss_fn.temperature,
+                                                loss_impl=loss_impl)  # fmt: skip
+        scorer = jax.jit(teachers.topk_teacher(teacher_config, teacher_topk, loss_impl=loss_impl,
+                                               temperature=loss_fn.temperature))  # fmt: skip
+        frozen = []
+    else:
+        objective = train.opd_objective(config, teacher_config, loss_fn, loss_impl=loss_impl)
+        frozen = [(teacher_config, teacher_params)]
 
     def score(r: rollouts.StepRollouts):
-        extra = {}
+        extra, batch = {}, r.batch
         if source.reward is not None:
             ok = rollouts.rewards(source, r) > 0
             totals = np.asarray(distributed.all_hosts(np.asarray([[ok.sum(), len(ok)]],
                                                                  np.float64))).sum(0)  # fmt: skip
             extra["pass_rate"] = totals[0] / totals[1]
-        return r.batch, extra
+        if teacher_topk:
+            batch = batch.replace(teacher_topk=scorer(teacher_params, batch))
+        return batch, extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
-                         frozen=[(teacher_config, teacher_params)], mesh=mesh)  # fmt: skip
+                         frozen=frozen, mesh=mesh)  # fmt: skip
 
 
 __all__ = ["LoopConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",

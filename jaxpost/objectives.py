@@ -72,7 +72,7 @@ def completion_hidden(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, 
     return jax.lax.slice_in_dim(hidden, P - 1, P + M - 1, axis=1)
 
 
-def _head_logits(config: ModelConfig, params, hidden_NxMxD) -> jax.Array:
+def head_logits(config: ModelConfig, params, hidden_NxMxD) -> jax.Array:
     head = models.head_weight(config, params)
     dt = config.compute_dtype
     return jnp.einsum(
@@ -86,7 +86,7 @@ def completion_logits(config: ModelConfig, params, prompt_NxP, prompt_mask_NxP, 
     hidden = completion_hidden(
         config, params, prompt_NxP, prompt_mask_NxP, completion_NxM, completion_mask_NxM
     )
-    return _head_logits(config, params, hidden)
+    return head_logits(config, params, hidden)
 
 
 def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_BxL, *,
@@ -110,7 +110,7 @@ def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_B
             with_argmax=with_argmax, entropy_grad=entropy_grad,
         )  # fmt: skip
         return jax.tree.map(lambda x: x.reshape(b, l), out)
-    logits = _head_logits(config, params, hidden_BxLxD)
+    logits = head_logits(config, params, hidden_BxLxD)
     logp_BxLxV = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     entropy = is_argmax = None
@@ -124,7 +124,7 @@ def head_logprobs(config: ModelConfig, params, hidden_BxLxD, targets_BxL, mask_B
     return kernels.TokenLogprobs(logp, entropy, is_argmax)
 
 
-def _plain(name: str, config: ModelConfig) -> str:
+def plain_impl(name: str, config: ModelConfig) -> str:
     """SFT's and GRPO's path: the kernel names (divergences only) mean materialized logits."""
     impl = resolve_loss_impl(name, config)
     return "materialized" if impl in KERNEL_IMPLS else impl
@@ -134,7 +134,7 @@ def sft_objective(config: ModelConfig, loss_impl: str = "materialized") -> Objec
     """Completion-only cross-entropy on a `data.SequenceBatch` (tokens, attention and loss masks;
     slot t predicts token t + 1); aux num_tokens, nll_sum, accuracy. `loss_impl`: module
     docstring ("fused_linear" takes the argmax hit from the same vocabulary sweep)."""
-    impl = _plain(loss_impl, config)
+    impl = plain_impl(loss_impl, config)
 
     def objective(params, batch: data.SequenceBatch):
         if impl == "materialized":
@@ -152,7 +152,7 @@ def sft_objective(config: ModelConfig, loss_impl: str = "materialized") -> Objec
 def completion_logprobs(config: ModelConfig, params, batch: data.CompletionBatch, *,
                         loss_impl: str = "materialized") -> jax.Array:  # fmt: skip
     """Per-token log π(completion) [N, M] under a model, teacher-forced on its own prompt."""
-    return _policy_logprobs(config, params, batch, _plain(loss_impl, config)).logp
+    return _policy_logprobs(config, params, batch, plain_impl(loss_impl, config)).logp
 
 
 def _policy_logprobs(config, params, batch: data.CompletionBatch, impl: str, **flags):
@@ -184,7 +184,7 @@ def grpo_objective(config: ModelConfig, *, loss_impl: str = "materialized",
     every sampled token), plus `entropy`, the policy's mean entropy over the trained tokens (on
     the fused path it comes from the same sweep as the logprobs).
     """
-    impl = _plain(loss_impl, config)
+    impl = plain_impl(loss_impl, config)
     _check_entropy_coef(entropy_coef)
 
     def objective(params, batch: data.CompletionBatch, ref_params=None):
@@ -217,7 +217,7 @@ def sampled_opd_objective(config: ModelConfig, teacher_config: ModelConfig, *, c
         )
     if not coef > 0:
         raise ValueError(f"coef must be > 0 (the distillation advantage's weight), got {coef}")
-    impl, t_impl = _plain(loss_impl, config), _plain(loss_impl, teacher_config)
+    impl, t_impl = plain_impl(loss_impl, config), plain_impl(loss_impl, teacher_config)
     _check_entropy_coef(entropy_coef)
 
     def objective(params, batch: data.CompletionBatch, teacher_params):
@@ -313,8 +313,8 @@ def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn,
                                     batch.completion, batch.completion_mask)  # fmt: skip
         teacher = jax.lax.stop_gradient(teacher)
         if impl != "fused_linear":
-            teacher_logits = _head_logits(teacher_config, teacher_params, teacher)
-            return loss_fn(_head_logits(config, params, student),
+            teacher_logits = head_logits(teacher_config, teacher_params, teacher)
+            return loss_fn(head_logits(config, params, student),
                            jax.lax.stop_gradient(teacher_logits), batch.completion_mask)  # fmt: skip
         head, layout = head_operand(config, params)
         t_head, t_layout = head_operand(teacher_config, teacher_params)
@@ -327,5 +327,5 @@ def opd_objective(config: ModelConfig, teacher_config: ModelConfig, loss_fn,
 
 __all__ = ["FUSED_MIN_VOCAB", "KERNEL_IMPLS", "LOSS_IMPLS", "Objective", "completion_hidden",
            "completion_logits", "completion_logprobs", "grpo_objective", "head_logprobs",
-           "head_operand", "opd_objective", "resolve_loss_impl", "sampled_opd_objective",
+           "head_logits", "head_operand", "opd_objective", "plain_impl", "resolve_loss_impl", "sampled_opd_objective",
            "sft_objective"]  # fmt: skip

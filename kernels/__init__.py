@@ -4,6 +4,8 @@
     fused_linear_jsd(student_hidden [N, D], student_head [D, V], teacher, *, alpha, ...)
     fused_linear_kl_pair(student_hidden, student_head, teacher, *, temperature, mask, ...)
     fused_linear_logprobs(hidden [N, D], head [D, V], targets [N], *, temperature, mask, ...)
+    fused_linear_topk(hidden, head, k) / fused_linear_bucket_logprobs(hidden, head, idx)
+        a top-k teacher (k ids, their logprobs, a tail bucket) and the student's matching buckets
 
 The divergences return per-row ``[N]`` float32 (the pair op: KL(p_S‖p_T), KL(p_T‖p_S) and the
 teacher's entropy in one sweep) and are differentiable in the student side only;
@@ -21,6 +23,14 @@ from kernels.fused_linear_logprobs import (
     fused_linear_logprobs_reference,
 )
 from kernels.fused_linear_pair import KLPair, fused_linear_kl_pair
+from kernels.fused_linear_topk import (
+    TopK,
+    bucket_divergence,
+    bucket_logprobs_from_logits,
+    fused_linear_bucket_logprobs,
+    fused_linear_topk,
+    topk_from_logits,
+)
 from kernels.jsd import (
     default_impl,
     generalized_jsd,
@@ -36,6 +46,12 @@ __all__ = [
     "BlockSizes",
     "KLPair",
     "TokenLogprobs",
+    "TopK",
+    "bucket_divergence",
+    "bucket_logprobs_from_logits",
+    "fused_linear_bucket_logprobs",
+    "fused_linear_topk",
+    "topk_from_logits",
     "default_impl",
     "fused_linear_jsd",
     "fused_linear_kl_pair",

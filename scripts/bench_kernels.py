@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py --memory            # any backend; compiles, never allocates
     python scripts/bench_kernels.py --time              # a GPU or TPU: compiled kernels, timed
     python scripts/bench_kernels.py --step              # whole train steps; compiles only
+    python scripts/bench_kernels.py --topk              # top-k vs full teacher; compiles only
 
 --step: temporary bytes of the whole jitted train step of SFT, GRPO and OPD at Qwen2.5-0.5B's
 shape, materialized vs fused-linear losses, V in {32768, 151936}, each beside the memory
@@ -27,6 +28,17 @@ V = 151,936 at N = 8192 only compiles. ``--op`` picks the loss (one JSON line pe
                     the teacher entropy) and ``fused_linear`` (kernels.fused_linear_kl_pair)
 
 ``--head-layout VD`` passes every head as a tied model's [V, D] embedding table.
+
+--topk: what a top-k teacher saves (jaxpost.teachers, kernels.fused_linear_topk) at
+Qwen2.5-0.5B's shape, k = 64 by default (``--k``): two programs each for the full-vocabulary
+teacher and the top-k one, from compiled memory analysis. ``scoring``: the teacher's head over N
+hidden states handing over its scores (full: the [N, V] float32 logits, the fused-linear path's
+input; top-k: ids, logprobs and a tail, k + 1 numbers a row, swept in vocabulary blocks).
+``student_step``: the value-and-grad of the student's reverse KL taking those scores as input
+(full: kernels.fused_linear_jsd on teacher logits; top-k: kernels.fused_linear_bucket_logprobs
+and the bucket divergence). Each line gives ``teacher_bytes`` (the scores: the scoring
+program's output, the step's teacher argument), ``temp_bytes`` and ``ratio_to_full`` (teacher
+bytes + temp, top-k over full).
 
 --time: on an accelerator, compiles the backend's Pallas kernel (not interpreted), checks it
 against the float64 reference on a slice, then times forward + backward of generalized_jsd at
@@ -211,6 +223,62 @@ def bench_memory(args) -> None:
             )
 
 
+def _topk_programs(vocab: int, rows: int, width: int, k: int, dtype):
+    """{(stage, impl): (function, abstract inputs, index of the teacher scores in the inputs
+    or None when they are the output)}."""
+    struct = jax.ShapeDtypeStruct
+    h, w = struct((rows, width), dtype), struct((width, vocab), dtype)
+    logits = struct((rows, vocab), jnp.float32)
+    top = kernels.TopK(struct((rows, k), jnp.int32), struct((rows, k), jnp.float32),
+                       struct((rows,), jnp.float32))  # fmt: skip
+
+    def full_scores(th, tw):
+        return jnp.dot(th, tw, preferred_element_type=jnp.float32)
+
+    def topk_scores(th, tw):
+        return kernels.fused_linear_topk(th, tw, k)
+
+    def full_step(sh, sw, t):
+        return kernels.fused_linear_jsd(sh, sw, t, alpha=1.0).mean()
+
+    def topk_step(sh, sw, t):
+        student = kernels.fused_linear_bucket_logprobs(sh, sw, t.idx)
+        return kernels.bucket_divergence(student, t.buckets(), 1.0).mean()
+
+    grad = lambda f: jax.value_and_grad(f, argnums=(0, 1))  # noqa: E731
+    return {("scoring", "full"): (full_scores, (h, w), None),
+            ("scoring", "topk"): (topk_scores, (h, w), None),
+            ("student_step", "full"): (grad(full_step), (h, w, logits), 2),
+            ("student_step", "topk"): (grad(topk_step), (h, w, top), 2)}  # fmt: skip
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def bench_topk(args) -> None:
+    dtype = jnp.dtype(args.dtype)
+    for vocab in args.vocab:
+        programs = _topk_programs(vocab, args.rows, args.width, args.k, dtype)
+        full_total = {}
+        for (stage, impl), (fn, inputs, teacher_at) in programs.items():
+            start = time.perf_counter()
+            compiled = jax.jit(fn).lower(*inputs).compile()
+            stats = compiled.memory_analysis()
+            if teacher_at is None:
+                teacher = int(stats.output_size_in_bytes)
+            else:
+                teacher = _nbytes(inputs[teacher_at])
+            temp = int(stats.temp_size_in_bytes)
+            total = teacher + temp
+            full_total.setdefault(stage, total)
+            _emit(bench="topk_teacher", stage=stage, impl=impl, N=args.rows, D=args.width,
+                  V=vocab, k=args.k, dtype=args.dtype, teacher_bytes=teacher, temp_bytes=temp,
+                  ratio_to_full=round(total / full_total[stage], 5),
+                  backend=jax.default_backend(),
+                  compile_s=round(time.perf_counter() - start, 1))  # fmt: skip
+
+
 def _timed(f, *xs, repeats: int) -> float:
     """Median wall time of f(*xs) in seconds, after a warm-up call (compilation)."""
     jax.block_until_ready(f(*xs))
@@ -291,6 +359,8 @@ def main(argv=None) -> None:
     mode.add_argument("--memory", action="store_true", help="compiled temp bytes (any backend)")
     mode.add_argument("--time", action="store_true", help="timed forward+backward (GPU/TPU)")
     mode.add_argument("--step", action="store_true", help="whole train steps' temp bytes")
+    mode.add_argument("--topk", action="store_true", help="top-k vs full teacher memory")
+    parser.add_argument("--k", type=int, default=64, help="--topk: the teacher's k")
     parser.add_argument("--rows", type=int, default=8192, help="N, tokens per step")
     parser.add_argument("--width", type=int, default=896, help="D, hidden width (Qwen2.5-0.5B)")
     parser.add_argument(
@@ -331,6 +401,10 @@ def main(argv=None) -> None:
     if args.step:
         args.vocab = args.vocab or [32768, 151936]
         bench_step_memory.bench_step(args)
+    elif args.topk:
+        args.vocab = args.vocab or [151936]
+        args.dtype = args.dtype or "float32"
+        bench_topk(args)
     elif args.memory:
         args.vocab = args.vocab or [32768, 65536, 151936, 262144]
         args.dtype = args.dtype or "float32"

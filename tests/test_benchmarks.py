@@ -26,3 +26,21 @@ def test_bench_train_prints_one_floor_line_per_objective():
         assert 0 <= x["padding_share"] < 1
     # the opd step also runs the teacher's forward: a third more flops than grpo's
     assert lines[2]["model_flops"] == pytest.approx(lines[1]["model_flops"] * 4 / 3)
+
+
+@pytest.mark.slow
+def test_bench_kernels_topk_prints_the_teacher_memory_lines():
+    out = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--topk", "--rows", "64",
+                          "--width", "16", "--vocab", "5000", "--k", "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    got = {(x["stage"], x["impl"]): x for x in lines}
+    assert set(got) == {(s, i) for s in ("scoring", "student_step") for i in ("full", "topk")}
+    for stage in ("scoring", "student_step"):
+        full, top = got[stage, "full"], got[stage, "topk"]
+        assert full["teacher_bytes"] == 64 * 5000 * 4  # the [N, V] float32 logits
+        assert top["teacher_bytes"] <= 64 * (2 * 8 + 1) * 4 + 64  # ids, logprobs, tail
+        assert top["ratio_to_full"] == pytest.approx(
+            (top["teacher_bytes"] + top["temp_bytes"]) / (full["teacher_bytes"] + full["temp_bytes"]),
+            abs=1e-4)  # fmt: skip

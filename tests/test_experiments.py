@@ -85,6 +85,14 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
     assert set(out["results"]) == {"start", "teacher", "after OPD"}
     assert hf.load_hf(out["model_dir"])[0] == loaded.config
 
+    o = _tiny(opd_config, tmp_path / "opd_topk")
+    o.model, o.teacher, o.teacher_topk, o.model_overrides = model_dir, model_dir, 8, ""
+    o.eval.prompts = 0
+    opd.run(o)
+    rows = [json.loads(line) for line in open(tmp_path / "opd_topk" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(0 < r["teacher_tail_mass"] < 1 for r in rows)
+    assert abs(rows[0]["loss"]) < 1e-5  # the teacher is the student itself: D = 0 at step 1
+
     o = _tiny(opd_config, tmp_path / "opd_sampled")
     o.model, o.teacher, o.loss, o.sampled_with_reward, o.model_overrides = (
         model_dir, model_dir, "sampled", True, "")  # fmt: skip
@@ -269,6 +277,10 @@ def test_bad_overrides_and_settings(tmp_path):
     g.grpo.overlong_buffer, g.grpo.max_sampling_rounds = 0, 0
     with pytest.raises(UserError, match="grpo.max_sampling_rounds must be >= 1"):
         grpo.run(g)
+    o = _tiny(opd_config, tmp_path)
+    o.teacher_topk, o.loss = 8, "entropy_aware"
+    with pytest.raises(UserError, match="teacher_topk > 0 needs loss 'kl'"):
+        opd.run(o)
     o = _tiny(opd_config, tmp_path)
     o.loss, o.sampled_coef = "sampled", 0.0
     with pytest.raises(UserError, match="sampled_coef must be > 0"):

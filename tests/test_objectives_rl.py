@@ -128,3 +128,39 @@ def test_sampled_opd_fused_equals_materialized_and_refuses_bad_input():
         train.sampled_opd_objective(CONFIG, CONFIG, coef=0.0)
     with pytest.raises(ValueError, match="entropy_coef"):
         train.grpo_objective(CONFIG, entropy_coef=-1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_topk_opd_objective_against_float64_buckets(alpha):
+    """The student's step on a top-k teacher's scores: loss = mean over trained tokens of D_α
+    between the (k + 1)-bucket distributions, from float64 logits; fused equals materialized."""
+    from jaxpost import teachers
+
+    params, teacher = models.init(CONFIG, seed=1), models.init(CONFIG, seed=6)
+    batch = _batch_with_loss_mask(seed=7)
+    k = 6
+    top = jax.jit(teachers.topk_teacher(CONFIG, k))(teacher, batch)
+    fused_top = jax.jit(teachers.topk_teacher(CONFIG, k, loss_impl="fused_linear"))(teacher, batch)
+    mask = np.asarray(batch.completion_mask, bool)
+    np.testing.assert_array_equal(np.asarray(fused_top.idx)[mask], np.asarray(top.idx)[mask])
+    np.testing.assert_allclose(np.asarray(fused_top.log_tail)[mask], np.asarray(top.log_tail)[mask],
+                               atol=1e-5)  # fmt: skip
+    batch = batch.replace(teacher_topk=top)
+    loss, aux = teachers.topk_opd_objective(CONFIG, alpha=alpha)(params, batch)
+    t_prompt, t_mask = batch.teacher_prompt()
+    lt = refs.log_softmax(_logits64(CONFIG, teacher, t_prompt, t_mask, batch))
+    ls = refs.log_softmax(_logits64(CONFIG, params, batch.prompt_tokens, batch.prompt_mask, batch))
+    idx = np.argsort(-lt, axis=-1, kind="stable")[..., :k]
+
+    def buckets(lp):
+        top_p = np.exp(np.take_along_axis(lp, idx, -1))
+        return np.concatenate([top_p, 1 - top_p.sum(-1, keepdims=True)], -1)
+
+    pt, ps = buckets(lt), buckets(ls)
+    div = refs.kl(pt, ps) if alpha == 0 else refs.kl(ps, pt)
+    want = refs.masked_mean(div, np.asarray(batch.loss_mask))
+    np.testing.assert_allclose(float(loss), want, rtol=2e-4, atol=1e-6)
+    assert 0 < float(aux["teacher_tail_mass"]) < 1
+    assert_same(teachers.topk_opd_objective(CONFIG, alpha=alpha),
+                teachers.topk_opd_objective(CONFIG, alpha=alpha, loss_impl="fused_linear"),
+                params, batch)  # fmt: skip

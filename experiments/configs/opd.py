@@ -43,7 +43,8 @@ student, yet distilling it did not help here (0.030 -> 0.020; rollout pass rate 
 Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --teacher: bfloat16,
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),
 `--config.loss=entropy_aware`, `--config.prefix_len=8`, `--config.loss=sampled` (sampled-token
-OPD: one teacher logprob per token; `--config.sampled_with_reward=true` adds the task reward).
+OPD: one teacher logprob per token; `--config.sampled_with_reward=true` adds the task reward),
+`--config.teacher_topk=64` (a top-k teacher: k + 1 numbers a token instead of the vocabulary).
 """
 
 from experiments import configs
@@ -62,6 +63,9 @@ def get_config(arg: str | None = None):
     # "sampled": sampled-token OPD as RL (the tinker recipe): the teacher scores only the sampled
     # token, advantage sampled_coef * (log p_T - log p_S) in GRPO's clipped loss
     c.sampled_coef = 1.0
+    # > 0: a top-k teacher (jaxpost.teachers): its k most likely ids per token, their logprobs and
+    # a tail bucket, scored once per batch by the teacher's own program; loss "kl" only
+    c.teacher_topk = 0
     c.sampled_with_reward = False  # "sampled": add the verifier's group advantage (GRPO + OPD)
     c.distill_temperature = 1.0  # both models' logits are divided by it inside the loss
     c.prefix_len = 0  # > 0: distil only the first prefix_len tokens of each completion

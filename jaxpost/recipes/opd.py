@@ -19,6 +19,12 @@ def _check(config) -> None:
         raise UserError(f'mode must be "opd" or "opsd", got {config.mode!r}')
     if config.mode == "opsd" and config.teacher:
         raise UserError("mode opsd distils from the frozen student; drop --teacher")
+    if config.teacher_topk < 0:
+        raise UserError(f"teacher_topk must be >= 0 (0: the full distribution), got "
+                        f"{config.teacher_topk}")  # fmt: skip
+    if config.teacher_topk and (config.loss != "kl" or config.prefix_len or config.mesh):
+        raise UserError("teacher_topk > 0 needs loss 'kl', prefix_len 0 and no --mesh (a top-k "
+                        "teacher is scored on one device, outside the student's step)")  # fmt: skip
 
 
 def loss_function(config):
@@ -86,6 +92,10 @@ def run(config) -> dict:
     common.log(f"student: {student.describe()}\nteacher: {teacher.describe()}"
                f"{' with a reference solution in its prompt' if config.mode == 'opsd' else ''}")
 
+    if config.teacher_topk > teacher.config.vocab_size:
+        raise UserError(f"teacher_topk {config.teacher_topk} exceeds the vocabulary "
+                        f"({teacher.config.vocab_size})")  # fmt: skip
+
     def reward(i: int, completion: list[int]) -> float:  # logged as the rollout pass rate
         return float(task.verify_answer(problems[i], tok.decode(completion)))
 
@@ -123,7 +133,8 @@ def run(config) -> dict:
         )  # fmt: skip
     else:
         result = loops.run_opd(student.config, student.params, teacher.config, teacher.params,
-                               source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl)  # fmt: skip
+                               source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl,
+                               teacher_topk=config.teacher_topk)  # fmt: skip
     common.stop_if_preempted(result, config.mode)
     if result.history:
         h = result.history

@@ -1,0 +1,92 @@
+"""Teachers that fit: a top-k teacher scored outside the student's step.
+
+A full-vocabulary teacher gives every completion token a distribution over V entries: inside the
+student's step that is a second model's forward and its [N, M, V] scores; cached or sent from
+other devices it is N·M·V numbers. A top-k teacher (`kernels.fused_linear_topk`) keeps the k most
+likely ids per token, their log-probabilities and the log of the remaining mass: k + 1 numbers a
+token. `topk_teacher` is the teacher's own program (run it once per batch, on its own devices, or
+keep its output for reuse); `topk_opd_objective` is the student's step, which takes the scores
+as part of the batch (`data.CompletionBatch.teacher_topk`) and holds no teacher parameters.
+`loops.run_opd(..., teacher_topk=k)` wires the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from jaxpost import data, objectives
+from jaxpost.models import ModelConfig
+
+
+def topk_teacher(teacher_config: ModelConfig, k: int, *, loss_impl: str = "materialized",
+                 temperature: float = 1.0) -> Callable:
+    """The teacher's scoring program `(teacher_params, batch) -> kernels.TopK` of a top-k
+    teacher: for every completion token, the ids of its k most likely next tokens [N, M, k],
+    their log-probabilities and the log of the remaining mass [N, M], in the teacher's view of
+    the prompt. k + 1 numbers a token instead of V: what a cache or another device holds
+    (`kernels.fused_linear_topk`; "fused_linear" never forms [N, M, V] logits)."""
+    impl = objectives.plain_impl(loss_impl, teacher_config)
+
+    def score(teacher_params, batch: data.CompletionBatch):
+        prompt, prompt_mask = batch.teacher_prompt()
+        hidden = objectives.completion_hidden(teacher_config, teacher_params, prompt, prompt_mask,
+                                   batch.completion, batch.completion_mask)  # fmt: skip
+        if impl != "fused_linear":
+            logits = objectives.head_logits(teacher_config, teacher_params, hidden)
+            return kernels.topk_from_logits(logits, k, temperature=temperature)
+        n, m, d = hidden.shape
+        head, layout = objectives.head_operand(teacher_config, teacher_params)
+        top = kernels.fused_linear_topk(hidden.reshape(n * m, d), head, k,
+                                        temperature=temperature,
+                                        mask=batch.completion_mask.reshape(n * m),
+                                        head_layout=layout,
+                                        compute_dtype=teacher_config.compute_dtype)  # fmt: skip
+        return jax.tree.map(lambda x: x.reshape(n, m, *x.shape[1:]), top)
+
+    return score
+
+
+def topk_opd_objective(config: ModelConfig, *, alpha: float = 1.0, temperature: float = 1.0,
+                       loss_impl: str = "materialized") -> objectives.Objective:  # fmt: skip
+    """On-policy distillation from a top-k teacher: the batch's `teacher_topk` (`topk_teacher`)
+    against the student's probabilities at the same k ids plus its own tail bucket, D_α of
+    `kernels.bucket_divergence` (α 0 forward KL, 1 reverse KL) per token, the mean over the
+    trained tokens. No teacher parameters in the step. aux: `num_tokens`, `divergence_max`,
+    `teacher_tail_mass` (the mean mass the teacher left outside its top k)."""
+    impl = objectives.plain_impl(loss_impl, config)
+
+    def objective(params, batch: data.CompletionBatch):
+        top = batch.teacher_topk
+        if top is None:
+            raise ValueError("the batch has no teacher_topk (score it with topk_teacher)")
+        hidden = objectives.completion_hidden(config, params, batch.prompt_tokens, batch.prompt_mask,
+                                   batch.completion, batch.completion_mask)  # fmt: skip
+        n, m, d = hidden.shape
+        k = top.idx.shape[-1]
+        if impl == "fused_linear":
+            head, layout = objectives.head_operand(config, params)
+            student = kernels.fused_linear_bucket_logprobs(
+                hidden.reshape(n * m, d), head, top.idx.reshape(n * m, k),
+                temperature=temperature, mask=batch.completion_mask.reshape(n * m),
+                head_layout=layout, compute_dtype=config.compute_dtype)  # fmt: skip
+        else:
+            logits = objectives.head_logits(config, params, hidden)
+            student = kernels.bucket_logprobs_from_logits(logits, top.idx, temperature=temperature)
+        teacher = jax.lax.stop_gradient(top.buckets()).reshape(n * m, k + 1)
+        div = kernels.bucket_divergence(student.reshape(n * m, k + 1), teacher, alpha)
+        valid = batch.trained_mask().astype(bool)
+        div = jnp.where(valid, div.reshape(n, m), 0.0)
+        count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+        tail = jnp.where(valid, jnp.exp(top.log_tail), 0.0).sum() / count
+        return div.sum() / count, {"num_tokens": valid.sum().astype(jnp.float32),
+                                   "divergence_max": jnp.max(div, initial=0.0),
+                                   "teacher_tail_mass": jax.lax.stop_gradient(tail)}  # fmt: skip
+
+    return objective
+
+
+__all__ = ["topk_opd_objective", "topk_teacher"]
