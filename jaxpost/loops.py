@@ -25,28 +25,21 @@ The step loop never waits for a step's metrics: step t's are read after step t+1
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, distributed, rollouts, runner, sharding, teachers, train
+from jaxpost import data, distributed, rollouts, runner, teachers, train
 from jaxpost import shaping as shaping_lib
+from jaxpost.lora import LoraConfig
 from jaxpost.models import ModelConfig
+from jaxpost.on_policy import adapted, finish, mesh_context, run_on_policy
 from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult, StepFunction
 from jaxpost.shaping import Shaping
-
-
-def _mesh_context(mesh):
-    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------
-# SFT
 
 
 def run_sft(
@@ -60,6 +53,7 @@ def run_sft(
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
     pack: bool = False,
+    lora: LoraConfig | None = None,
 ) -> RunResult:
     """Supervised fine-tuning on fixed (prompt, completion) token pairs, completion-only loss.
 
@@ -70,6 +64,8 @@ def run_sft(
     (`data.pack_plan`, the same epoch order; each example keeps its own positions and attention),
     so padding costs far less; the `examples` metric counts a step's examples.
     `loss_impl`: `train.LOSS_IMPLS` ("auto": fused-linear cross-entropy at a large vocabulary).
+    `lora`: train low-rank adapters on a frozen `params` (`jaxpost.lora`); the result's `params`
+    are the merged model, its state holds the adapters.
     """
     if not examples:
         raise ValueError("run_sft needs at least one example")
@@ -78,10 +74,10 @@ def run_sft(
     if width > config.max_seq_len:
         raise ValueError(f"longest example ({width} tokens) exceeds max_seq_len {config.max_seq_len}")
     optimizer = train.make_optimizer(optim)
-    step = train.make_step(train.sft_objective(config, loss_impl=loss_impl), optimizer,
-                           grad_accum=optim.grad_accum)  # fmt: skip
-    step_fn = StepFunction(step, config, optimizer, mesh)
-    run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
+    step_fn, trained, frozen, model_params = adapted(
+        config, params, train.sft_objective(config, loss_impl=loss_impl), optimizer,
+        optim.grad_accum, mesh, lora, loop.seed)  # fmt: skip
+    run = runner.Runner(loop, step_fn.init_state(trained, loop.seed))
     mine = distributed.local_rows(mesh, loop.batch_size)
 
     plan = None
@@ -103,79 +99,15 @@ def run_sft(
             batch = data.sft_batch([examples[i] for i in idx[mine]], pad_id, length=width)
             extra = {}
         run.last_batch = batch
-        run.state, metrics = step_fn(run.state, batch)
+        run.state, metrics = step_fn(run.state, batch, *frozen)
         return metrics, extra
 
-    with _mesh_context(mesh):
-        return run.iterate(body)
+    with mesh_context(mesh):
+        return finish(run.iterate(body), model_params)
 
 
 # ---------------------------------------------------------------------------------------------
 # on-policy: GRPO and OPD share the loop; they differ in objective and scoring
-
-
-Score = Callable[[rollouts.StepRollouts], tuple[data.CompletionBatch, dict]]
-Collect = Callable[[Any, int], tuple[rollouts.StepRollouts, dict]]
-
-
-def run_on_policy(
-    config: ModelConfig,
-    params,
-    source: PromptSource,
-    objective: train.Objective,
-    score: Score,
-    optim: train.OptimConfig,
-    loop: LoopConfig,
-    sampling: SamplingConfig,
-    *,
-    frozen: Sequence[tuple[ModelConfig, Any]] = (),
-    updates_per_batch: int = 1,
-    mesh: jax.sharding.Mesh | None = None,
-    collect: Collect | None = None,
-) -> RunResult:
-    """The on-policy loop: sample the step's prompts with the current policy, score them on the
-    host, take `updates_per_batch` optimizer steps on the batch.
-
-    Args:
-      objective: `(params, batch, *frozen_params) -> (loss, aux)` from `jaxpost.train`.
-      score: (this process's rollouts) -> (the training batch, host metrics to log): where GRPO
-        turns rewards into advantages; OPD only logs the rollouts' pass rate.
-      frozen: (config, params) of each model the objective takes after the batch (a teacher, a
-        reference policy): inputs of the step, sharded like a student, never trained or saved.
-      updates_per_batch: optimisation passes over each batch (PPO-style; old logprobs are the
-        sampler's, i.e. those of the policy that generated the batch).
-      collect: (params, step) -> (this process's rollouts, metrics), e.g. `shaping.collect`'s
-        dynamic sampling; default one `rollouts.sample_step`.
-    """
-    rows = loop.batch_size * sampling.group_size
-    if mesh is not None and rows % sharding.data_parallel_size(mesh):
-        raise ValueError(f"{loop.batch_size} prompts x {sampling.group_size} samples = {rows} rows "
-                         f"do not split over the mesh's data-parallel size "
-                         f"{sharding.data_parallel_size(mesh)}")  # fmt: skip
-    optimizer = train.make_optimizer(optim)
-    step_fn = StepFunction(train.make_step(objective, optimizer, grad_accum=optim.grad_accum),
-                           config, optimizer, mesh)  # fmt: skip
-    frozen_params = tuple(step_fn.place_frozen(c, p) for c, p in frozen)
-    run = runner.Runner(loop, step_fn.init_state(params, loop.seed))
-    if collect is None:
-        def collect(params, step):
-            return rollouts.sample_step(config, params, source, sampling, batch_size=loop.batch_size,
-                                        seed=loop.seed, step=step, mesh=mesh), {}  # fmt: skip
-
-    def body(step: int) -> tuple[dict, dict]:
-        start = time.perf_counter()
-        r, collected = collect(run.state.params, step)
-        batch, extra = score(r)
-        run.last_batch = batch
-        for _ in range(updates_per_batch):
-            run.state, metrics = step_fn(run.state, batch, *frozen_params)
-        roll = rollouts.rollout_metrics(r)
-        roll["sampled_tokens_per_s"] = roll["sampled_tokens"] / max(time.perf_counter() - start,
-                                                                    1e-9)  # fmt: skip
-        return metrics, {**collected, **extra, **roll}
-
-    with _mesh_context(mesh):
-        return run.iterate(body)
 
 
 def _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale, reward_transform):
@@ -211,6 +143,7 @@ def run_grpo(
     shaping: Shaping | None = None,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
+    lora: LoraConfig | None = None,
     **loss_kwargs: Any,
 ) -> RunResult:
     """GRPO / RLVR: sample groups, verify, group-normalised advantages, clipped policy gradient.
@@ -224,6 +157,7 @@ def run_grpo(
       shaping: `shaping.Shaping`: dynamic sampling, truncation masking, overlong penalty,
         high-entropy token mask (default: none of them).
       loss_impl: `train.LOSS_IMPLS`, the policy's (and reference's) logprobs' path.
+      lora: train low-rank adapters (`run_on_policy`).
       loss_kwargs: forwarded to `objectives.grpo_objective` (is_correction, entropy_coef) and
         `losses.grpo_loss` (loss_type, eps_low, eps_high, kl_beta, ...).
     """
@@ -238,7 +172,8 @@ def run_grpo(
                                reward_transform)  # fmt: skip
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
                          frozen=[(config, ref_params)] if with_ref else [],
-                         updates_per_batch=num_iterations, mesh=mesh, collect=collect)  # fmt: skip
+                         updates_per_batch=num_iterations, mesh=mesh, collect=collect,
+                         lora=lora)  # fmt: skip
 
 
 def run_sampled_opd(
@@ -257,6 +192,7 @@ def run_sampled_opd(
     shaping: Shaping | None = None,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
+    lora: LoraConfig | None = None,
     **loss_kwargs: Any,
 ) -> RunResult:
     """Sampled-token on-policy distillation as RL (the tinker-cookbook recipe): the teacher
@@ -286,7 +222,8 @@ def run_sampled_opd(
         return batch, extra
 
     return run_on_policy(config, params, source, objective, scored, optim, loop, sampling,
-                         frozen=[(teacher_config, teacher_params)], mesh=mesh, collect=collect)  # fmt: skip
+                         frozen=[(teacher_config, teacher_params)], mesh=mesh, collect=collect,
+                         lora=lora)  # fmt: skip
 
 
 def run_opd(
@@ -303,6 +240,9 @@ def run_opd(
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
     teacher_topk: int = 0,
+    lora: LoraConfig | None = None,
+    self_teacher: str = "frozen",
+    ema_decay: float = 0.99,
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
@@ -316,7 +256,19 @@ def run_opd(
     a tail bucket) and the student's step distils from those k + 1 numbers a token, holding no
     teacher parameters; `loss_fn` must then be `opd_kl(alpha)` (its alpha and temperature are
     used). Without a mesh only (the scoring program runs on the default device).
+
+    `self_teacher` (`teachers.SELF_TEACHERS`; the teacher must be the student's own model, as in
+    OPSD): "frozen" distils from `teacher_params` as given; "live" from the current policy;
+    "ema" from an exponential moving average of it (`ema_decay`, kept in the optimizer state).
     """
+    if self_teacher not in teachers.SELF_TEACHERS:
+        raise ValueError(f"self_teacher must be one of {teachers.SELF_TEACHERS}, got "
+                         f"{self_teacher!r}")  # fmt: skip
+    if self_teacher != "frozen" and (teacher_topk or teacher_config != config):
+        raise ValueError("a live or EMA self-teacher is the student's own model (OPSD): give "
+                         "teacher_config = config and no teacher_topk")  # fmt: skip
+    if self_teacher == "ema" and (lora is not None or mesh is not None):
+        raise ValueError("an EMA self-teacher runs without LoRA and without a mesh (not yet)")
     if teacher_topk:
         if mesh is not None:
             raise ValueError("teacher_topk runs without a mesh (its scoring program is not "
@@ -339,6 +291,15 @@ def run_opd(
     else:
         objective = train.opd_objective(config, teacher_config, loss_fn, loss_impl=loss_impl)
         frozen = [(teacher_config, teacher_params)]
+    extra = dict(extra_transform=None, frozen_from_state=None)
+    if self_teacher == "live":
+        objective, frozen = teachers.live_teacher(objective), []
+    elif self_teacher == "ema":
+        extra = dict(extra_transform=teachers.ema_tracker(ema_decay),
+                     # a copy: the state is donated to the step that also reads the teacher
+                     frozen_from_state=lambda state: (jax.tree.map(
+                         jnp.copy, teachers.ema_of(state.opt_state)),))  # fmt: skip
+        frozen = []
 
     def score(r: rollouts.StepRollouts):
         extra, batch = {}, r.batch
@@ -352,8 +313,8 @@ def run_opd(
         return batch, extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
-                         frozen=frozen, mesh=mesh)  # fmt: skip
+                         frozen=frozen, mesh=mesh, lora=lora, **extra)  # fmt: skip
 
 
-__all__ = ["LoopConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",
+__all__ = ["LoopConfig", "LoraConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",
            "run_grpo", "run_on_policy", "run_opd", "run_sampled_opd", "run_sft"]  # fmt: skip

@@ -128,7 +128,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxpost import models, plan_step, sharding, train
+from jaxpost import lora, models, plan_step, sharding, train
 from jaxpost.errors import UserError
 from jaxpost.models import ModelConfig
 from jaxpost.models.configs import REMAT
@@ -190,6 +190,7 @@ def plan(
     devices: int | None = None,
     grad_accum: int = 1,
     platform: str | None = None,
+    lora_rank: int = 0,
 ) -> Plan:
     """Estimate per-device bytes of a training run on a (data, fsdp, tensor) mesh.
 
@@ -220,6 +221,10 @@ def plan(
       grad_accum: micro-batches per step; activations are those of one micro-batch.
       platform: "cpu", "gpu" or "tpu" (default: this process's backend): how XLA stores
         16-bit activations (`plan_terms.activation_itemsize`).
+      lora_rank: > 0: the step trains low-rank adapters of every projection (`jaxpost.lora`):
+        the optimizer state is the adapters' (replicated), `adapters` holds them, the update
+        touches only them, and `merged_weights` is the step's merged copy of the weights (the
+        base stays `params`; the merged weights' gradient still forms in the backward).
 
     Raises `UserError` (a ValueError), before anything is compiled, for a mesh that does not
     multiply to the device count, an unknown axis name, a batch not divisible by the
@@ -317,6 +322,16 @@ def plan(
     # The update computes the new parameters and optimizer state beside the old ones (a
     # non-finite step keeps the old), after the activations are freed.
     update = terms["gradients"] + params + opt
+    if lora_rank < 0:
+        raise UserError(f"lora_rank must be >= 0, got {lora_rank}")
+    if lora_rank:
+        adapters = lora.abstract(abstract, lora.LoraConfig(rank=lora_rank))
+        raw = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize  # noqa: E731
+                               for x in jax.tree.leaves(tree))  # fmt: skip
+        terms["adapters"] = raw(adapters)
+        terms["optimizer"] = raw(jax.eval_shape(tx.init, adapters))
+        terms["merged_weights"] = params
+        update = 2 * terms["adapters"] + terms["optimizer"]
     terms["update"] = max(0, update - sum(terms[k] for k in TEMPORARIES if k in terms))
     if sample_batch is not None:
         if sample_batch < 1:

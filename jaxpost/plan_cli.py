@@ -73,6 +73,7 @@ def _parse_args(argv: Sequence[str]):
     p.add_argument("--param_dtype", default=None, choices=("float32", "bfloat16"))
     p.add_argument("--sample_batch", type=int, default=None, help="rows the sampler decodes")
     p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA adapters of this rank")
     p.add_argument("--device_memory_gb", type=float, default=None, help="GiB per device")
     return p.parse_args(argv)
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str], plan: Callable) -> int:
             teacher_prompt_len=args.teacher_prompt_len, with_reference=args.with_reference,
             distill_loss=distill, optimizer=args.optimizer, remat=args.remat,
             sample_batch=args.sample_batch, device_memory_bytes=memory, devices=args.devices,
-            grad_accum=args.grad_accum, platform=args.platform,
+            grad_accum=args.grad_accum, platform=args.platform, lora_rank=args.lora_rank,
         )  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

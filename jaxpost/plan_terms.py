@@ -28,13 +28,13 @@ from jaxpost.models import ModelConfig
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 GiB = 1024**3
-PERSISTENT = ("params", "optimizer", "teacher", "reference")
+PERSISTENT = ("params", "optimizer", "teacher", "reference", "adapters")
 SAMPLING = ("kv_cache", "decode_weights")
 # The train step's inputs (the rest of its terms are XLA's temporaries): the state, the batch
 # and the frozen models' parameters.
-ARGUMENTS = ("params", "optimizer", "batch", "teacher", "reference")
+ARGUMENTS = ("params", "optimizer", "batch", "teacher", "reference", "adapters")
 TEMPORARIES = ("gradients", "gathered_weights", "weight_copies", "activations", "backward_peak",
-               "frozen_forward", "update")  # fmt: skip
+               "frozen_forward", "update", "merged_weights")  # fmt: skip
 
 # The knob that shrinks each term, for the "does not fit" message.
 _KNOBS = {
@@ -54,6 +54,9 @@ _KNOBS = {
     "frozen_forward": "shard the frozen model over more devices (fsdp/tensor), a bfloat16-native "
     "platform (XLA:CPU converts bfloat16 weights to float32), or a smaller per-device batch",
     "update": "shard the parameters and optimizer state over more devices (a larger fsdp axis)",
+    "adapters": "a smaller lora_rank",
+    "merged_weights": "shard the weights over more devices (a larger fsdp axis), or bfloat16 "
+    "params",
 }
 
 

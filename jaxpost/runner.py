@@ -148,12 +148,14 @@ class DivergenceWatch:
 
 @dataclasses.dataclass
 class RunResult:
-    """What a loop returns: the final state and every logged row of metrics."""
+    """What a loop returns: the final state and every logged row of metrics; `params` the
+    model's parameters (the state's, or under LoRA the base merged with the trained adapters)."""
 
     state: train.TrainState
     history: list[dict]
     preempted: bool = False
     last_batch: Any = None  # this process's rows of the final step's batch (state locality)
+    params: Any = None
 
 
 class StepFunction:
@@ -165,8 +167,10 @@ class StepFunction:
     and each batch is assembled from this process's rows over the data axes.
     """
 
-    def __init__(self, step: Callable, config: ModelConfig, optimizer, mesh=None):
+    def __init__(self, step: Callable, config: ModelConfig, optimizer, mesh=None,
+                 replicate_state: bool = False):  # fmt: skip
         self.step, self.config, self.optimizer, self.mesh = step, config, optimizer, mesh
+        self.replicate_state = replicate_state  # a small trained tree (LoRA adapters)
         self._fn = None
         self._frozen_sh: tuple = ()
 
@@ -174,6 +178,8 @@ class StepFunction:
         state = train.init_state(params, self.optimizer, seed)
         if self.mesh is None:
             return state
+        if self.replicate_state:
+            return jax.device_put(state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         return jax.device_put(state, train.state_shardings(self.config, self.mesh, self.optimizer))
 
     def place_frozen(self, config: ModelConfig, params):
@@ -313,7 +319,7 @@ class Runner:
                 if self.ckpt is not None:
                     self.ckpt.close()  # waits for the last save; a failed write raises here
         return RunResult(state=self.state, history=self.history, preempted=preempted,
-                         last_batch=self.last_batch)  # fmt: skip
+                         last_batch=self.last_batch, params=self.state.params)  # fmt: skip
 
 
 @jax.jit

@@ -8,14 +8,22 @@ token. `topk_teacher` is the teacher's own program (run it once per batch, on it
 keep its output for reuse); `topk_opd_objective` is the student's step, which takes the scores
 as part of the batch (`data.CompletionBatch.teacher_topk`) and holds no teacher parameters.
 `loops.run_opd(..., teacher_topk=k)` wires the two.
+
+Self-teachers (OPSD's teacher is the student itself, seeing privileged context): besides the
+frozen starting policy, the live policy (`SELF_TEACHERS` "live": the current parameters under
+stop_gradient, the teacher moves with every update) or an exponential moving average of it
+("ema": `ema_tracker` keeps EMA_t = d·EMA_{t−1} + (1 − d)·θ_t in the optimizer state, so it is
+checkpointed and resumes exactly; the next update's teacher is `ema_of(state)`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import kernels
 from jaxpost import data, objectives
@@ -89,4 +97,54 @@ def topk_opd_objective(config: ModelConfig, *, alpha: float = 1.0, temperature: 
     return objective
 
 
-__all__ = ["topk_opd_objective", "topk_teacher"]
+SELF_TEACHERS = ("frozen", "live", "ema")
+
+
+class EmaState(NamedTuple):
+    """`ema_tracker`'s state: the moving average of the parameters (their tree and dtypes)."""
+
+    ema: Any
+
+
+def ema_tracker(decay: float) -> optax.GradientTransformation:
+    """An optax transformation (chain it after the optimizer) that leaves the updates as they are
+    and tracks EMA ← d·EMA + (1 − d)·(θ + u), the parameters after the update, starting at θ_0."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
+
+    def init(params):
+        return EmaState(jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_tracker needs the parameters (optax's update(..., params))")
+        ema = jax.tree.map(
+            lambda e, p, u: (decay * e.astype(jnp.float32) + (1 - decay) * (
+                p.astype(jnp.float32) + u.astype(jnp.float32))).astype(e.dtype),
+            state.ema, params, updates)  # fmt: skip
+        return updates, EmaState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_of(opt_state) -> Any:
+    """The EMA parameters in an optimizer state that chains `ema_tracker` (ValueError if none)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+             if isinstance(x, EmaState)]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(f"expected one ema_tracker state in the optimizer state, found {len(found)}")
+    return found[0].ema
+
+
+def live_teacher(objective: Callable) -> Callable:
+    """An OPD objective `(params, batch, teacher_params)` turned into `(params, batch)` whose
+    teacher is the current policy itself under stop_gradient."""
+
+    def objective_live(params, batch):
+        return objective(params, batch, jax.lax.stop_gradient(params))
+
+    return objective_live
+
+
+__all__ = ["SELF_TEACHERS", "EmaState", "ema_of", "ema_tracker", "live_teacher",
+           "topk_opd_objective", "topk_teacher"]

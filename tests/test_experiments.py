@@ -105,6 +105,7 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
 
     s = _tiny(opd_config, tmp_path / "opsd")
     s.model, s.mode, s.prefix_len, s.model_overrides = model_dir, "opsd", 4, ""
+    s.lora_rank = 2  # low-rank adapters on the student (jaxpost.lora)
     s.eval.prompts = 0  # training only
     out = opd.run(s)
     assert out["results"] == {"start": {}, "after OPSD": {}}
@@ -121,6 +122,7 @@ def test_grpo_from_a_preset_trains_its_own_sft_start(tmp_path, capsys):
     # every GRPO practice on at once (jaxpost.shaping; the entropy bonus in the objective)
     g.grpo.dynamic_sampling, g.grpo.mask_truncated, g.grpo.overlong_buffer = True, True, 4
     g.grpo.entropy_top_frac, g.grpo.entropy_coef = 0.5, 0.01
+    g.lora_rank = 4  # and low-rank adapters: the saved model is the merged one
     out = grpo.run(g)
     assert set(out["results"]) == {"start", "after GRPO"}
     rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]

@@ -148,6 +148,25 @@ def test_an_arm_trained_under_other_settings_is_started_over(mini, tmp_path):
 
 
 @pytest.mark.slow
+def test_arms_train_low_rank_adapters_with_lora_rank(mini, tmp_path, monkeypatch):
+    from jaxpost import lora
+
+    workdir, _, _ = mini
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    made = []
+    real_init = lora.init
+    monkeypatch.setattr(lora, "init", lambda *a, **k: made.append(a[1]) or real_init(*a, **k))
+    c = tiny(copy, arms="sft,opd_sampled", lora_rank=2, lora_alpha=4.0)
+    out = headtohead.run(c, log=lambda line: None)
+    assert made == [lora.LoraConfig(rank=2, alpha=4.0)] * 2  # one adapter set per arm
+    for arm in ("sft", "opd_sampled"):
+        assert out["arms"][arm]["scalars"]["kl_from_base"]["mean"] > 0  # the adapters moved it
+    with pytest.raises(UserError, match="bad lora settings"):
+        headtohead.run(tiny(copy, lora_rank=-1))
+
+
+@pytest.mark.slow
 def test_a_diverged_arm_is_reported_as_diverged(mini, tmp_path):
     workdir, _, _ = mini
     copy = str(tmp_path / "copy")

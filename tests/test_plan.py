@@ -264,3 +264,29 @@ def test_bf16_compute_with_f32_master_weights_trains_a_finite_step():
     moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(state.params),
                                                               jax.tree.leaves(before))]  # fmt: skip
     assert max(moved) > 0
+
+
+def test_lora_plan_counts_the_adapters_optimizer_and_the_compiled_arguments():
+    """lora_rank: the optimizer is the adapters' (AdamW: two moments of each adapter), the state
+    shrinks, and the arguments equal those of the compiled LoRA step (base + adapters + their
+    optimizer state + batch)."""
+    from jaxpost import lora
+
+    full = plan.plan(TINY, (1, 1, 1), batch=4, seq_len=32, platform="cpu")
+    p = plan.plan(TINY, (1, 1, 1), batch=4, seq_len=32, platform="cpu", lora_rank=4)
+    adapters = lora.init(models.init(TINY, seed=0), lora.LoraConfig(rank=4))
+    n = lora.count(adapters)
+    assert p.terms["adapters"] == 4 * n
+    assert 2 * 4 * n <= p.terms["optimizer"] <= 2 * 4 * n + 64
+    assert p.terms["optimizer"] < full.terms["optimizer"] / 4
+    assert p.terms["merged_weights"] == p.terms["params"] == full.terms["params"]
+    assert p.terms["update"] < full.terms["update"]
+    tx = train.make_optimizer(train.OptimConfig())
+    step = train.make_step(lora.wrap_objective(train.sft_objective(TINY), lora.LoraConfig(rank=4)),
+                           tx)  # fmt: skip
+    state = jax.eval_shape(lambda a: train.init_state(a, tx), adapters)
+    batch = data.SequenceBatch(*(jax.ShapeDtypeStruct((4, 32), jnp.int32),) * 3)
+    base = models.abstract_params(TINY)
+    m = jax.jit(step).lower(state, batch, base).compile().memory_analysis()
+    planned = sum(p.terms[k] for k in ("params", "adapters", "optimizer", "batch"))
+    assert abs(m.argument_size_in_bytes - planned) <= 0.02 * m.argument_size_in_bytes

@@ -165,3 +165,52 @@ def test_grpo_and_sampled_opd_loops_with_every_practice(params):
         # (a sampled estimate of KL(π_S ‖ π_T): its sign on one small batch is not fixed)
         assert np.isfinite(last["sampled_reverse_kl"]) and np.isfinite(last["loss"])
         assert "pass_rate" in last
+
+
+def test_ema_tracker_is_the_moving_average_of_the_updated_parameters():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxpost import teachers
+
+    tx = optax.chain(optax.sgd(0.1), teachers.ema_tracker(0.9))
+    params = {"w": jnp.asarray([1.0, -2.0])}
+    state = tx.init(params)
+    want_ema, theta = np.asarray([1.0, -2.0]), np.asarray([1.0, -2.0])
+    for g in ([1.0, 0.5], [-0.2, 0.3], [0.0, 1.0]):
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        theta = theta - 0.1 * np.asarray(g)
+        want_ema = 0.9 * want_ema + 0.1 * theta
+        np.testing.assert_allclose(np.asarray(teachers.ema_of(state)["w"]), want_ema, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(params["w"]), theta, rtol=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        teachers.ema_tracker(1.0)
+    assert jax is not None
+
+
+@pytest.mark.slow
+def test_self_teachers_live_and_ema(params):
+    """OPSD with the student itself as teacher: an EMA at decay 0 is the live policy (same run),
+    a frozen teacher (the start) differs from the live one once the student moved."""
+    priv = [TOK.encode(f"{i}+{i}={2 * i}. {i}+{i}=", add_bos=True) for i in range(12)]
+    source = loops.PromptSource(PROMPTS, teacher_prompts=priv, eos_id=TOK.eos_id,
+                                pad_id=TOK.pad_id)  # fmt: skip
+    optim = train.OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=4)
+    loop = loops.LoopConfig(steps=4, batch_size=4, progress=False)
+    from jaxpost import losses
+
+    runs = {}
+    for mode, decay in (("frozen", 0.5), ("live", 0.5), ("ema", 0.0), ("ema", 0.9)):
+        r = loops.run_opd(CONFIG, params, CONFIG, params, source, losses.opd_kl(1.0), optim, loop,
+                          SAMPLING, self_teacher=mode, ema_decay=decay)  # fmt: skip
+        runs[mode, decay] = [h["loss"] for h in r.history]
+    live, ema0 = runs["live", 0.5], runs["ema", 0.0]
+    np.testing.assert_allclose(ema0, live, rtol=1e-5)
+    assert runs["frozen", 0.5][0] == pytest.approx(live[0], rel=1e-6)  # same teacher at step 1
+    assert runs["frozen", 0.5][-1] != pytest.approx(live[-1], rel=1e-3)
+    assert runs["ema", 0.9][-1] != pytest.approx(live[-1], rel=1e-3)
+    with pytest.raises(ValueError, match="self_teacher must be one of"):
+        loops.run_opd(CONFIG, params, CONFIG, params, source, losses.opd_kl(1.0), optim, loop,
+                      SAMPLING, self_teacher="best")  # fmt: skip

@@ -40,6 +40,10 @@ def shared() -> ml_collections.ConfigDict:
     c.teacher = ""  # a distillation teacher, a Hugging Face directory ("" : the main's default)
     c.mesh = ""  # "2,2,2" (data,fsdp,tensor) or "fsdp=-1": shard over devices ("" one device)
     c.loss_impl = "auto"  # auto | materialized | fused_linear | xla | pallas_gpu | pallas_tpu
+    # > 0: train low-rank adapters of this rank on the main's model (jaxpost.lora); checkpoints
+    # hold the adapters, the saved model is merged. Built-in SFT stages train fully.
+    c.lora_rank = 0
+    c.lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     c.task = task()
     return c
 

@@ -21,6 +21,7 @@ import numpy as np
 from jaxpost import inputs, loops, losses, opd, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
+from jaxpost.lora import LoraConfig
 from jaxpost.rollouts import PromptSource, SamplingConfig
 
 
@@ -34,6 +35,7 @@ class ArmContext:
     loop: loops.LoopConfig
     sampling: SamplingConfig
     source: PromptSource  # the training prompts with the verifier's reward
+    lora: LoraConfig | None = None  # low-rank adapters on the base instead of full training
 
     @property
     def config(self):
@@ -69,7 +71,7 @@ def _sft(ctx: ArmContext) -> loops.RunResult:
     loop = dataclasses.replace(ctx.loop, batch_size=ctx.loop.batch_size * ctx.sampling.group_size)
     return loops.run_sft(base.config, base.params, sft_examples(w, base), ctx.optim, loop,
                          pad_id=base.tokenizer.pad_id, mesh=w.mesh,
-                         loss_impl=ctx.config.loss_impl)  # fmt: skip
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
 
 
 def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
@@ -84,7 +86,7 @@ def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
         return loops.run_grpo(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
                               ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh,
                               loss_impl=ctx.config.loss_impl, is_correction=True,
-                              is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
+                              is_mode=a.is_mode, is_max=a.is_max, lora=ctx.lora)  # fmt: skip
 
     return build
 
@@ -98,7 +100,7 @@ def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], lo
         base, teacher = ctx.models.base, ctx.models.teacher
         return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
                              loss(ctx), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh,
-                             loss_impl=ctx.config.loss_impl)  # fmt: skip
+                             loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
 
     return build
 
@@ -113,7 +115,8 @@ def _sampled_opd(with_reward: bool) -> Callable[[ArmContext], loops.RunResult]:
                                      ctx.source, ctx.optim, ctx.loop, ctx.sampling,
                                      coef=a.sampled_coef, with_reward=with_reward,
                                      mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl,
-                                     is_correction=True, is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
+                                     is_correction=True, is_mode=a.is_mode, is_max=a.is_max,
+                                     lora=ctx.lora)  # fmt: skip
 
     return build
 
@@ -132,7 +135,7 @@ def _opsd(ctx: ArmContext) -> loops.RunResult:
         what="OPSD teacher prompts"))  # fmt: skip
     return loops.run_opd(base.config, base.params, base.config, base.params, source,
                          _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh,
-                         loss_impl=ctx.config.loss_impl)  # fmt: skip
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
@@ -204,4 +207,5 @@ def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:
         return float(w.task.verify_answer(w.train[i], tok.decode(completion)))
 
     source = PromptSource(prompts=prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    return ARMS[name].build(ArmContext(w, models, optim, loop, sampling, source))
+    lora = LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha)) if c.lora_rank else None
+    return ARMS[name].build(ArmContext(w, models, optim, loop, sampling, source, lora))

@@ -77,7 +77,7 @@ def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: i
     if result.preempted:  # no checkpoints here: a partial model must not be cached as the base
         raise Preempted(f"{desc}: preempted (SIGTERM) during its SFT; nothing of it was saved; "
                         f"rerun the same command to train it again")  # fmt: skip
-    return result.state.params, result.history
+    return result.params, result.history
 
 
 @dataclasses.dataclass

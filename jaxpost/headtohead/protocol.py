@@ -207,7 +207,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         stages["arm_training"] += train_s
         log(f"{arm}: trained in {train_s:.0f} s; evaluating")
         t0 = time.perf_counter()
-        params = result.state.params
+        params = result.params
         ev = evaluation.evaluate_model(w, m.base, params, base=evals["base"], base_model=m.base,
                                        seed=config.seed)  # fmt: skip
         history = _history(arm_dir)

@@ -19,6 +19,7 @@ import os
 
 from jaxpost import importance, train
 from jaxpost.errors import UserError
+from jaxpost.lora import LoraConfig
 
 # Fields that never change a result: where it goes, what is shown, which arms run this time.
 _NEVER_MATTERS = ("workdir", "arms", "progress", "variant")
@@ -53,6 +54,11 @@ def check(config) -> None:
     train.resolve_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
+    if config.lora_rank:
+        try:
+            LoraConfig(rank=config.lora_rank, alpha=float(config.lora_alpha))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad lora settings: {e}") from None
     if not a.sampled_coef > 0:
         raise UserError(f"arm.sampled_coef must be > 0, got {a.sampled_coef}")
     if not (a.temperature > 0 and 0 < a.top_p <= 1):

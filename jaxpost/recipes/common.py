@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from jaxpost import data, distributed, evaluate, inputs, loops, train
+from jaxpost import data, distributed, evaluate, inputs, loops, lora, train
 from jaxpost.errors import Preempted, UserError
 from jaxpost.inputs import Model
 from jaxpost.rollouts import SamplingConfig
@@ -108,6 +108,14 @@ def loop_config(c, *, seed: int, workdir: str | None, desc: str) -> loops.LoopCo
         loss_explode=c.loss_explode, max_param_growth=c.max_param_growth))  # fmt: skip
 
 
+def lora_config(config) -> lora.LoraConfig | None:
+    """The config's `lora_rank` / `lora_alpha` as a `lora.LoraConfig` (None at rank 0)."""
+    if config.lora_rank == 0:
+        return None
+    return _typed("lora", lambda: lora.LoraConfig(rank=config.lora_rank,
+                                                  alpha=float(config.lora_alpha)))  # fmt: skip
+
+
 def sampling_config(c) -> SamplingConfig:
     return _typed("sampling", lambda: SamplingConfig(
         group_size=c.group_size, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
@@ -127,7 +135,8 @@ def describe_devices(mesh) -> None:
 
 
 def sft_examples(stage, task, model: Model, *, seed: int, mesh, desc: str = "sft",
-                 loss_impl: str = "auto", sample_batch: int | None = None) -> list:  # fmt: skip
+                 loss_impl: str = "auto", sample_batch: int | None = None,
+                 lora_rank: int = 0) -> list:  # fmt: skip
     """The SFT stage's token pairs (the `stage.data` mixture of the task's reference solutions),
     with the memory plan of its step checked (plus a sampler of `sample_batch` rows, for the
     evaluation that shares the run)."""
@@ -146,7 +155,8 @@ def sft_examples(stage, task, model: Model, *, seed: int, mesh, desc: str = "sft
     examples = inputs.encode_examples(model, pairs, f"{desc} data")
     inputs.check_memory(model.config, mesh, objective="sft", loss_impl=loss_impl,
                         batch=stage.loop.batch_size, seq_len=data.pair_width(examples),
-                        grad_accum=stage.optim.grad_accum, sample_batch=sample_batch)  # fmt: skip
+                        grad_accum=stage.optim.grad_accum, sample_batch=sample_batch,
+                        lora_rank=lora_rank)  # fmt: skip
     log(f"{desc}: {len(examples)} examples ({len(train_problems)} {task.name} problems x "
         f"{d.per_problem}, style {d.style!r}), {stage.loop.steps} steps of "
         f"{stage.loop.batch_size}")  # fmt: skip
@@ -154,13 +164,15 @@ def sft_examples(stage, task, model: Model, *, seed: int, mesh, desc: str = "sft
 
 
 def train_sft(stage, model: Model, examples: list, *, workdir: str | None, seed: int, mesh,
-              desc: str = "sft", loss_impl: str = "auto") -> loops.RunResult:  # fmt: skip
-    """SFT `model` on `examples` (`sft_examples`) with the stage's optimizer and loop."""
+              desc: str = "sft", loss_impl: str = "auto",
+              lora: lora.LoraConfig | None = None) -> loops.RunResult:  # fmt: skip
+    """SFT `model` on `examples` (`sft_examples`) with the stage's optimizer and loop (low-rank
+    adapters with `lora`)."""
     start = time.perf_counter()
     result = loops.run_sft(
         model.config, model.params, examples, optim_config(stage.optim, stage.loop.steps),
         loop_config(stage.loop, seed=seed, workdir=workdir, desc=desc),
-        pad_id=model.tokenizer.pad_id, mesh=mesh, loss_impl=loss_impl,
+        pad_id=model.tokenizer.pad_id, mesh=mesh, loss_impl=loss_impl, lora=lora,
     )  # fmt: skip
     if result.history:
         last = result.history[-1]
@@ -191,7 +203,7 @@ def built_in(stage, task, start: Model, workdir: str, *, seed: int, mesh, what: 
         result = train_sft(stage, start, examples, workdir=workdir, seed=seed, mesh=mesh,
                            desc=what, loss_impl=loss_impl)  # fmt: skip
         stop_if_preempted(result, what)
-        return result.state.params, result.history
+        return result.params, result.history
 
     if os.path.isfile(os.path.join(path, "config.json")):
         log(f"{what}: reusing {path}")

@@ -63,6 +63,7 @@ def run(config) -> dict:
     """GRPO with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
+    common.lora_config(config)
     train.resolve_loss_impl(config.loss_impl)
     workdir = common.require_workdir(config)
     mesh = inputs.make_mesh(config.mesh)
@@ -88,7 +89,8 @@ def run(config) -> dict:
                         batch=rows, prompt_len=source.width(),
                         completion_len=sampling.max_new_tokens, with_reference=g.kl_beta > 0,
                         grad_accum=config.optim.grad_accum,
-                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)))  # fmt: skip
+                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)),
+                        lora_rank=config.lora_rank)  # fmt: skip
     results = {"start": common.evaluate_sets("start", model, model.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     transform = None
@@ -113,13 +115,14 @@ def run(config) -> dict:
         loss_impl=config.loss_impl, is_correction=g.is_correction, is_mode=g.is_mode,
         is_min=g.is_min or None, is_max=g.is_max,
         shaping=practice(g, sampling.max_new_tokens), entropy_coef=g.entropy_coef,
+        lora=common.lora_config(config),
     )  # fmt: skip
     common.stop_if_preempted(result, "grpo")
     if result.history:
         common.log(f"grpo: rollout pass rate {_window(result.history, 'pass_rate', True):.3f} "
                    f"(first 10 rounds) -> {_window(result.history, 'pass_rate', False):.3f} (last "
                    f"10) ({time.perf_counter() - train_start:.0f} s)")  # fmt: skip
-    params = result.state.params
+    params = result.params
     results["after GRPO"] = common.evaluate_sets("after GRPO", model, params, sets, config.eval,
                                                   mesh=mesh)  # fmt: skip
     model_dir = inputs.save_model(os.path.join(workdir, "model"), model, params)

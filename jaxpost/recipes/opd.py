@@ -60,6 +60,7 @@ def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
     start = time.perf_counter()
     _check(config)
+    common.lora_config(config)
     train.resolve_loss_impl(config.loss_impl)
     loss_fn = loss_function(config)
     workdir = common.require_workdir(config)
@@ -108,7 +109,8 @@ def run(config) -> dict:
                         completion_len=sampling.max_new_tokens, teacher_config=teacher.config,
                         teacher_prompt_len=source.width(teacher=True) if teacher_prompts else None,
                         distill_loss=loss_fn, grad_accum=config.optim.grad_accum,
-                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)))  # fmt: skip
+                        sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)),
+                        lora_rank=config.lora_rank)  # fmt: skip
     results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
     if config.eval.teacher and task.name in sets:
@@ -129,12 +131,13 @@ def run(config) -> dict:
         result = loops.run_sampled_opd(
             student.config, student.params, teacher.config, teacher.params, source, *run_args,
             coef=config.sampled_coef, with_reward=bool(config.sampled_with_reward), mesh=mesh,
-            loss_impl=config.loss_impl, is_correction=True,
+            loss_impl=config.loss_impl, is_correction=True, lora=common.lora_config(config),
         )  # fmt: skip
     else:
         result = loops.run_opd(student.config, student.params, teacher.config, teacher.params,
                                source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl,
-                               teacher_topk=config.teacher_topk)  # fmt: skip
+                               teacher_topk=config.teacher_topk,
+                               lora=common.lora_config(config))  # fmt: skip
     common.stop_if_preempted(result, config.mode)
     if result.history:
         h = result.history
@@ -146,7 +149,7 @@ def run(config) -> dict:
             f"{np.mean([r['pass_rate'] for r in last]):.3f} "
             f"({time.perf_counter() - train_start:.0f} s)"
         )  # fmt: skip
-    params = result.state.params
+    params = result.params
     label = f"after {config.mode.upper()}"
     results[label] = common.evaluate_sets(label, student, params, sets, config.eval, mesh=mesh)
     model_dir = inputs.save_model(os.path.join(workdir, "model"), student, params)
