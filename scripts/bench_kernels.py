@@ -58,6 +58,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import bench_step_memory  # noqa: E402  (scripts/, beside this file)
+import bench_topk_memory  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -223,62 +224,6 @@ def bench_memory(args) -> None:
             )
 
 
-def _topk_programs(vocab: int, rows: int, width: int, k: int, dtype):
-    """{(stage, impl): (function, abstract inputs, index of the teacher scores in the inputs
-    or None when they are the output)}."""
-    struct = jax.ShapeDtypeStruct
-    h, w = struct((rows, width), dtype), struct((width, vocab), dtype)
-    logits = struct((rows, vocab), jnp.float32)
-    top = kernels.TopK(struct((rows, k), jnp.int32), struct((rows, k), jnp.float32),
-                       struct((rows,), jnp.float32))  # fmt: skip
-
-    def full_scores(th, tw):
-        return jnp.dot(th, tw, preferred_element_type=jnp.float32)
-
-    def topk_scores(th, tw):
-        return kernels.fused_linear_topk(th, tw, k)
-
-    def full_step(sh, sw, t):
-        return kernels.fused_linear_jsd(sh, sw, t, alpha=1.0).mean()
-
-    def topk_step(sh, sw, t):
-        student = kernels.fused_linear_bucket_logprobs(sh, sw, t.idx)
-        return kernels.bucket_divergence(student, t.buckets(), 1.0).mean()
-
-    grad = lambda f: jax.value_and_grad(f, argnums=(0, 1))  # noqa: E731
-    return {("scoring", "full"): (full_scores, (h, w), None),
-            ("scoring", "topk"): (topk_scores, (h, w), None),
-            ("student_step", "full"): (grad(full_step), (h, w, logits), 2),
-            ("student_step", "topk"): (grad(topk_step), (h, w, top), 2)}  # fmt: skip
-
-
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def bench_topk(args) -> None:
-    dtype = jnp.dtype(args.dtype)
-    for vocab in args.vocab:
-        programs = _topk_programs(vocab, args.rows, args.width, args.k, dtype)
-        full_total = {}
-        for (stage, impl), (fn, inputs, teacher_at) in programs.items():
-            start = time.perf_counter()
-            compiled = jax.jit(fn).lower(*inputs).compile()
-            stats = compiled.memory_analysis()
-            if teacher_at is None:
-                teacher = int(stats.output_size_in_bytes)
-            else:
-                teacher = _nbytes(inputs[teacher_at])
-            temp = int(stats.temp_size_in_bytes)
-            total = teacher + temp
-            full_total.setdefault(stage, total)
-            _emit(bench="topk_teacher", stage=stage, impl=impl, N=args.rows, D=args.width,
-                  V=vocab, k=args.k, dtype=args.dtype, teacher_bytes=teacher, temp_bytes=temp,
-                  ratio_to_full=round(total / full_total[stage], 5),
-                  backend=jax.default_backend(),
-                  compile_s=round(time.perf_counter() - start, 1))  # fmt: skip
-
-
 def _timed(f, *xs, repeats: int) -> float:
     """Median wall time of f(*xs) in seconds, after a warm-up call (compilation)."""
     jax.block_until_ready(f(*xs))
@@ -404,7 +349,7 @@ def main(argv=None) -> None:
     elif args.topk:
         args.vocab = args.vocab or [151936]
         args.dtype = args.dtype or "float32"
-        bench_topk(args)
+        bench_topk_memory.bench_topk(args, _emit)
     elif args.memory:
         args.vocab = args.vocab or [32768, 65536, 151936, 262144]
         args.dtype = args.dtype or "float32"

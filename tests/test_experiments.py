@@ -106,6 +106,7 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
     s = _tiny(opd_config, tmp_path / "opsd")
     s.model, s.mode, s.prefix_len, s.model_overrides = model_dir, "opsd", 4, ""
     s.lora_rank = 2  # low-rank adapters on the student (jaxpost.lora)
+    s.self_teacher = "live"  # the teacher is the current policy with the reference in context
     s.eval.prompts = 0  # training only
     out = opd.run(s)
     assert out["results"] == {"start": {}, "after OPSD": {}}
@@ -282,6 +283,13 @@ def test_bad_overrides_and_settings(tmp_path):
     o = _tiny(opd_config, tmp_path)
     o.teacher_topk, o.loss = 8, "entropy_aware"
     with pytest.raises(UserError, match="teacher_topk > 0 needs loss 'kl'"):
+        opd.run(o)
+    o = _tiny(opd_config, tmp_path)
+    o.self_teacher = "ema"
+    with pytest.raises(UserError, match="use --config.mode=opsd"):
+        opd.run(o)
+    o.mode, o.lora_rank = "opsd", 2
+    with pytest.raises(UserError, match="self_teacher ema runs without lora_rank"):
         opd.run(o)
     o = _tiny(opd_config, tmp_path)
     o.loss, o.sampled_coef = "sampled", 0.0

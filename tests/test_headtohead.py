@@ -164,6 +164,12 @@ def test_arms_train_low_rank_adapters_with_lora_rank(mini, tmp_path, monkeypatch
         assert out["arms"][arm]["scalars"]["kl_from_base"]["mean"] > 0  # the adapters moved it
     with pytest.raises(UserError, match="bad lora settings"):
         headtohead.run(tiny(copy, lora_rank=-1))
+    with pytest.raises(UserError, match="opsd_teacher=ema runs without lora_rank"):
+        headtohead.run(tiny(copy, lora_rank=2, **{"arm.opsd_teacher": "ema"}))
+    # OPSD's teacher as an EMA of the live policy: the arm is retrained under the new setting
+    out = headtohead.run(tiny(copy, arms="opsd", **{"arm.opsd_teacher": "ema"}),
+                         log=lambda line: None)  # fmt: skip
+    assert out["arms"]["opsd"]["history"][-1]["step"] == 2
 
 
 @pytest.mark.slow

@@ -62,9 +62,9 @@ def test_entropy_bonus_value_and_gradient(impl):
         m = batch.loss_mask.astype(jnp.float32)
         return (h * m).sum() / m.sum()
 
-    (l0, aux0), g0 = jax.value_and_grad(plain, has_aux=True)(params, batch)
-    (l1, aux1), g1 = jax.value_and_grad(bonus, has_aux=True)(params, batch)
-    h, gh = jax.value_and_grad(mean_entropy)(params)
+    (l0, aux0), g0 = jax.jit(jax.value_and_grad(plain, has_aux=True))(params, batch)
+    (l1, aux1), g1 = jax.jit(jax.value_and_grad(bonus, has_aux=True))(params, batch)
+    h, gh = jax.jit(jax.value_and_grad(mean_entropy))(params)
     lp64 = refs.log_softmax(_logits64(CONFIG, params, batch.prompt_tokens, batch.prompt_mask, batch))
     h64 = refs.masked_mean(-(np.exp(lp64) * lp64).sum(-1), np.asarray(batch.loss_mask))
     np.testing.assert_allclose(float(aux1["entropy"]), h64, rtol=1e-5)
@@ -101,17 +101,19 @@ def test_sampled_opd_is_grpo_on_the_teachers_token_advantages(reward):
     teacher_lp = _token_logp64(_logits64(CONFIG, teacher, t_prompt, t_mask, batch), batch.completion)
     mask = np.asarray(batch.loss_mask)
     direct = train.grpo_objective(CONFIG, loss_type="grpo")
+    grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    direct_grad = jax.jit(jax.grad(lambda p, x: direct(p, x)[0]))
     for old in (student, student - 0.3):  # on-policy, and a stale sampler (ratio e^0.3: clipped)
         b = batch.replace(old_logp=jnp.asarray(old, jnp.float32))
         adv = np.asarray(b.advantages, np.float64)[:, None] + coef * (teacher_lp - old) * mask
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, b, teacher)
+        (loss, aux), grads = grad_fn(params, b, teacher)
         want = refs.grpo(student, old, adv, mask, loss_type="grpo")
         np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(float(aux["sampled_reverse_kl"]),
                                    refs.masked_mean(old - teacher_lp, mask), rtol=1e-5)  # fmt: skip
         # the gradient: the grpo objective on the same per-token advantages, given directly
         given = b.replace(advantages=jnp.asarray(adv, jnp.float32))
-        g_direct = jax.grad(lambda p, x=given, f=direct: f(p, x)[0])(params)
+        g_direct = direct_grad(params, given)
         chex.assert_trees_all_close(grads, g_direct, rtol=1e-5, atol=1e-7)
         assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 

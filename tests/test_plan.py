@@ -280,7 +280,7 @@ def test_lora_plan_counts_the_adapters_optimizer_and_the_compiled_arguments():
     assert 2 * 4 * n <= p.terms["optimizer"] <= 2 * 4 * n + 64
     assert p.terms["optimizer"] < full.terms["optimizer"] / 4
     assert p.terms["merged_weights"] == p.terms["params"] == full.terms["params"]
-    assert p.terms["update"] < full.terms["update"]
+    assert p.total < full.total  # the optimizer's saving is larger than the merged copy
     tx = train.make_optimizer(train.OptimConfig())
     step = train.make_step(lora.wrap_objective(train.sft_objective(TINY), lora.LoraConfig(rank=4)),
                            tx)  # fmt: skip

@@ -44,7 +44,8 @@ Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --t
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),
 `--config.loss=entropy_aware`, `--config.prefix_len=8`, `--config.loss=sampled` (sampled-token
 OPD: one teacher logprob per token; `--config.sampled_with_reward=true` adds the task reward),
-`--config.teacher_topk=64` (a top-k teacher: k + 1 numbers a token instead of the vocabulary).
+`--config.teacher_topk=64` (a top-k teacher: k + 1 numbers a token instead of the vocabulary),
+`--config.mode=opsd --config.self_teacher=ema` (OPSD's teacher an EMA of the live policy).
 """
 
 from experiments import configs
@@ -66,6 +67,10 @@ def get_config(arg: str | None = None):
     # > 0: a top-k teacher (jaxpost.teachers): its k most likely ids per token, their logprobs and
     # a tail bucket, scored once per batch by the teacher's own program; loss "kl" only
     c.teacher_topk = 0
+    # mode opsd: the self-teacher: "frozen" (the starting student), "live" (the current policy),
+    # "ema" (a moving average of it, decay ema_decay; jaxpost.teachers)
+    c.self_teacher = "frozen"
+    c.ema_decay = 0.99
     c.sampled_with_reward = False  # "sampled": add the verifier's group advantage (GRPO + OPD)
     c.distill_temperature = 1.0  # both models' logits are divided by it inside the loss
     c.prefix_len = 0  # > 0: distil only the first prefix_len tokens of each completion

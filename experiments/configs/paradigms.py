@@ -80,6 +80,8 @@ def get_config(arg: str | None = None):
     c.arm.beta_rank = 0.25  # grpo_unlikely: He et al.'s rank discount
     c.arm.prefix_len = 8  # opd_prefix: distil only the first tokens
     c.arm.sampled_coef = 1.0  # opd_sampled, grpo_opd: weight of the teacher's token advantage
+    c.arm.opsd_teacher = "frozen"  # opsd's self-teacher: frozen base, "live" policy or its "ema"
+    c.arm.opsd_ema_decay = 0.99
 
     c.eval = ml_collections.ConfigDict()
     c.eval.problems = 48  # held-out problems

@@ -128,14 +128,17 @@ def opsd_teacher_texts(w: World) -> list[str]:
 
 
 def _opsd(ctx: ArmContext) -> loops.RunResult:
-    """The frozen base is the teacher, seeing a reference solution in its prompt."""
+    """The base is the teacher, seeing a reference solution in its prompt: frozen, or with
+    `arm.opsd_teacher` the live policy or an EMA of it (`jaxpost.teachers`)."""
     w, base = ctx.world, ctx.models.base
     source = dataclasses.replace(ctx.source, teacher_prompts=inputs.encode_prompts(
         base, opsd_teacher_texts(w), max_new_tokens=ctx.sampling.max_new_tokens,
         what="OPSD teacher prompts"))  # fmt: skip
+    a = ctx.config.arm
     return loops.run_opd(base.config, base.params, base.config, base.params, source,
                          _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh,
-                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora,
+                         self_teacher=a.opsd_teacher, ema_decay=a.opsd_ema_decay)  # fmt: skip
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (

@@ -59,6 +59,11 @@ def check(config) -> None:
             LoraConfig(rank=config.lora_rank, alpha=float(config.lora_alpha))
         except (TypeError, ValueError) as e:
             raise UserError(f"bad lora settings: {e}") from None
+    if a.opsd_teacher not in ("frozen", "live", "ema") or not 0 <= a.opsd_ema_decay < 1:
+        raise UserError(f"arm.opsd_teacher must be frozen, live or ema and arm.opsd_ema_decay in "
+                        f"[0, 1); got {a.opsd_teacher!r}, {a.opsd_ema_decay}")  # fmt: skip
+    if a.opsd_teacher == "ema" and (config.lora_rank or config.mesh):
+        raise UserError("arm.opsd_teacher=ema runs without lora_rank and without a mesh (not yet)")
     if not a.sampled_coef > 0:
         raise UserError(f"arm.sampled_coef must be > 0, got {a.sampled_coef}")
     if not (a.temperature > 0 and 0 < a.top_p <= 1):

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from jaxpost import inputs, loops, train
+from jaxpost import inputs, loops, teachers, train
 from jaxpost.errors import UserError
 from jaxpost.recipes import common
 from jaxpost.workdir import holding
@@ -19,6 +19,16 @@ def _check(config) -> None:
         raise UserError(f'mode must be "opd" or "opsd", got {config.mode!r}')
     if config.mode == "opsd" and config.teacher:
         raise UserError("mode opsd distils from the frozen student; drop --teacher")
+    if config.self_teacher not in teachers.SELF_TEACHERS:
+        raise UserError(f"self_teacher must be one of {teachers.SELF_TEACHERS}, got "
+                        f"{config.self_teacher!r}")  # fmt: skip
+    if config.self_teacher != "frozen" and config.mode != "opsd":
+        raise UserError("self_teacher live / ema is OPSD's (the student is its own teacher): "
+                        "use --config.mode=opsd")  # fmt: skip
+    if config.self_teacher == "ema" and not 0 <= config.ema_decay < 1:
+        raise UserError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
+    if config.self_teacher == "ema" and (config.lora_rank or config.mesh):
+        raise UserError("self_teacher ema runs without lora_rank and without --mesh (not yet)")
     if config.teacher_topk < 0:
         raise UserError(f"teacher_topk must be >= 0 (0: the full distribution), got "
                         f"{config.teacher_topk}")  # fmt: skip
@@ -80,7 +90,9 @@ def run(config) -> dict:
         inputs.encode_prompts(teacher, [task.render_prompt(p) for p in problems],
                               max_new_tokens=sampling.max_new_tokens, what="the teacher's prompts")  # fmt: skip
     else:
-        teacher = student.replace(source="the frozen starting student")
+        who = {"frozen": "the frozen starting student", "live": "the live student (the current "
+               "policy)", "ema": f"an EMA of the student (decay {config.ema_decay:g})"}  # fmt: skip
+        teacher = student.replace(source=who[config.self_teacher])
         rng = np.random.default_rng([config.seed, 13])
         teacher_texts = [task.privileged_view(p, rng).teacher_prompt for p in problems]
         teacher_prompts = inputs.encode_prompts(teacher, teacher_texts,
@@ -137,7 +149,8 @@ def run(config) -> dict:
         result = loops.run_opd(student.config, student.params, teacher.config, teacher.params,
                                source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl,
                                teacher_topk=config.teacher_topk,
-                               lora=common.lora_config(config))  # fmt: skip
+                               lora=common.lora_config(config),
+                               self_teacher=config.self_teacher, ema_decay=config.ema_decay)  # fmt: skip
     common.stop_if_preempted(result, config.mode)
     if result.history:
         h = result.history
