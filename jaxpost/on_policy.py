@@ -52,7 +52,7 @@ def finish(result: RunResult, model_params) -> RunResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# SFT
+# the on-policy loop
 
 
 Score = Callable[[rollouts.StepRollouts], tuple[data.CompletionBatch, dict]]
