@@ -225,8 +225,8 @@ def sampled_opd_objective(config: ModelConfig, teacher_config: ModelConfig, *, c
         hidden = completion_hidden(teacher_config, teacher_params, prompt, prompt_mask,
                                    batch.completion, batch.completion_mask)  # fmt: skip
         teacher_logp = jax.lax.stop_gradient(head_logprobs(
-            teacher_config, teacher_params, jax.lax.stop_gradient(hidden), batch.completion,
-            batch.completion_mask, loss_impl=t_impl).logp)  # fmt: skip
+            teacher_config, teacher_params, hidden, batch.completion, batch.completion_mask,
+            loss_impl=t_impl).logp)  # fmt: skip
         mask = batch.trained_mask()
         gap = opd.reverse_kl_token_advantages(batch.old_logp, teacher_logp, mask)
         reward = batch.advantages

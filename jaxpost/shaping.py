@@ -111,31 +111,28 @@ def collect(config, params, source: rollouts.PromptSource, sampling: rollouts.Sa
     """
     G = sampling.group_size
     kw = dict(batch_size=batch_size, seed=seed, step=step, mesh=mesh)
-    parts, kept, dropped, scores = [], [], [], []
-    need = None
-    rounds = shaping.max_rounds if shaping.dynamic_sampling else 1
-    for k in range(rounds):
+    mine = distributed.local_rows(mesh, batch_size * G)
+    need = (mine.stop - mine.start) // G  # this process's groups
+    parts, kept, dropped = [], [], []
+    for k in range(shaping.max_rounds if shaping.dynamic_sampling else 1):
         r = rollouts.sample_step(config, params, source, sampling, round=k, **kw)
         r.rewards = rollouts.rewards(source, r)
         parts.append(r)
-        scores.append(r.rewards)
-        groups = len(r.problems) // G
-        need = groups if need is None else need
-        ok = informative_groups(r.rewards, G) if shaping.dynamic_sampling else np.ones(groups, bool)
+        ok = informative_groups(r.rewards, G) if shaping.dynamic_sampling else np.ones(need, bool)
         kept += [(k, g) for g in np.flatnonzero(ok)]
         dropped += [(k, g) for g in np.flatnonzero(~ok)]
         short = np.asarray(distributed.all_hosts(np.asarray([[need - len(kept)]], np.int64)))
         if short.max() <= 0:
             break
     chosen = kept[:need]
-    filler = max(need - len(chosen), 0)
+    filler = need - len(chosen)
     chosen += dropped[:filler]
     if chosen == [(0, g) for g in range(need)]:
         out = parts[0]  # every group of the first round, in order: nothing to gather
     else:
         out = rollouts.take([(parts[k], g * G + j) for k, g in chosen for j in range(G)])
-    out.trained = np.asarray([i < (need - filler) * G for i in range(need * G)], bool)
-    everything = np.concatenate(scores)
+    out.trained = np.arange(need * G) < (need - filler) * G
+    everything = np.concatenate([p.rewards for p in parts])
     totals = np.asarray(distributed.all_hosts(np.asarray(
         [[everything.sum(), (everything > 0).sum(), len(everything), len(kept) + len(dropped),
           len(kept), filler]], np.float64))).sum(0)  # fmt: skip

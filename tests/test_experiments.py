@@ -280,21 +280,17 @@ def test_bad_overrides_and_settings(tmp_path):
     g.grpo.overlong_buffer, g.grpo.max_sampling_rounds = 0, 0
     with pytest.raises(UserError, match="grpo.max_sampling_rounds must be >= 1"):
         grpo.run(g)
-    o = _tiny(opd_config, tmp_path)
-    o.teacher_topk, o.loss = 8, "entropy_aware"
-    with pytest.raises(UserError, match="teacher_topk > 0 needs loss 'kl'"):
-        opd.run(o)
-    o = _tiny(opd_config, tmp_path)
-    o.self_teacher = "ema"
-    with pytest.raises(UserError, match="use --config.mode=opsd"):
-        opd.run(o)
-    o.mode, o.lora_rank = "opsd", 2
-    with pytest.raises(UserError, match="self_teacher ema runs without lora_rank"):
-        opd.run(o)
-    o = _tiny(opd_config, tmp_path)
-    o.loss, o.sampled_coef = "sampled", 0.0
-    with pytest.raises(UserError, match="sampled_coef must be > 0"):
-        opd.run(o)
+    for fields, match in (
+        (dict(teacher_topk=8, loss="entropy_aware"), "teacher_topk > 0 needs loss 'kl'"),
+        (dict(self_teacher="ema"), "use --config.mode=opsd"),
+        (dict(self_teacher="ema", mode="opsd", lora_rank=2),
+         "self_teacher ema runs without lora_rank"),
+        (dict(loss="sampled", sampled_coef=0.0), "sampled_coef must be > 0"),
+    ):  # fmt: skip
+        o = _tiny(opd_config, tmp_path)
+        o.update(fields)
+        with pytest.raises(UserError, match=match):
+            opd.run(o)
     o = _tiny(opd_config, tmp_path)
     o.alpha = 1.5
     with pytest.raises(UserError, match=r"alpha must lie in \[0, 1\]"):
