@@ -56,6 +56,12 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def from_rank(rank: int, alpha: float) -> LoraConfig | None:
+    """A config's `lora_rank` / `lora_alpha` fields as a LoraConfig; None at rank 0 (full
+    training). ValueError for a bad rank or alpha."""
+    return LoraConfig(rank=rank, alpha=float(alpha)) if rank else None
+
+
 def _targets(config: LoraConfig):
     return [(g, n, k) for (g, n), k in TARGETS.items() if n in config.targets]
 
@@ -115,4 +121,5 @@ def wrap_objective(objective, config: LoraConfig):
     return adapted
 
 
-__all__ = ["TARGETS", "LoraConfig", "abstract", "count", "init", "merge", "wrap_objective"]
+__all__ = ["TARGETS", "LoraConfig", "abstract", "count", "from_rank", "init", "merge",
+           "wrap_objective"]

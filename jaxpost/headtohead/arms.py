@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import inputs, loops, losses, opd, train
+from jaxpost import inputs, loops, lora, losses, opd, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -210,5 +210,5 @@ def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:
         return float(w.task.verify_answer(w.train[i], tok.decode(completion)))
 
     source = PromptSource(prompts=prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    lora = LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha)) if c.lora_rank else None
-    return ARMS[name].build(ArmContext(w, models, optim, loop, sampling, source, lora))
+    adapters = lora.from_rank(c.lora_rank, c.lora_alpha)
+    return ARMS[name].build(ArmContext(w, models, optim, loop, sampling, source, adapters))

@@ -17,9 +17,8 @@ import hashlib
 import json
 import os
 
-from jaxpost import importance, train
+from jaxpost import importance, lora, teachers, train
 from jaxpost.errors import UserError
-from jaxpost.lora import LoraConfig
 
 # Fields that never change a result: where it goes, what is shown, which arms run this time.
 _NEVER_MATTERS = ("workdir", "arms", "progress", "variant")
@@ -54,12 +53,11 @@ def check(config) -> None:
     train.resolve_loss_impl(config.loss_impl)
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
-    if config.lora_rank:
-        try:
-            LoraConfig(rank=config.lora_rank, alpha=float(config.lora_alpha))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"bad lora settings: {e}") from None
-    if a.opsd_teacher not in ("frozen", "live", "ema") or not 0 <= a.opsd_ema_decay < 1:
+    try:
+        lora.from_rank(config.lora_rank, config.lora_alpha)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad lora settings: {e}") from None
+    if a.opsd_teacher not in teachers.SELF_TEACHERS or not 0 <= a.opsd_ema_decay < 1:
         raise UserError(f"arm.opsd_teacher must be frozen, live or ema and arm.opsd_ema_decay in "
                         f"[0, 1); got {a.opsd_teacher!r}, {a.opsd_ema_decay}")  # fmt: skip
     if a.opsd_teacher == "ema" and (config.lora_rank or config.mesh):

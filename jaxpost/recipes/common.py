@@ -110,10 +110,7 @@ def loop_config(c, *, seed: int, workdir: str | None, desc: str) -> loops.LoopCo
 
 def lora_config(config) -> lora.LoraConfig | None:
     """The config's `lora_rank` / `lora_alpha` as a `lora.LoraConfig` (None at rank 0)."""
-    if config.lora_rank == 0:
-        return None
-    return _typed("lora", lambda: lora.LoraConfig(rank=config.lora_rank,
-                                                  alpha=float(config.lora_alpha)))  # fmt: skip
+    return _typed("lora", lambda: lora.from_rank(config.lora_rank, config.lora_alpha))
 
 
 def sampling_config(c) -> SamplingConfig:
