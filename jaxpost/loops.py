@@ -40,6 +40,7 @@ from jaxpost.on_policy import adapted, finish, mesh_context, run_on_policy
 from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult, StepFunction
 from jaxpost.shaping import Shaping
+from jaxpost.teacher_service import TopkTeachers
 
 
 def run_sft(
@@ -239,7 +240,7 @@ def run_opd(
     *,
     mesh: jax.sharding.Mesh | None = None,
     loss_impl: str = "auto",
-    teacher_topk: int = 0,
+    teacher_topk: int | TopkTeachers = 0,
     lora: LoraConfig | None = None,
     self_teacher: str = "frozen",
     ema_decay: float = 0.99,
@@ -255,7 +256,9 @@ def run_opd(
     own jitted program scores the batch once (its k most likely ids per token, their logprobs and
     a tail bucket) and the student's step distils from those k + 1 numbers a token, holding no
     teacher parameters; `loss_fn` must then be `opd_kl(alpha)` (its alpha and temperature are
-    used). Without a mesh only (the scoring program runs on the default device).
+    used). The teacher is scored on the student's mesh; a `teacher_service.TopkTeachers` instead
+    of k gives several teachers, their own devices, a score cache or a different tokenizer
+    (`teacher_config`/`teacher_params` are then unused).
 
     `self_teacher` (`teachers.SELF_TEACHERS`; the teacher must be the student's own model, as in
     OPSD): "frozen" distils from `teacher_params` as given; "live" from the current policy;
@@ -269,24 +272,26 @@ def run_opd(
                          "teacher_config = config and no teacher_topk")  # fmt: skip
     if self_teacher == "ema" and (lora is not None or mesh is not None):
         raise ValueError("an EMA self-teacher runs without LoRA and without a mesh (not yet)")
+    service = None
     if teacher_topk:
-        if mesh is not None:
-            raise ValueError("teacher_topk runs without a mesh (its scoring program is not "
-                             "sharded yet); drop the mesh or use the full-vocabulary teacher")  # fmt: skip
         if getattr(loss_fn, "kind", None) != "kl" or getattr(loss_fn, "prefix_len", None):
             raise ValueError("teacher_topk needs loss_fn = opd_kl(alpha) (no entropy-aware or "
                              f"prefix variant), got {loss_fn!r}")  # fmt: skip
-        if not 1 <= teacher_topk <= teacher_config.vocab_size:
-            raise ValueError(f"teacher_topk must lie in [1, V = {teacher_config.vocab_size}], "
-                             f"got {teacher_topk}")  # fmt: skip
-        if teacher_config.vocab_size != config.vocab_size:
+        service = teacher_topk
+        if not isinstance(service, TopkTeachers):
+            service = TopkTeachers([(teacher_config, teacher_params)], int(teacher_topk),
+                                   temperature=loss_fn.temperature, loss_impl=loss_impl,
+                                   mesh=mesh)  # fmt: skip
+        if service.tokenizers is None and service.vocab_size != config.vocab_size:
             raise ValueError("teacher and student vocabularies differ; a top-k teacher's ids "
-                             "index the student's vocabulary")  # fmt: skip
+                             "index the student's vocabulary (give TopkTeachers the two "
+                             "tokenizers to distil across them)")  # fmt: skip
+        if service.temperature != loss_fn.temperature:
+            raise ValueError(f"the teachers' temperature {service.temperature} differs from the "
+                             f"loss's {loss_fn.temperature}")  # fmt: skip
         objective = teachers.topk_opd_objective(config, alpha=loss_fn.alpha,
                                                 temperature=loss_fn.temperature,
                                                 loss_impl=loss_impl)  # fmt: skip
-        scorer = jax.jit(teachers.topk_teacher(teacher_config, teacher_topk, loss_impl=loss_impl,
-                                               temperature=loss_fn.temperature))  # fmt: skip
         frozen = []
     else:
         objective = train.opd_objective(config, teacher_config, loss_fn, loss_impl=loss_impl)
@@ -308,8 +313,12 @@ def run_opd(
             totals = np.asarray(distributed.all_hosts(np.asarray([[ok.sum(), len(ok)]],
                                                                  np.float64))).sum(0)  # fmt: skip
             extra["pass_rate"] = totals[0] / totals[1]
-        if teacher_topk:
-            batch = batch.replace(teacher_topk=scorer(teacher_params, batch))
+        if service is not None:
+            top, aligned, metrics = service(batch, r.problems)
+            batch = batch.replace(teacher_topk=top)
+            if aligned is not None:
+                batch = batch.replace(loss_mask=np.asarray(batch.trained_mask()) * aligned)
+            extra.update(metrics)
         return batch, extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
@@ -317,4 +326,4 @@ def run_opd(
 
 
 __all__ = ["LoopConfig", "LoraConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",
-           "run_grpo", "run_on_policy", "run_opd", "run_sampled_opd", "run_sft"]  # fmt: skip
+           "TopkTeachers", "run_grpo", "run_on_policy", "run_opd", "run_sampled_opd", "run_sft"]  # fmt: skip

@@ -60,6 +60,10 @@ class PromptSource:
       reward: (index into `prompts`, completion token ids) -> float (GRPO's reward; OPD logs
         it as the rollouts' pass rate).
       teacher_prompts: the teacher's view of each prompt (OPSD's privileged context), or None.
+      teacher_feedback: (index into `prompts`, completion token ids) -> the teacher's view of
+        that row: a privileged context that depends on the attempt itself (a verifier's message
+        on it, as in self-distillation from feedback), built after sampling; None: none. Its
+        views are left-padded to `teacher_width` (a longer one is an error).
       eos_id, pad_id: the tokenizer's.
     """
 
@@ -68,9 +72,23 @@ class PromptSource:
     teacher_prompts: Sequence[Sequence[int]] | None = None
     eos_id: int | None = None
     pad_id: int = 0
+    teacher_feedback: Callable[[int, Sequence[int]], Sequence[int]] | None = None
+    teacher_width: int = 0
+
+    def __post_init__(self):
+        if self.teacher_feedback is not None and (self.teacher_prompts is not None
+                                                  or self.teacher_width < 1):  # fmt: skip
+            raise ValueError("teacher_feedback replaces teacher_prompts and needs teacher_width")
+
+    @property
+    def privileged(self) -> bool:
+        """Whether the teacher sees its own view of the prompt."""
+        return self.teacher_prompts is not None or self.teacher_feedback is not None
 
     def width(self, teacher: bool = False, multiple: int = 16) -> int:
         """The run-wide padded width of (teacher) prompts: one shape for every step."""
+        if teacher and self.teacher_feedback is not None:
+            return data.round_up(self.teacher_width, multiple)
         pool = self.teacher_prompts if teacher else self.prompts
         return data.round_up(max(len(p) for p in pool), multiple)
 
@@ -125,11 +143,14 @@ def sample_step(config: ModelConfig, params, source: PromptSource, sampling: Sam
         prompt_tokens=prompt, prompt_mask=prompt_mask, completion=out.tokens,
         completion_mask=out.mask, old_logp=out.logprobs, sampling_logp=out.sample_logprobs,
     )  # fmt: skip
-    if source.teacher_prompts is not None:
-        t, tm = data.left_pad([source.teacher_prompts[i] for i in problems],
-                              source.width(teacher=True), source.pad_id)  # fmt: skip
-        batch = batch.replace(teacher_prompt_tokens=t, teacher_prompt_mask=tm)
     completions = [out.tokens[r, : int(out.lengths[r])].tolist() for r in range(len(problems))]
+    if source.privileged:
+        if source.teacher_feedback is not None:
+            views = [source.teacher_feedback(i, c) for i, c in zip(problems, completions)]
+        else:
+            views = [source.teacher_prompts[i] for i in problems]
+        t, tm = data.left_pad(views, source.width(teacher=True), source.pad_id)
+        batch = batch.replace(teacher_prompt_tokens=t, teacher_prompt_mask=tm)
     return StepRollouts(batch, problems, completions, out.entropy, mine)
 
 

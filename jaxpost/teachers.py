@@ -7,7 +7,8 @@ likely ids per token, their log-probabilities and the log of the remaining mass:
 token. `topk_teacher` is the teacher's own program (run it once per batch, on its own devices, or
 keep its output for reuse); `topk_opd_objective` is the student's step, which takes the scores
 as part of the batch (`data.CompletionBatch.teacher_topk`) and holds no teacher parameters.
-`loops.run_opd(..., teacher_topk=k)` wires the two.
+`loops.run_opd(..., teacher_topk=k)` wires the two; `jaxpost.teacher_service.TopkTeachers` adds
+several teachers, their own devices, a score cache and a different tokenizer.
 
 Self-teachers (OPSD's teacher is the student itself, seeing privileged context): besides the
 frozen starting policy, the live policy (`SELF_TEACHERS` "live": the current parameters under
@@ -85,7 +86,8 @@ def topk_opd_objective(config: ModelConfig, *, alpha: float = 1.0, temperature: 
             logits = objectives.head_logits(config, params, hidden)
             student = kernels.bucket_logprobs_from_logits(logits, top.idx, temperature=temperature)
         teacher = jax.lax.stop_gradient(top.buckets()).reshape(n * m, k + 1)
-        div = kernels.bucket_divergence(student.reshape(n * m, k + 1), teacher, alpha)
+        div = kernels.bucket_divergence(_fold_dead(student.reshape(n * m, k + 1), teacher),
+                                        teacher, alpha)  # fmt: skip
         valid = batch.trained_mask().astype(bool)
         div = jnp.where(valid, div.reshape(n, m), 0.0)
         count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
@@ -95,6 +97,21 @@ def topk_opd_objective(config: ModelConfig, *, alpha: float = 1.0, temperature: 
                                    "teacher_tail_mass": jax.lax.stop_gradient(tail)}  # fmt: skip
 
     return objective
+
+
+def _fold_dead(student_NxB, teacher_NxB) -> jax.Array:
+    """The student's buckets with the ids the teacher marks dead (log-probability −inf: slots a
+    projection into another vocabulary left empty, `jaxpost.cross_tokenizer`) folded into its
+    tail bucket, so both sides compare the same events; unchanged when none is dead."""
+    dead = jnp.isneginf(teacher_NxB[:, :-1])
+    any_dead = dead.any(-1)
+    slots = jnp.where(dead, -jnp.inf, student_NxB[:, :-1])
+    # rows without a dead slot take a finite dummy, so no gradient passes through a logsumexp of
+    # nothing but −inf (its softmax is NaN, and a where does not stop a NaN cotangent)
+    moved = jax.nn.logsumexp(jnp.where(any_dead[:, None], jnp.where(dead, student_NxB[:, :-1],
+                                                                    -jnp.inf), 0.0), axis=-1)  # fmt: skip
+    tail = jnp.where(any_dead, jnp.logaddexp(student_NxB[:, -1], moved), student_NxB[:, -1])
+    return jnp.concatenate([slots, tail[:, None]], axis=-1)
 
 
 SELF_TEACHERS = ("frozen", "live", "ema")

@@ -161,6 +161,28 @@ def save_beside(model_dir: str, tok: Tokenizer) -> None:
         raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
 
 
+def train_bpe(path: str, corpus: Iterable[str], vocab_size: int = 384) -> HFTokenizer:
+    """A byte-level BPE trained on `corpus` here (the `tokenizers` package transformers brings;
+    nothing downloaded), saved for transformers at `path`: a second tokenizer for tests and
+    demos (a teacher of another vocabulary, `jaxpost.cross_tokenizer`)."""
+    import transformers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    bpe = RawTokenizer(tok_models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>",
+                                               bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")  # fmt: skip
+    tok.save_pretrained(str(path))
+    return HFTokenizer(tok)
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """ "char" for the character tokenizer, otherwise a local Hugging Face tokenizer directory."""
     return CharTokenizer() if spec == "char" else HFTokenizer.from_dir(spec)

@@ -34,23 +34,10 @@ def write_gsm8k(directory, train: int = 40, test: int = 12) -> str:
 
 
 def bpe_tokenizer(path, corpus: list[str], vocab_size: int = 384):
-    """A byte-level BPE trained on `corpus`, saved for transformers at `path`."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as tok_models
+    """A byte-level BPE trained on `corpus`, saved for transformers at `path` (its HF object)."""
+    from jaxpost.tokenizers import train_bpe
 
-    bpe = Tokenizer(tok_models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>",
-    )  # fmt: skip
-    tok.save_pretrained(str(path))
-    return tok
+    return train_bpe(str(path), corpus, vocab_size).hf
 
 
 def gsm8k_corpus() -> list[str]:

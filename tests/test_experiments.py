@@ -93,6 +93,25 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
     assert rows[-1]["step"] == 2 and all(0 < r["teacher_tail_mass"] < 1 for r in rows)
     assert abs(rows[0]["loss"]) < 1e-5  # the teacher is the student itself: D = 0 at step 1
 
+    # two teachers (interleaved prompt shares) on their own 4 devices, scores cached
+    o = _tiny(opd_config, tmp_path / "opd_served")
+    o.model, o.teacher, o.teacher_topk, o.model_overrides = model_dir, f"{model_dir},{model_dir}", 8, ""
+    o.teacher_devices, o.teacher_cache_rows, o.eval.prompts = 4, 256, 0
+    opd.run(o)
+    rows = [json.loads(line) for line in open(tmp_path / "opd_served" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(r["teacher_0_rows"] + r["teacher_1_rows"] == 4 for r in rows)
+    assert sum(r["teacher_0_rows"] for r in rows) > 0 and sum(r["teacher_1_rows"] for r in rows) > 0
+    assert all(0 <= r["teacher_cache_hit_frac"] <= 1 for r in rows)
+    assert abs(rows[0]["loss"]) < 1e-5
+
+    # across tokenizers: the built-in character-tokenizer student, the BPE teacher above
+    o = _tiny(opd_config, tmp_path / "opd_cross")
+    o.teacher, o.teacher_topk, o.eval.prompts = model_dir, 8, 0
+    opd.run(o)
+    rows = [json.loads(line) for line in open(tmp_path / "opd_cross" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(0 < r["aligned_frac"] <= 1 and np.isfinite(r["loss"])
+                                         for r in rows)  # fmt: skip
+
     o = _tiny(opd_config, tmp_path / "opd_sampled")
     o.model, o.teacher, o.loss, o.sampled_with_reward, o.model_overrides = (
         model_dir, model_dir, "sampled", True, "")  # fmt: skip
@@ -106,7 +125,8 @@ def test_sft_then_opd_and_opsd_from_its_checkpoint(tmp_path):
     s = _tiny(opd_config, tmp_path / "opsd")
     s.model, s.mode, s.prefix_len, s.model_overrides = model_dir, "opsd", 4, ""
     s.lora_rank = 2  # low-rank adapters on the student (jaxpost.lora)
-    s.self_teacher = "live"  # the teacher is the current policy with the reference in context
+    s.self_teacher = "live"  # the teacher is the current policy ...
+    s.privileged = "feedback"  # ... seeing the verifier's message on the attempt in its prompt
     s.eval.prompts = 0  # training only
     out = opd.run(s)
     assert out["results"] == {"start": {}, "after OPSD": {}}
@@ -286,6 +306,10 @@ def test_bad_overrides_and_settings(tmp_path):
         (dict(self_teacher="ema", mode="opsd", lora_rank=2),
          "self_teacher ema runs without lora_rank"),
         (dict(loss="sampled", sampled_coef=0.0), "sampled_coef must be > 0"),
+        (dict(teacher_devices=2), "teacher_devices needs a top-k teacher"),
+        (dict(teacher_topk=4, teacher_devices=8), r"teacher_devices must lie in \[1, 7\]"),
+        (dict(privileged="feedback"), "privileged feedback is OPSD's context"),
+        (dict(privileged="hint", mode="opsd"), "privileged must be one of"),
     ):  # fmt: skip
         o = _tiny(opd_config, tmp_path)
         o.update(fields)

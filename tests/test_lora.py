@@ -2,6 +2,8 @@
 shape, gradients by the chain rule, a run that trains only the adapters, and the acceptance: the
 exported Hugging Face checkpoint's logits (transformers) equal the merged model's."""
 
+import dataclasses
+
 import hf_models
 import jax
 import jax.numpy as jnp
@@ -111,3 +113,34 @@ def test_sft_trains_only_adapters_and_the_export_matches_transformers(tmp_path):
     np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-4, rtol=0)
     loaded = hf.load_hf(out)[1]
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, merged))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paradigm", ["sft", "grpo"])
+def test_lora_on_a_mesh_matches_one_device(paradigm):
+    """Adapters replicated over an FSDP x tensor x data mesh of 8 devices, the frozen base
+    sharded: the same losses and merged model as on one device."""
+    from jaxpost import sharding
+
+    params = models.init(CONFIG, seed=0)
+    params = {**params, "embed": params["embed"] * 20}
+    cfg = lora.LoraConfig(rank=4, alpha=8.0)
+    optim = train.OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3, eps=1e-2)
+    loop = loops.LoopConfig(steps=3, batch_size=8, seed=2, progress=False)
+    prompts = [TOK.encode(f"{i}+{i}=", add_bos=True) for i in range(16)]
+
+    def run(mesh):
+        if paradigm == "sft":
+            pairs = [(p, TOK.encode(str(2 * i), add_eos=True)) for i, p in enumerate(prompts)]
+            return loops.run_sft(CONFIG, params, pairs, optim, loop, lora=cfg, mesh=mesh)
+        source = loops.PromptSource(prompts, reward=lambda i, c: float(TOK.decode(c) == str(2 * i)),
+                                    eos_id=TOK.eos_id, pad_id=TOK.pad_id)  # fmt: skip
+        return loops.run_grpo(CONFIG, params, source, optim, dataclasses.replace(loop, batch_size=4),
+                              loops.SamplingConfig(group_size=2, max_new_tokens=6), lora=cfg,
+                              mesh=mesh)  # fmt: skip
+
+    one, sharded = run(None), run(sharding.make_mesh((2, 2, 2)))
+    for a, b in zip(one.history, sharded.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 one.params, jax.device_get(sharded.params))  # fmt: skip

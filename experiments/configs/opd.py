@@ -44,8 +44,13 @@ Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --t
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),
 `--config.loss=entropy_aware`, `--config.prefix_len=8`, `--config.loss=sampled` (sampled-token
 OPD: one teacher logprob per token; `--config.sampled_with_reward=true` adds the task reward),
-`--config.teacher_topk=64` (a top-k teacher: k + 1 numbers a token instead of the vocabulary),
-`--config.mode=opsd --config.self_teacher=ema` (OPSD's teacher an EMA of the live policy).
+`--config.teacher_topk=64` (a top-k teacher: k + 1 numbers a token instead of the vocabulary;
+with it `--teacher=A,B` distils from several teachers, each on its interleaved share of the
+prompts, `--config.teacher_devices=4` puts them on their own devices, `--config.teacher_cache_rows`
+reuses their scores, and a teacher of another tokenizer is distilled on aligned text),
+`--config.mode=opsd --config.self_teacher=ema` (OPSD's teacher an EMA of the live policy),
+`--config.mode=opsd --config.privileged=feedback` (the teacher sees the verifier's message on the
+student's own attempt instead of a reference solution).
 """
 
 from experiments import configs
@@ -67,10 +72,18 @@ def get_config(arg: str | None = None):
     # > 0: a top-k teacher (jaxpost.teachers): its k most likely ids per token, their logprobs and
     # a tail bucket, scored once per batch by the teacher's own program; loss "kl" only
     c.teacher_topk = 0
+    # top-k teachers only (jaxpost.teacher_service): > 0 puts the teachers on the last
+    # teacher_devices devices (FSDP) and the student's --mesh on the others (one process);
+    # > 0 keeps that many rows' teacher scores for reuse (identical rollouts are not rescored)
+    c.teacher_devices = 0
+    c.teacher_cache_rows = 0
     # mode opsd: the self-teacher: "frozen" (the starting student), "live" (the current policy),
     # "ema" (a moving average of it, decay ema_decay; jaxpost.teachers)
     c.self_teacher = "frozen"
     c.ema_decay = 0.99
+    # mode opsd: the teacher's privileged context: "solution" (a reference solution) or
+    # "feedback" (the verifier's message on the row's own attempt, tasks.feedback)
+    c.privileged = "solution"
     c.sampled_with_reward = False  # "sampled": add the verifier's group advantage (GRPO + OPD)
     c.distill_temperature = 1.0  # both models' logits are divided by it inside the loss
     c.prefix_len = 0  # > 0: distil only the first prefix_len tokens of each completion

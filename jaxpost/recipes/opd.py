@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from jaxpost import inputs, loops, teachers, train
+from jaxpost import data, inputs, loops, teachers, train
 from jaxpost.errors import UserError
-from jaxpost.recipes import common
+from jaxpost.recipes import common, opd_teachers
 from jaxpost.workdir import holding
 
 
@@ -29,12 +29,9 @@ def _check(config) -> None:
         raise UserError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
     if config.self_teacher == "ema" and (config.lora_rank or config.mesh):
         raise UserError("self_teacher ema runs without lora_rank and without --mesh (not yet)")
-    if config.teacher_topk < 0:
-        raise UserError(f"teacher_topk must be >= 0 (0: the full distribution), got "
-                        f"{config.teacher_topk}")  # fmt: skip
-    if config.teacher_topk and (config.loss != "kl" or config.prefix_len or config.mesh):
-        raise UserError("teacher_topk > 0 needs loss 'kl', prefix_len 0 and no --mesh (a top-k "
-                        "teacher is scored on one device, outside the student's step)")  # fmt: skip
+    if config.mode == "opsd" and config.teacher_devices:
+        raise UserError("teacher_devices is for mode opd (OPSD's teacher is the student)")
+    opd_teachers.check(config)
 
 
 def loss_function(config):
@@ -50,21 +47,6 @@ def loss_function(config):
                                     prefix_len=config.prefix_len)  # fmt: skip
 
 
-def _teacher(config, task, student: inputs.Model, mesh) -> inputs.Model:
-    if config.teacher:
-        teacher = common.load(config, config.teacher, student=False).on(mesh)
-    else:
-        start = common.load(config, config.model)
-        if config.model not in common._presets():
-            raise UserError("mode opd needs --teacher=DIR when the student is a checkpoint (the "
-                            "built-in teacher is SFT-trained from a preset)")  # fmt: skip
-        teacher = common.built_in(config.teacher_sft, task, start,
-                                  os.path.join(config.workdir, "teacher"), seed=config.seed,
-                                  mesh=mesh, what="teacher", loss_impl=config.loss_impl)  # fmt: skip
-    inputs.check_teacher(student, teacher)
-    return teacher
-
-
 @holding
 def run(config) -> dict:
     """OPD / OPSD with before/after evaluation; returns {"results", "wall_s", "model_dir"}."""
@@ -74,25 +56,35 @@ def run(config) -> dict:
     train.resolve_loss_impl(config.loss_impl)
     loss_fn = loss_function(config)
     workdir = common.require_workdir(config)
-    mesh = inputs.make_mesh(config.mesh)
+    mesh, teacher_mesh = opd_teachers.meshes(config)
     common.describe_devices(mesh)
+    if teacher_mesh is not None:
+        common.log(f"teachers on their own devices: {len(teacher_mesh.devices.flat)} (FSDP)")
     task = inputs.make_task(config.task)
     sampling = common.sampling_config(config.sampling)
     student = common.student(config, task, mesh)
     tok, L = student.tokenizer, config.loop
     problems = inputs.problems(task, "train", config.train_problems, config.seed)
-    prompts = inputs.encode_prompts(student, [task.render_prompt(p) for p in problems],
-                                    max_new_tokens=sampling.max_new_tokens, what="OPD rollouts")  # fmt: skip
-    render = None
+    texts = [task.render_prompt(p) for p in problems]
+    prompts = inputs.encode_prompts(student, texts, max_new_tokens=sampling.max_new_tokens,
+                                    what="OPD rollouts")  # fmt: skip
+    render, feedback, feedback_width, service = None, None, 0, None
     if config.mode == "opd":
-        teacher = _teacher(config, task, student, mesh)
-        teacher_prompts = None
-        inputs.encode_prompts(teacher, [task.render_prompt(p) for p in problems],
-                              max_new_tokens=sampling.max_new_tokens, what="the teacher's prompts")  # fmt: skip
+        found = opd_teachers.load(config, task, student, mesh, teacher_mesh)
+        teacher = found[0]
+        teacher_prompts = inputs.encode_prompts(teacher, texts,
+                                                max_new_tokens=sampling.max_new_tokens,
+                                                what="the teacher's prompts")  # fmt: skip
+        if not opd_teachers.cross(student, teacher):
+            teacher_prompts = None  # the student's own prompt arrays
+        if config.teacher_topk:
+            service = opd_teachers.service(config, student, found, loss_fn,
+                                           mesh if teacher_mesh is None else teacher_mesh)
     else:
         who = {"frozen": "the frozen starting student", "live": "the live student (the current "
                "policy)", "ema": f"an EMA of the student (decay {config.ema_decay:g})"}  # fmt: skip
         teacher = student.replace(source=who[config.self_teacher])
+        found = [teacher]
         rng = np.random.default_rng([config.seed, 13])
         teacher_texts = [task.privileged_view(p, rng).teacher_prompt for p in problems]
         teacher_prompts = inputs.encode_prompts(teacher, teacher_texts,
@@ -102,35 +94,50 @@ def run(config) -> dict:
         def render(p):
             return task.privileged_view(p, np.random.default_rng(0)).teacher_prompt
 
-    common.log(f"student: {student.describe()}\nteacher: {teacher.describe()}"
-               f"{' with a reference solution in its prompt' if config.mode == 'opsd' else ''}")
-
-    if config.teacher_topk > teacher.config.vocab_size:
-        raise UserError(f"teacher_topk {config.teacher_topk} exceeds the vocabulary "
-                        f"({teacher.config.vocab_size})")  # fmt: skip
+        if config.privileged == "feedback":  # the verifier's message on the row's own attempt
+            feedback, feedback_width = opd_teachers.feedback_source(task, problems, student, prompts)
+            teacher_prompts, render = None, None
+            if data.round_up(feedback_width, 16) + sampling.max_new_tokens > student.config.max_seq_len:
+                raise UserError(f"feedback prompts ({feedback_width} tokens) plus max_new_tokens "
+                                f"exceed max_seq_len {student.config.max_seq_len}")  # fmt: skip
+        if config.teacher_topk:
+            service = opd_teachers.service(config, student, found, loss_fn, mesh)
+    context = {"opd": "", "opsd": " with a reference solution in its prompt"}[config.mode]
+    if feedback is not None:
+        context = " with the verifier's message on the student's attempt in its prompt"
+    if opd_teachers.cross(student, teacher):
+        context = " (another tokenizer: distilled on aligned text, jaxpost.cross_tokenizer)"
+    common.log(f"student: {student.describe()}\n" + "".join(
+        f"teacher: {t.describe()}{context}\n" for t in found).rstrip())  # fmt: skip
 
     def reward(i: int, completion: list[int]) -> float:  # logged as the rollout pass rate
         return float(task.verify_answer(problems[i], tok.decode(completion)))
 
     source = loops.PromptSource(prompts, reward=reward, teacher_prompts=teacher_prompts,
-                                eos_id=tok.eos_id, pad_id=tok.pad_id)  # fmt: skip
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, teacher_feedback=feedback,
+                                teacher_width=feedback_width)  # fmt: skip
     rows = L.batch_size * sampling.group_size
     sets = common.eval_sets(config, task)
-    inputs.check_memory(student.config, mesh, objective="opd", loss_impl=config.loss_impl,
-                        batch=rows, prompt_len=source.width(),
-                        completion_len=sampling.max_new_tokens, teacher_config=teacher.config,
-                        teacher_prompt_len=source.width(teacher=True) if teacher_prompts else None,
-                        distill_loss=loss_fn, grad_accum=config.optim.grad_accum,
+    # a top-k teacher is scored outside the step: the student's step is then planned as a
+    # per-token loss over its own head (as GRPO's), the k + 1 scores a token a small input
+    teacher_terms = dict(objective="grpo") if service else dict(
+        objective="opd", teacher_config=teacher.config, distill_loss=loss_fn,
+        teacher_prompt_len=source.width(teacher=True) if source.privileged else None)  # fmt: skip
+    inputs.check_memory(student.config, mesh, loss_impl=config.loss_impl, batch=rows,
+                        prompt_len=source.width(), completion_len=sampling.max_new_tokens,
+                        grad_accum=config.optim.grad_accum,
                         sample_batch=max(rows, common.eval_rows(sets, config.eval, mesh)),
-                        lora_rank=config.lora_rank)  # fmt: skip
+                        lora_rank=config.lora_rank, **teacher_terms)  # fmt: skip
     results = {"start": common.evaluate_sets("start", student, student.params, sets, config.eval,
                                               mesh=mesh)}  # fmt: skip
-    if config.eval.teacher and task.name in sets:
-        label = "teacher (privileged)" if config.mode == "opsd" else "teacher"
-        results[label] = common.evaluate_sets(
-            label, teacher, teacher.params, {task.name: sets[task.name]}, config.eval, mesh=mesh,
-            render={task.name: render} if render else None,
-        )  # fmt: skip
+    if config.eval.teacher and task.name in sets and feedback is None:
+        for i, t in enumerate(found):
+            label = "teacher (privileged)" if config.mode == "opsd" else "teacher"
+            label += f" {i}" if len(found) > 1 else ""
+            results[label] = common.evaluate_sets(
+                label, t, t.params, {task.name: sets[task.name]}, config.eval,
+                mesh=teacher_mesh if teacher_mesh is not None else mesh,
+                render={task.name: render} if render else None)  # fmt: skip
 
     common.log(f"{config.mode}: {L.steps} steps of {L.batch_size} prompts x "
                f"{sampling.group_size} samples, alpha {config.alpha:g}, loss {config.loss!r}, "
@@ -148,8 +155,7 @@ def run(config) -> dict:
     else:
         result = loops.run_opd(student.config, student.params, teacher.config, teacher.params,
                                source, loss_fn, *run_args, mesh=mesh, loss_impl=config.loss_impl,
-                               teacher_topk=config.teacher_topk,
-                               lora=common.lora_config(config),
+                               teacher_topk=service or 0, lora=common.lora_config(config),
                                self_teacher=config.self_teacher, ema_decay=config.ema_decay)  # fmt: skip
     common.stop_if_preempted(result, config.mode)
     if result.history:

@@ -102,6 +102,16 @@ class PrivilegedView:
     completion: str = ""
 
 
+def feedback(task: Task, problem, completion: str) -> str:
+    """A verifier's message on one attempt, the privileged context of self-distillation from
+    feedback: the task's own `feedback(problem, completion)` when it has one (what is wrong with
+    the attempt, never the solution), else "correct" or "wrong answer"."""
+    own = getattr(task, "feedback", None)
+    if own is not None:
+        return own(problem, completion)
+    return "correct" if task.verify_answer(problem, completion) else "wrong answer"
+
+
 def split_of(key: str, test_fraction: float) -> Split:
     """The split a problem with identity `key` belongs to: "test" with probability test_fraction.
 

@@ -158,6 +158,20 @@ class Countdown:
         follows the rules, uses only the given numbers, and equals the target."""
         return self._answer(problem, completion) is not None
 
+    def feedback(self, problem: CountdownProblem, completion: str) -> str:
+        """The verifier's message on an attempt's final expression: "no expression", the
+        numbers it uses that were not given, its value when that misses the target, or
+        "correct" (never a solution)."""
+        _, answer = _split_completion(completion)
+        e = parse_expression(answer)
+        if e is None or e.op is None:
+            return "no expression"
+        if not uses_available(problem.numbers, leaves(e)):
+            return f"uses numbers not given: {','.join(map(str, leaves(e)))}"
+        if e.value != problem.target:
+            return f"{e.text}={e.value}, not {problem.target}"
+        return "correct"
+
     def verify_chain(self, problem: CountdownProblem, completion: str) -> bool:
         """verify_answer, and the chain is valid and is the answer's computation: every step is
         exact arithmetic under the rules on values available at that point (given numbers not
