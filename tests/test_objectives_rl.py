@@ -76,7 +76,7 @@ def test_entropy_bonus_value_and_gradient(impl):
 
 
 def test_entropy_bonus_fused_equals_materialized():
-    for name in ("qwen2_tied", "llama_untied"):
+    for name in ("llama_untied",):  # the tied head's fused path: the value-and-gradient test
         config = CONFIGS[name]
         kw = dict(entropy_coef=0.1, loss_type="grpo")
         assert_same(train.grpo_objective(config, **kw),
