@@ -212,7 +212,8 @@ def test_bad_settings_are_refused(tmp_path):
            ("arm.group_size", 1): "arm.group_size must be >= 2",
            ("base.style", "widest"): "countdown SFT data: unknown slice style 'widest'",
            ("eval.samples", 1): "eval.samples must be >= 2",
-           ("arm.beta_rank", 2.0): r"arm.beta_rank must lie in \[0, 1\]"}  # fmt: skip
+           ("arm.beta_rank", 2.0): r"arm.beta_rank must lie in \[0, 1\]",
+           ("teacher_problems", -1): "teacher_problems must be >= 0"}  # fmt: skip
     for (field, value), match in bad.items():
         c = tiny(tmp_path, **{field: value})
         with pytest.raises(UserError, match=match):
@@ -220,6 +221,15 @@ def test_bad_settings_are_refused(tmp_path):
                 headtohead.arms.arm_names(c)
             else:  # a bad slice style is found before any training: the plan encodes the data
                 settings.check(c) if field != "base.style" else headtohead.run(c, log=print)
+
+
+def test_the_teachers_problems_hold_the_bases():
+    c = tiny("/nonexistent", teacher_problems=60)
+    w = headtohead.models.world(c)
+    assert len(w.train) == c.base.train_problems < len(w.teacher_train) == 60
+    assert w.teacher_train[: len(w.train)] == w.train  # the base's problems and more
+    assert len(headtohead.models.mixture(w, "all", 0, w.teacher_train)) > len(
+        headtohead.models.mixture(w, "all", 0))  # fmt: skip
 
 
 def test_adding_an_arm_is_one_table_entry(tmp_path, monkeypatch):

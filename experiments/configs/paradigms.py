@@ -64,6 +64,9 @@ def get_config(arg: str | None = None):
     c.base.pack = True  # several examples per row (data.pack_plan); False: one per row
     c.base.learning_rate = 3e-3
     c.teacher_steps = 300  # the built-in teacher: the base trained this much more, all solutions
+    # > base.train_problems: the teacher trains on that many problems, the base's and more (it
+    # knows more than the base, as a larger model trained on more data would)
+    c.teacher_problems = 0
 
     c.arm = ml_collections.ConfigDict()  # every arm's budget
     c.arm.steps = 180  # updates per arm

@@ -35,6 +35,7 @@ class World:
     retention_test: list
     steer_test: list
     mesh: Any = None
+    teacher_train: list | None = None  # the built-in teacher's problems: a superset of `train`
 
     @property
     def progress(self) -> bool:
@@ -50,23 +51,28 @@ def world(config) -> World:
         config=config, task=task, retention=retention, steer=steer,
         train=inputs.problems(task, "train", config.base.train_problems, config.seed),
         test=inputs.problems(task, "test", e.problems, config.seed),
+        # the first n problems of a draw are the draw of n: the teacher's pool holds the base's
+        teacher_train=inputs.problems(task, "train", max(config.base.train_problems,
+                                                         config.teacher_problems), config.seed),
         retention_test=inputs.problems(retention, "test", e.retention_problems, config.seed),
         steer_test=inputs.problems(steer, "test", e.steer_problems, config.seed) if steer else [],
         mesh=inputs.make_mesh(config.mesh),
     )  # fmt: skip
 
 
-def mixture(w: World, style: str, seed: int) -> list[tuple[str, str]]:
-    """The base's and teacher's SFT texts: `style` solutions plus retention, steering and
-    privileged-context examples (half, a quarter and a quarter as many)."""
-    return inputs.sft_mixture(w.task, w.train, style=style, per_problem=2, seed=seed,
+def mixture(w: World, style: str, seed: int, problems=None) -> list[tuple[str, str]]:
+    """The base's and teacher's SFT texts: `style` solutions of `problems` (default the train
+    problems) plus retention, steering and privileged-context examples (half, a quarter and a
+    quarter as many)."""
+    return inputs.sft_mixture(w.task, w.train if problems is None else problems, style=style, per_problem=2, seed=seed,
                               retention=w.retention, retention_share=0.5, steering_share=0.25,
                               privileged_share=0.25)  # fmt: skip
 
 
-def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: int):
+def _pretrain(w: World, model: Model, style: str, steps: int, desc: str, seed: int,
+              problems=None):  # fmt: skip
     c = w.config
-    examples = inputs.encode_examples(model, mixture(w, style, seed), f"{desc} data")
+    examples = inputs.encode_examples(model, mixture(w, style, seed, problems), f"{desc} data")
     optim = train.OptimConfig(learning_rate=c.base.learning_rate, warmup_steps=min(20, steps),
                               total_steps=steps)  # fmt: skip
     loop = loops.LoopConfig(steps=steps, batch_size=c.base.batch_size, seed=seed,
@@ -103,11 +109,12 @@ def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | 
     origin = (f"{c.model} ({start.config.family})" if settings.pretrained(c)
               else f"built-in {start.config.family}-style decoder")  # fmt: skip
 
-    def cached(path: str, model: Model, style: str, steps: int, desc: str, seed: int):
+    def cached(path: str, model: Model, style: str, steps: int, desc: str, seed: int,
+               problems=None):  # fmt: skip
         if os.path.isfile(os.path.join(path, "config.json")):
             log(f"reusing {path}")
-        return inputs.reuse_or_train(path, model,
-                                     lambda: _pretrain(w, model, style, steps, desc, seed))  # fmt: skip
+        return inputs.reuse_or_train(path, model, lambda: _pretrain(w, model, style, steps, desc,
+                                                                    seed, problems))  # fmt: skip
 
     given = None
     if c.teacher:
@@ -125,8 +132,11 @@ def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | 
         teacher_line = f"{c.teacher} ({teacher.config.num_params():,} parameters)"
     else:
         teacher, teacher_hist = cached(os.path.join(root, "teacher"), base, "all",
-                                       c.teacher_steps, "teacher (SFT, all solutions)", c.seed + 1)  # fmt: skip
+                                       c.teacher_steps, "teacher (SFT, all solutions)", c.seed + 1,
+                                       w.teacher_train)  # fmt: skip
         teacher_line = f"the base trained {c.teacher_steps} more steps with all solutions"
+        if w.teacher_train and len(w.teacher_train) > len(w.train):
+            teacher_line += f" of {len(w.teacher_train)} problems (the base's {len(w.train)} and more)"
     base, teacher = base.on(w.mesh), teacher.on(w.mesh)  # loops and sampling agree on devices
     extras = " + addition" + (" + steering" if w.steer else "") + " + privileged-context examples"
     rows = f"{c.base.batch_size} packed rows" if c.base.pack else str(c.base.batch_size)
