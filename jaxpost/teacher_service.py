@@ -180,8 +180,8 @@ class TopkTeachers:
                     L = lengths[r]
                     self.cache.put(keys[r], (top.idx[j, :L], top.logp[j, :L], top.log_tail[j, :L]))
         if self.cache is not None:
-            metrics["teacher_cache_hit_frac"] = sum(len(v) for v in todo.values())
-            metrics["teacher_cache_hit_frac"] = 1.0 - metrics["teacher_cache_hit_frac"] / max(n, 1)
+            scored = sum(len(v) for v in todo.values())
+            metrics["teacher_cache_hit_frac"] = 1.0 - scored / max(n, 1)
         if len(self.scorers) > 1:
             for t in range(len(self.scorers)):
                 metrics[f"teacher_{t}_rows"] = float(sum(o == t for o in owner))

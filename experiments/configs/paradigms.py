@@ -13,22 +13,22 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone on the project's 2-core CPU (XLA:CPU, 2026-12-02, otherwise idle):
-641 s for the whole README main command (venv, install, start-up ~64 s, wheels cached locally; 577 s
-of protocol: base and teacher 157 s, the nine arms' training 340 s, evaluations 81 s). That run:
+Measured from a clean clone of bf3087a on the project's 2-core CPU (XLA:CPU, 2026-12-03,
+otherwise idle): 737 s for the whole README main command (venv, install, start-up ~58 s; 679 s
+of protocol: base and teacher 202 s, the eleven arms' training 388 s, evaluations 89 s). That
+run (96 held-out problems x 32 samples):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.259 | 0.500 | 0.178 | 0.875 | 0.135 |
-    | teacher | 0.330 | 0.896 | 0.650 | 0.957 | 0.275 |
-    | sft | 0.203 | 0.938 | 0.451 | 0.750 | 0.061 |
-    | grpo | 0.284 | 0.562 | 0.104 | 0.867 | 0.096 |
-    | opd_rkl | 0.289 | 0.750 | 0.190 | 0.844 | 0.111 |
-    | opsd | 0.233 | 0.542 | 0.148 | 0.898 | 0.053 |
+    | base | 0.261 | 0.542 | 0.138 | 0.875 | 0.135 |
+    | teacher | 0.355 | 0.938 | 0.444 | 0.992 | 0.285 |
+    | sft | 0.180 | 0.771 | 0.378 | 0.750 | 0.061 |
+    | grpo | 0.285 | 0.510 | 0.116 | 0.867 | 0.096 |
+    | opd_rkl | 0.280 | 0.698 | 0.150 | 0.840 | 0.094 |
+    | opsd | 0.228 | 0.583 | 0.087 | 0.898 | 0.053 |
 
-(and five more arms); three claims reproduced (retention of on-policy arms over SFT, OPSD
-narrowing diversity, entropy-aware OPD keeping more than reverse KL), three inconclusive; the
-evaluation resolves a pass@1 difference of ~0.10 (48 problems), so no arm's pass@1 gain is
-decisive (benchmarks/paradigms_budget.md).
+(and seven more arms); two claims reproduced (retention of on-policy arms over SFT,
+entropy-aware OPD keeping more diversity than reverse KL), four inconclusive; the evaluation
+resolves a pass@1 difference of ~0.066, more than any arm gained (benchmarks/paradigms_budget.md).
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
