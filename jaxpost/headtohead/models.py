@@ -64,7 +64,8 @@ def mixture(w: World, style: str, seed: int, problems=None) -> list[tuple[str, s
     """The base's and teacher's SFT texts: `style` solutions of `problems` (default the train
     problems) plus retention, steering and privileged-context examples (half, a quarter and a
     quarter as many)."""
-    return inputs.sft_mixture(w.task, w.train if problems is None else problems, style=style, per_problem=2, seed=seed,
+    problems = w.train if problems is None else problems
+    return inputs.sft_mixture(w.task, problems, style=style, per_problem=2, seed=seed,
                               retention=w.retention, retention_share=0.5, steering_share=0.25,
                               privileged_share=0.25)  # fmt: skip
 

@@ -68,14 +68,15 @@ def run(config) -> dict:
     texts = [task.render_prompt(p) for p in problems]
     prompts = inputs.encode_prompts(student, texts, max_new_tokens=sampling.max_new_tokens,
                                     what="OPD rollouts")  # fmt: skip
-    render, feedback, feedback_width, service = None, None, 0, None
+    render, feedback, feedback_width, service, crossed = None, None, 0, None, False
     if config.mode == "opd":
         found = opd_teachers.load(config, task, student, mesh, teacher_mesh)
         teacher = found[0]
         teacher_prompts = inputs.encode_prompts(teacher, texts,
                                                 max_new_tokens=sampling.max_new_tokens,
                                                 what="the teacher's prompts")  # fmt: skip
-        if not opd_teachers.cross(student, teacher):
+        crossed = opd_teachers.cross(student, teacher)
+        if not crossed:
             teacher_prompts = None  # the student's own prompt arrays
         if config.teacher_topk:
             service = opd_teachers.service(config, student, found, loss_fn,
@@ -105,7 +106,7 @@ def run(config) -> dict:
     context = {"opd": "", "opsd": " with a reference solution in its prompt"}[config.mode]
     if feedback is not None:
         context = " with the verifier's message on the student's attempt in its prompt"
-    if opd_teachers.cross(student, teacher):
+    if crossed:
         context = " (another tokenizer: distilled on aligned text, jaxpost.cross_tokenizer)"
     common.log(f"student: {student.describe()}\n" + "".join(
         f"teacher: {t.describe()}{context}\n" for t in found).rstrip())  # fmt: skip

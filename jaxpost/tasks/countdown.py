@@ -146,12 +146,20 @@ class Countdown:
         text = ",".join(f"{s.left.value}{s.op}{s.right.value}={s.value}" for s in chain)
         return f"{text};{e.text}"
 
-    def _answer(self, problem: CountdownProblem, completion: str) -> Expr | None:
+    def _judge(self, problem: CountdownProblem, completion: str) -> tuple[Expr | None, str]:
+        """(the final expression if it is a solution, else None; the verifier's message)."""
         _, answer = _split_completion(completion)
         e = parse_expression(answer)
-        if e is None or e.op is None or e.value != problem.target:
-            return None
-        return e if uses_available(problem.numbers, leaves(e)) else None
+        if e is None or e.op is None:
+            return None, "no expression"
+        if not uses_available(problem.numbers, leaves(e)):
+            return None, f"uses numbers not given: {','.join(map(str, leaves(e)))}"
+        if e.value != problem.target:
+            return None, f"{e.text}={e.value}, not {problem.target}"
+        return e, "correct"
+
+    def _answer(self, problem: CountdownProblem, completion: str) -> Expr | None:
+        return self._judge(problem, completion)[0]
 
     def verify_answer(self, problem: CountdownProblem, completion: str) -> bool:
         """The final expression (text after the last `;`, or the whole text if there is none)
@@ -162,15 +170,7 @@ class Countdown:
         """The verifier's message on an attempt's final expression: "no expression", the
         numbers it uses that were not given, its value when that misses the target, or
         "correct" (never a solution)."""
-        _, answer = _split_completion(completion)
-        e = parse_expression(answer)
-        if e is None or e.op is None:
-            return "no expression"
-        if not uses_available(problem.numbers, leaves(e)):
-            return f"uses numbers not given: {','.join(map(str, leaves(e)))}"
-        if e.value != problem.target:
-            return f"{e.text}={e.value}, not {problem.target}"
-        return "correct"
+        return self._judge(problem, completion)[1]
 
     def verify_chain(self, problem: CountdownProblem, completion: str) -> bool:
         """verify_answer, and the chain is valid and is the answer's computation: every step is
