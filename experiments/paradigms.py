@@ -1,14 +1,34 @@
 """The head-to-head: SFT vs GRPO vs on-policy distillation from one base, one budget, one report.
 
     python -m experiments.paradigms --workdir=/tmp/jaxpost_paradigms
+    python -m experiments.paradigms --mini --workdir=/tmp/jaxpost_mini   # the tiny variant
+
+`--mini` is `--config=experiments/configs/paradigms.py:tiny` (seconds-scale budgets: the
+pipeline end to end, numbers that mean nothing).
 
 The config (its fields, variants, the commands and their measured cost) is
 experiments/configs/paradigms.py; the program is `jaxpost.headtohead.run`. It prints the table
 of the main scalars per arm and the literature's claims with their verdicts.
 """
 
+import os
+import sys
+
 from experiments import common
 from jaxpost import headtohead
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "paradigms.py") + ":tiny"
+
+
+def expand_mini(argv: list[str]) -> list[str]:
+    """`--mini` → the tiny variant's --config (refused beside another --config)."""
+    if "--mini" not in argv:
+        return argv
+    if any(a.startswith("--config=") or a == "--config" for a in argv):
+        print("experiments.paradigms: error: --mini is the tiny variant's --config; give one of "
+              "them", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
+    return [f"--config={TINY}" if a == "--mini" else a for a in argv]
 
 
 def run(config) -> dict:
@@ -30,4 +50,5 @@ def run(config) -> dict:
 
 
 if __name__ == "__main__":
+    sys.argv = expand_mini(sys.argv)
     common.run_main("experiments.paradigms", run, "paradigms")

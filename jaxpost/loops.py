@@ -25,6 +25,7 @@ The step loop never waits for a step's metrics: step t's are read after step t+1
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, distributed, rollouts, runner, teachers, train
+from jaxpost import data, distributed, dpg, rollouts, runner, teachers, train
 from jaxpost import shaping as shaping_lib
 from jaxpost.lora import LoraConfig
 from jaxpost.models import ModelConfig
@@ -111,7 +112,8 @@ def run_sft(
 # on-policy: GRPO and OPD share the loop; they differ in objective and scoring
 
 
-def _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale, reward_transform):
+def _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale, reward_transform,
+              advantage_fn=None):  # fmt: skip
     """(collect, score) of the reward-driven loops: `shaping.collect` and `shaping.grpo_batch`."""
     shaping = shaping or Shaping()
     shaping.check_budget(sampling.max_new_tokens)
@@ -124,7 +126,8 @@ def _rl_hooks(config, source, sampling, loop, shaping, mesh, advantage_scale, re
     def score(r: rollouts.StepRollouts):
         return shaping_lib.grpo_batch(source, r, sampling, shaping,
                                       advantage_scale=advantage_scale,
-                                      reward_transform=reward_transform)  # fmt: skip
+                                      reward_transform=reward_transform,
+                                      advantage_fn=advantage_fn)  # fmt: skip
 
     return collect, score
 
@@ -175,6 +178,52 @@ def run_grpo(
                          frozen=[(config, ref_params)] if with_ref else [],
                          updates_per_batch=num_iterations, mesh=mesh, collect=collect,
                          lora=lora)  # fmt: skip
+
+
+def run_alpha_dpg(
+    config: ModelConfig,
+    params,
+    source: PromptSource,
+    optim: train.OptimConfig,
+    loop: LoopConfig,
+    sampling: SamplingConfig,
+    *,
+    alpha: float,
+    clip: float = dpg.DEFAULT_CLIP,
+    shaping: Shaping | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    loss_impl: str = "auto",
+    lora: LoraConfig | None = None,
+    **loss_kwargs: Any,
+) -> RunResult:
+    """α-DPG (`jaxpost.dpg`): toward the starting policy `params` filtered by the verifier, by
+    REINFORCE on the pseudo-reward (a·b/(Ẑπ))^(1-α) - 1 with a leave-one-out baseline, in
+    GRPO's surrogate (`loss_kwargs` as for `run_grpo`). The frozen start (a) scores every
+    rollout in a forward pass of its own before the step. One process (the base's logprobs of
+    this host's rows are computed on the host's arrays)."""
+    dpg.check_alpha(alpha)
+    if source.reward is None:
+        raise ValueError("run_alpha_dpg needs a PromptSource with a reward function (b)")
+    if jax.process_count() > 1:
+        raise ValueError("run_alpha_dpg runs in one process")
+    base_logprobs = jax.jit(functools.partial(train.completion_logprobs, config,
+                                              loss_impl=loss_impl))  # fmt: skip
+    G = sampling.group_size
+
+    def advantage_fn(r: rollouts.StepRollouts, rewards: np.ndarray):
+        b = r.batch
+        arrays = data.CompletionBatch(*(jnp.asarray(x) for x in (
+            b.prompt_tokens, b.prompt_mask, b.completion, b.completion_mask)))  # fmt: skip
+        mask = np.asarray(b.completion_mask, np.float32)
+        base = (np.asarray(base_logprobs(params, arrays)) * mask).sum(1)
+        return dpg.advantages((np.asarray(b.old_logp) * mask).sum(1), base, rewards, G,
+                              alpha=alpha, clip=clip)  # fmt: skip
+
+    objective = train.grpo_objective(config, loss_impl=loss_impl, **loss_kwargs)
+    collect, score = _rl_hooks(config, source, sampling, loop, shaping, mesh, "none", None,
+                               advantage_fn)  # fmt: skip
+    return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
+                         mesh=mesh, collect=collect, lora=lora)
 
 
 def run_sampled_opd(

@@ -9,6 +9,7 @@ Input is plain data, so a report can be re-rendered from a saved metrics.json:
                      "cot_pass@k": {...}},
           "scalars": {"pass@1": {"mean": m, "lo": l, "hi": h}, ...},
           "history": [{"step": 1, "loss": ...}, ...],      # training curve (arms only)
+          "sparse_footprint": {"flip_frac": ..., ...},   # `jaxpost.footprint` (not the base)
           "kind": "reference" | "arm",
           "diverged": "why",              # only for an arm that diverged (no curves, scalars)
         }, ...
@@ -323,6 +324,18 @@ def write_report(workdir: str, metrics: dict) -> dict[str, str]:
                   "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {w['ratio_min']:.3g} | {w['ratio_mean']:.3g} | {w['ratio_max']:.3g} "
                   f"| {w['corrected_frac']:.3f} |" for n, w in weighted.items()]  # fmt: skip
+    feet = {n: a["sparse_footprint"] for n, a in arms.items() if a.get("sparse_footprint")}
+    if feet:
+        top = next(k for k in next(iter(feet.values())) if k.startswith("promoted_in_top"))
+        lines += ["", "## Sparse footprint: where the greedy choice left the base's (on the "
+                  "base's own samples)", "",
+                  f"| model | positions changed | base entropy there / overall (nats) | base rank "
+                  f"of the new argmax, mean / median | in the base's top {top[15:]} |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {f['flip_frac']:.4f} ({f['flips']}) | {f['entropy_at_flips']:.3g} / "
+                  f"{f['entropy_all']:.3g} | {f['promoted_rank_mean']:.3g} / "
+                  f"{f['promoted_rank_median']:.3g} | {f[top]:.3f} |"
+                  for n, f in feet.items()]  # fmt: skip
     diverged = {n: a["diverged"] for n, a in arms.items() if a.get("diverged")}
     if diverged:
         lines += ["", "## Diverged arms (not evaluated; no claim uses them)", ""]

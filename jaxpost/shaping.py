@@ -144,11 +144,13 @@ def collect(config, params, source: rollouts.PromptSource, sampling: rollouts.Sa
 
 
 def grpo_batch(source: rollouts.PromptSource, r: rollouts.StepRollouts, sampling, shaping: Shaping,
-               *, advantage_scale: str = "group", reward_transform=None,
+               *, advantage_scale: str = "group", reward_transform=None, advantage_fn=None,
                ) -> tuple[data.CompletionBatch, dict]:  # fmt: skip
     """The training batch of a step's rollouts (rewards set by `collect`): shaped rewards, group
     advantages over the whole step, and the loss mask (filler groups, truncated completions,
     low-entropy tokens out). Metrics: `truncated_frac`, `trained_token_frac` when a mask applies.
+    `advantage_fn`: (rollouts, shaped rewards) -> (advantages, metrics) instead of GRPO's group
+    advantages (e.g. α-DPG's, `loops.run_alpha_dpg`).
     """
     G, M = sampling.group_size, sampling.max_new_tokens
     rewards = np.asarray(r.rewards, np.float32)
@@ -161,13 +163,17 @@ def grpo_batch(source: rollouts.PromptSource, r: rollouts.StepRollouts, sampling
         lengths = [len(c) for c in r.completions]
         rewards = rewards + overlong_penalty(lengths, cut, M, shaping.overlong_buffer,
                                              shaping.overlong_factor).astype(np.float32)  # fmt: skip
-    adv = rollouts.advantages(rewards, r.rows, G, advantage_scale)
+    extra = {}
+    if advantage_fn is None:
+        adv = rollouts.advantages(rewards, r.rows, G, advantage_scale)
+    else:
+        adv, extra = advantage_fn(r, rewards)
     completion_mask = np.asarray(batch.completion_mask, np.float32)
     trained = np.ones(len(rewards), bool) if r.trained is None else r.trained
     if shaping.mask_truncated:
         trained = trained & ~cut
     mask = completion_mask * trained[:, None]
-    extra = {"truncated_frac": _global_mean(cut)}
+    extra = {**extra, "truncated_frac": _global_mean(cut)}
     if shaping.entropy_top_frac < 1:
         everyone = distributed.gather_rows((np.asarray(r.entropy, np.float32), mask), r.rows)
         full = entropy_top_mask(*everyone, shaping.entropy_top_frac)

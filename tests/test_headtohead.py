@@ -54,7 +54,7 @@ def test_miniature_protocol_writes_the_report(mini):
             assert arm["history"] and arm["history"][-1]["step"] == 2
             assert "efficiency" in arm["scalars"] and "state_locality" in arm["scalars"]
     verdicts = {c["verdict"] for c in result["claims"]}
-    assert len(result["claims"]) == 6 and verdicts <= {"reproduced", "not reproduced",
+    assert len(result["claims"]) == 10 and verdicts <= {"reproduced", "not reproduced",
                                                        "inconclusive"}  # fmt: skip
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
@@ -95,6 +95,12 @@ def test_miniature_protocol_writes_the_report(mini):
         assert 0 < w["ratio_min"] < 1 and w["ratio_min"] <= w["ratio_mean"] <= w["ratio_max"]
         assert f"| {name} | {w['ratio_min']:.3g} |" in report
     assert "importance" not in saved["arms"]["opd_rkl"]
+    for name, arm in saved["arms"].items():  # every model but the base: its sparse footprint
+        f = arm.get("sparse_footprint")
+        assert (f is None) == (name == "base"), name
+        if f is not None:
+            assert 0 <= f["flip_frac"] <= 1 and f"| {name} | {f['flip_frac']:.4f} ({f['flips']})" \
+                in report
 
 
 @pytest.mark.slow
@@ -199,10 +205,22 @@ def test_a_diverged_arm_is_reported_as_diverged(mini, tmp_path):
 @pytest.mark.slow
 def test_main_runs_from_the_command_line(mini):
     workdir, _, _ = mini
-    out = run("experiments.paradigms", f"--workdir={workdir}",
-              "--config=experiments/configs/paradigms.py:tiny", "--config.arms=sft,opd_rkl")  # fmt: skip
+    new = "sparse_select,alpha_dpg,alpha_dpg_seek"  # the issue-16 arms, beside finished ones
+    out = run("experiments.paradigms", f"--workdir={workdir}", "--mini",
+              f"--config.arms=sft,grpo,{new}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| opd_rkl |" in out.stdout and "report:" in out.stdout
+    assert "| alpha_dpg |" in out.stdout and "report:" in out.stdout
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        saved = json.load(f)
+    for name in new.split(","):
+        assert saved["arms"][name]["sparse_footprint"]["flips"] >= 0
+        assert saved["arms"][name]["history"], name
+    claims_run = {c["claim"] for c in saved["claims"]}
+    assert any("alpha-DPG" in c for c in claims_run) and any("decision points" in c
+                                                             for c in claims_run)  # fmt: skip
+    both = run("experiments.paradigms", f"--workdir={workdir}", "--mini",
+               "--config=experiments/configs/paradigms.py")  # fmt: skip
+    assert both.returncode == 1 and "give one of them" in both.stderr
     bad = run("experiments.paradigms", f"--workdir={workdir}", "--config.arms=dpo")
     assert bad.returncode == 1 and "unknown arms ['dpo']" in bad.stderr.strip().splitlines()[-1]
 

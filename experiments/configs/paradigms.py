@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
     c.model = "small"  # the base: a preset (trained here) or a Hugging Face directory
     # the built-in student; 3 layers run faster unrolled than scanned on XLA:CPU
     c.model_overrides = "d_model=96,n_layers=3,head_dim=24,mlp_dim=256,scan_layers=false"
-    c.arms = ARMS  # comma-separated arms to run (jaxpost.headtohead.arms.ARMS)
+    c.arms = ARMS  # comma-separated arms to run (jaxpost.headtohead.arms.ARMS; "all": every one)
     c.progress = True  # a progress bar per stage
     c.task.countdown.number_range = (1, 12)
     c.task.countdown.target_range = (10, 60)
@@ -88,6 +88,12 @@ def get_config(arg: str | None = None):
     c.arm.sampled_coef = 1.0  # opd_sampled, grpo_opd: weight of the teacher's token advantage
     c.arm.opsd_teacher = "frozen"  # opsd's self-teacher: frozen base, "live" policy or its "ema"
     c.arm.opsd_ema_decay = 0.99
+    # sparse_select (jaxpost.sparse_select): pool of base rollouts, decision threshold (nats),
+    # KL anchor weight, passes over the pool (capped at arm.steps)
+    c.arm.select_problems, c.arm.select_rollouts, c.arm.select_keep = 128, 16, 64
+    c.arm.select_tau, c.arm.select_kl, c.arm.select_epochs = 1.0, 0.2, 2.0
+    # alpha_dpg, alpha_dpg_seek (jaxpost.dpg): the divergence's alpha (0 forward KL .. 1 reverse)
+    c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
 
     c.eval = ml_collections.ConfigDict()
     # held-out problems x samples at temperature 1 (pass@k up to k = samples): the spread is
@@ -99,6 +105,9 @@ def get_config(arg: str | None = None):
     c.eval.retention_samples = 4
     c.eval.steer_problems = 32  # steering prompts (tasks with a steering probe)
     c.eval.steer_samples = 16
+    # the sparse footprint (argmax changes against the base) on this many of the base's samples
+    # per held-out problem
+    c.eval.footprint_samples = 8
     return configs.with_variant(c, arg, {"builtin": lambda c: None, "tiny": _tiny,
                                          "pretrained": _pretrained})  # fmt: skip
 
@@ -111,6 +120,8 @@ def _tiny(c) -> None:
     c.teacher_steps, c.teacher_problems = 4, 0
     c.arm.steps, c.arm.prompts_per_step, c.arm.group_size, c.arm.max_new_tokens = 2, 2, 2, 24
     c.arm.temperature, c.arm.top_p = 0.7, 0.9  # so the tests see GRPO's importance weights
+    c.arms = "all"  # every arm of the table, the default ones and the rest
+    c.arm.select_problems, c.arm.select_rollouts, c.arm.select_keep = 8, 2, 4
     c.eval.problems, c.eval.samples = 4, 4
     c.eval.retention_problems, c.eval.retention_samples = 4, 2
     c.eval.steer_problems, c.eval.steer_samples = 3, 2

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import inputs, loops, lora, losses, opd, train
+from jaxpost import inputs, loops, lora, losses, opd, sparse_select, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -121,6 +121,32 @@ def _sampled_opd(with_reward: bool) -> Callable[[ArmContext], loops.RunResult]:
     return build
 
 
+def _alpha_dpg(field: str) -> Callable[[ArmContext], loops.RunResult]:
+    """α-DPG toward the base filtered by the verifier (`jaxpost.dpg`), α = `arm.<field>`."""
+
+    def build(ctx: ArmContext) -> loops.RunResult:
+        base, a = ctx.models.base, ctx.config.arm
+        return loops.run_alpha_dpg(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
+                                   ctx.sampling, alpha=a[field], mesh=ctx.world.mesh,
+                                   loss_impl=ctx.config.loss_impl, is_correction=True,
+                                   is_mode=a.is_mode, is_max=a.is_max, lora=ctx.lora)  # fmt: skip
+
+    return build
+
+
+def _sparse_select(ctx: ArmContext) -> loops.RunResult:
+    """ReasonMaxxer (`jaxpost.sparse_select`): one pool of base rollouts, A·CE at the base's
+    high-entropy positions, KL to the base elsewhere."""
+    base, a = ctx.models.base, ctx.config.arm
+    sampling = dataclasses.replace(ctx.sampling, group_size=a.select_rollouts)
+    loop = dataclasses.replace(ctx.loop, batch_size=max(
+        1, ctx.loop.batch_size * ctx.sampling.group_size // a.select_rollouts))  # fmt: skip
+    return sparse_select.run(base.config, base.params, ctx.source, ctx.optim, loop, sampling,
+                             tau=a.select_tau, kl_coef=a.select_kl, problems=a.select_problems,
+                             keep=a.select_keep, epochs=a.select_epochs, mesh=ctx.world.mesh,
+                             lora=ctx.lora)  # fmt: skip
+
+
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
@@ -163,6 +189,15 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         _sampled_opd(with_reward=False)),
     Arm("grpo_opd", "GRPO + sampled-token OPD: the verifier's group advantage plus the "
         "teacher's per-token one", "distill_sampled", True, _sampled_opd(with_reward=True)),
+    Arm("sparse_select", "sparse policy selection (ReasonMaxxer, 2605.06241): one pool of base "
+        "rollouts; A·CE of the rollout's token where the base's entropy > arm.select_tau, "
+        "KL to the base elsewhere (ours: completion-only anchor, no curriculum order)", "rl",
+        False, _sparse_select),
+    Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
+        "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
+        True, _alpha_dpg("dpg_alpha")),
+    Arm("alpha_dpg_seek", "alpha-DPG, alpha = arm.dpg_alpha_seek (mode-seeking side, toward "
+        "reverse KL)", "rl", True, _alpha_dpg("dpg_alpha_seek")),
 )}  # fmt: skip
 
 
@@ -180,8 +215,11 @@ def supervision_bits(kind: str, vocab: int, completion_len: float | None) -> flo
 
 
 def arm_names(config) -> tuple[str, ...]:
-    """The arms `config.arms` lists (comma-separated), checked against the table."""
+    """The arms `config.arms` lists (comma-separated; "all": the whole table), checked against
+    the table."""
     names = tuple(a.strip() for a in str(config.arms).split(",") if a.strip())
+    if names == ("all",):
+        return tuple(ARMS)
     unknown = [a for a in names if a not in ARMS]
     if unknown or not names:
         raise UserError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")

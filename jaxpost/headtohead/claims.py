@@ -77,6 +77,32 @@ def claims(evals: dict) -> list[dict]:
                         "source": "Agarwal et al. 2024 (GKD); mode-seeking reverse KL",
                         "verdict": _verdict(d, expect_positive=False),
                         "evidence": f"entropy {arm}−base {_e(d)} nats"})  # fmt: skip
+    fp_arms = [a for a in ("grpo", "sft") if "footprint_flip_frac" in pp.get(a, {})]
+    if fp_arms == ["grpo", "sft"]:
+        d = paired(pp["sft"]["footprint_flip_frac"], pp["grpo"]["footprint_flip_frac"])
+        out.append({"claim": "RL changes the base's argmax at fewer positions than SFT",
+                    "source": "Sparse policy selection (2605.06241)", "verdict": _verdict(d),
+                    "evidence": f"share of the base's sample positions whose argmax changed, "
+                                f"SFT−GRPO {_e(d)}"})  # fmt: skip
+    if "grpo" in fp_arms:
+        d = metrics.mean_ci(np.asarray(pp["grpo"]["footprint_entropy_excess"], float))
+        evidence = (f"GRPO: base entropy at changed positions − at all {_e(d)} nats"
+                    if np.isfinite(d.mean) else "GRPO changed no argmax on the base's samples")  # fmt: skip
+        out.append({"claim": "where RL changes the argmax, the base was uncertain (base entropy "
+                             "above its average)", "source": "Sparse policy selection "
+                    "(2605.06241)", "verdict": _verdict(d), "evidence": evidence})  # fmt: skip
+    if "alpha_dpg" in pp and "grpo" in pp:
+        d = paired(pp["alpha_dpg"]["pass@large_k"], pp["grpo"]["pass@large_k"])
+        d1 = paired(pp["alpha_dpg"]["pass@1"], pp["grpo"]["pass@1"])
+        out.append({"claim": "alpha-DPG at a small alpha keeps pass@large_k above GRPO's",
+                    "source": "Whatever Remains Must Be True (2512.05962)", "verdict": _verdict(d),
+                    "evidence": f"pass@large_k alpha_dpg−GRPO {_e(d)}; pass@1 {_e(d1)}"})  # fmt: skip
+    if "sparse_select" in pp:
+        d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
+        out.append({"claim": "training only the base's high-entropy decision points of its own "
+                             "rollouts raises pass@1 over the base", "source": "Sparse policy "
+                    "selection (2605.06241)", "verdict": _verdict(d),
+                    "evidence": f"pass@1 sparse_select−base {_e(d)}"})  # fmt: skip
     if "opd_entropy" in pp and "opd_rkl" in pp:
         d = paired(pp["opd_entropy"]["diversity"], pp["opd_rkl"]["diversity"])
         out.append({"claim": "entropy-aware OPD keeps more diversity than reverse-KL OPD",

@@ -3,8 +3,9 @@
 `evaluate_model` samples `eval.samples` completions per held-out problem at temperature 1 and
 computes pass@k / CoT-pass@k curves, diversity (entropy of what `task.diversity_key` counts),
 solution-set coverage, retention (the addition task), steerability (the task's steering probe,
-if it has one) and, against the base's own evaluation, support change, rank bias and KL from the
-base, with bootstrap 95% CIs over problems. The per-problem values are kept so claims can pair
+if it has one) and, against the base's own evaluation, support change, rank bias, KL from the
+base and the sparse footprint (`jaxpost.footprint`, on the first `eval.footprint_samples` of the
+base's samples per problem), with bootstrap 95% CIs over problems. The per-problem values are kept so claims can pair
 models problem by problem.
 """
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, evaluate, metrics, models, train
+from jaxpost import data, evaluate, footprint, metrics, models, train
 from jaxpost.headtohead.models import World
 from jaxpost.inputs import Model
 
@@ -30,9 +31,11 @@ class Evaluation:
     scalars: dict
     per_problem: dict
     samples: evaluate.Samples | None = None
+    footprint: dict | None = None  # `footprint.Footprint.summary` against the base
 
     def to_json(self) -> dict:
-        return {"curves": self.curves, "scalars": self.scalars, "per_problem": self.per_problem}
+        return {"curves": self.curves, "scalars": self.scalars, "per_problem": self.per_problem,
+                "footprint": self.footprint}
 
 
 @functools.cache
@@ -152,4 +155,19 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         bs = base.samples
         lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask)
         scalars["kl_from_base"] = metrics.sequence_kl(bs.logprobs * bs.mask, lp, bs.mask).as_dict()
+        if model.config.vocab_size == base_model.config.vocab_size:
+            fp = sparse_footprint(w, base_model, model.config, params, bs)
+            per_problem.update({f"footprint_{k}": v for k, v in fp.per_problem.items()})
+            return Evaluation(summary["curves"], scalars, per_problem, main, fp.summary)
     return Evaluation(summary["curves"], scalars, per_problem, main)
+
+
+def sparse_footprint(w: World, base_model: Model, config, params, base_samples: evaluate.Samples
+                     ) -> footprint.Footprint:  # fmt: skip
+    """`jaxpost.footprint` of a model against the base on the first `eval.footprint_samples`
+    of the base's own samples of each held-out problem."""
+    bs, k = base_samples, min(w.config.eval.footprint_samples, base_samples.n)
+    rows = (np.arange(len(bs.prompts))[:, None] * bs.n + np.arange(k)).reshape(-1)
+    prompts = [bs.prompts[i // bs.n] for i in rows]
+    return footprint.footprint(base_model, base_model.params, config, params, prompts,
+                               bs.tokens[rows], bs.mask[rows], k)  # fmt: skip

@@ -50,7 +50,8 @@ def _load_eval(path: str, key: str) -> Evaluation | str | None:
         return None
     if "diverged" in saved:
         return saved["diverged"]
-    return Evaluation(saved["curves"], saved["scalars"], saved["per_problem"])
+    return Evaluation(saved["curves"], saved["scalars"], saved["per_problem"],
+                      footprint=saved.get("footprint"))
 
 
 def _save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -> None:
@@ -279,6 +280,8 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
             out_arms[name]["gain_vs_base"] = {
                 k: claims.paired(ev.per_problem[k], evals["base"].per_problem[k]).as_dict()
                 for k in ("pass@1", "pass@large_k")}  # fmt: skip
+        if ev.footprint is not None:
+            out_arms[name]["sparse_footprint"] = ev.footprint
         hist = out_arms[name]["history"]
         if any(h.get("is_ratio_mean") is not None for h in hist):  # GRPO's importance weights
 

@@ -40,7 +40,9 @@ def check(config) -> None:
                 "base.train_problems": b.train_problems, "base.batch_size": b.batch_size,
                 "eval.problems": e.problems, "eval.retention_problems": e.retention_problems,
                 "eval.retention_samples": e.retention_samples,
-                "eval.steer_problems": e.steer_problems, "eval.steer_samples": e.steer_samples}  # fmt: skip
+                "eval.steer_problems": e.steer_problems, "eval.steer_samples": e.steer_samples,
+                "eval.footprint_samples": e.footprint_samples,
+                "arm.select_problems": a.select_problems, "arm.select_keep": a.select_keep}  # fmt: skip
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
@@ -51,6 +53,15 @@ def check(config) -> None:
     if not (b.learning_rate > 0 and a.learning_rate > 0):
         raise UserError("base.learning_rate and arm.learning_rate must be > 0")
     train.resolve_loss_impl(config.loss_impl)
+    if a.select_rollouts < 2 or not (a.select_tau >= 0 and a.select_kl >= 0
+                                     and a.select_epochs > 0):  # fmt: skip
+        raise UserError(f"sparse_select needs arm.select_rollouts >= 2, arm.select_tau >= 0, "
+                        f"arm.select_kl >= 0 and arm.select_epochs > 0; got {a.select_rollouts}, "
+                        f"{a.select_tau}, {a.select_kl}, {a.select_epochs}")  # fmt: skip
+    for field in ("dpg_alpha", "dpg_alpha_seek"):
+        if not 0 <= a[field] < 1:
+            raise UserError(f"arm.{field} must lie in [0, 1) (alpha-DPG: 0 forward KL, toward 1 "
+                            f"reverse KL), got {a[field]}")  # fmt: skip
     if not 0 <= a.beta_rank <= 1:
         raise UserError(f"arm.beta_rank must lie in [0, 1], got {a.beta_rank}")
     try:
