@@ -90,8 +90,9 @@ def get_config(arg: str | None = None):
     c.arm.opsd_ema_decay = 0.99
     # sparse_select (jaxpost.sparse_select): pool of base rollouts, decision threshold (nats),
     # KL anchor weight, passes over the pool (capped at arm.steps)
-    c.arm.select_problems, c.arm.select_rollouts, c.arm.select_keep = 128, 16, 64
+    c.arm.select_problems, c.arm.select_rollouts, c.arm.select_keep = 600, 16, 64
     c.arm.select_tau, c.arm.select_kl, c.arm.select_epochs = 1.0, 0.2, 2.0
+    c.arm.select_learning_rate = 1e-5  # its own: A·CE over a few positions per sequence
     # alpha_dpg, alpha_dpg_seek (jaxpost.dpg): the divergence's alpha (0 forward KL .. 1 reverse)
     c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
 

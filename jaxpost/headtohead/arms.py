@@ -141,7 +141,8 @@ def _sparse_select(ctx: ArmContext) -> loops.RunResult:
     sampling = dataclasses.replace(ctx.sampling, group_size=a.select_rollouts)
     loop = dataclasses.replace(ctx.loop, batch_size=max(
         1, ctx.loop.batch_size * ctx.sampling.group_size // a.select_rollouts))  # fmt: skip
-    return sparse_select.run(base.config, base.params, ctx.source, ctx.optim, loop, sampling,
+    optim = dataclasses.replace(ctx.optim, learning_rate=a.select_learning_rate)
+    return sparse_select.run(base.config, base.params, ctx.source, optim, loop, sampling,
                              tau=a.select_tau, kl_coef=a.select_kl, problems=a.select_problems,
                              keep=a.select_keep, epochs=a.select_epochs, mesh=ctx.world.mesh,
                              lora=ctx.lora)  # fmt: skip

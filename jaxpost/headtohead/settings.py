@@ -50,8 +50,9 @@ def check(config) -> None:
         raise UserError(f"arm.group_size must be >= 2 (GRPO needs a group), got {a.group_size}")
     if e.samples < 2:
         raise UserError(f"eval.samples must be >= 2 for pass@k curves, got {e.samples}")
-    if not (b.learning_rate > 0 and a.learning_rate > 0):
-        raise UserError("base.learning_rate and arm.learning_rate must be > 0")
+    if not (b.learning_rate > 0 and a.learning_rate > 0 and a.select_learning_rate > 0):
+        raise UserError("base.learning_rate, arm.learning_rate and arm.select_learning_rate must "
+                        "be > 0")  # fmt: skip
     train.resolve_loss_impl(config.loss_impl)
     if a.select_rollouts < 2 or not (a.select_tau >= 0 and a.select_kl >= 0
                                      and a.select_epochs > 0):  # fmt: skip
