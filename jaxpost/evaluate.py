@@ -76,6 +76,7 @@ def sample(
     temperature: float = 1.0,
     seed: int = 0,
     render: Callable[[Any], str] | None = None,
+    encode: Callable[[Any], list[int]] | None = None,
     max_rows: int = 4096,
     mesh=None,
 ) -> Samples:
@@ -83,6 +84,8 @@ def sample(
 
     Args:
       render: problem -> prompt text (default `task.render_prompt`; e.g. a steering prompt).
+      encode: problem -> prompt token ids instead of `render` (a prompt text cannot spell, e.g.
+        in-context outputs closed by eos).
       max_rows: prompts are sampled in chunks of at most this many rows (prompts × n).
       mesh: sample with the rows split over the mesh's data axes. With several processes each
         samples its own rows of every chunk and all processes get every sample back (the
@@ -91,7 +94,8 @@ def sample(
     if n < 1 or not problems:
         raise ValueError(f"need n >= 1 and at least one problem, got n={n}, {len(problems)} problems")
     render = render or task.render_prompt
-    prompts = [tokenizer.encode(render(p), add_bos=True) for p in problems]
+    prompts = [encode(p) if encode else tokenizer.encode(render(p), add_bos=True)
+               for p in problems]  # fmt: skip
     width = data.round_up(max(len(p) for p in prompts), 16)
     # Rows are padded as `chunk_rows` says; filler rows repeat the last prompt.
     per_chunk = max(1, max_rows // n)

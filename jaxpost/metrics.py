@@ -256,6 +256,24 @@ def kl_divergence(p, q, *, smoothing: float = 0.0) -> float:
     return float((p[on] * np.log(p[on] / q[on])).sum())
 
 
+def js_divergence(p, q) -> float:
+    """Jensen-Shannon divergence (nats, in [0, log 2]): the mean KL of p and q to m = (p+q)/2."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    m = (p + q) / 2
+    return 0.5 * kl_divergence(p, m) + 0.5 * kl_divergence(q, m)
+
+
+def js_from_uniform(canonicals: Sequence[Hashable | None], solutions: Sequence[Hashable]) -> float:
+    """JS divergence of one problem's samples (canonical solutions, None for invalid) from the
+    uniform distribution over its full solution set, the invalid samples in an extra bin: 0 for a
+    sampler of the whole set in equal shares, log 2 for one that is never valid (Spectrum
+    Tuning's distributional fit, exact where the task enumerates its solutions)."""
+    if not solutions:
+        return float("nan")
+    uniform = np.append(np.full(len(solutions), 1.0 / len(solutions)), 0.0)
+    return js_divergence(empirical_distribution(canonicals, list(solutions)), uniform)
+
+
 def steer_distance(
     produced: Iterable[Hashable | None],
     requested: Mapping[Hashable, float],

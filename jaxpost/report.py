@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_STYLE = {"base": ("black", "--"), "teacher": ("dimgray", ":")}
+_STYLE = {"base": ("black", "--"), "teacher": ("dimgray", ":"), "teacher_degraded": ("silver", ":")}
 
 
 def _plt():

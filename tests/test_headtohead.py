@@ -43,7 +43,7 @@ def test_miniature_protocol_writes_the_report(mini):
     for name in ("report.md", "metrics.json", "pass_at_k.png", "cot_pass_at_k.png", "radar.png",
                  "diversity_vs_pass1.png", "training.png", "density_locality_diversity.png"):  # fmt: skip
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    assert list(result["arms"]) == ["base", "teacher", *headtohead.ARMS]
+    assert list(result["arms"]) == ["base", "teacher", "teacher_degraded", *headtohead.ARMS]
     n = tiny(workdir).eval.samples
     for name, arm in result["arms"].items():
         assert arm["curves"]["pass@k"]["k"] == [1, 2, 4][: len(arm["curves"]["pass@k"]["k"])]
@@ -54,7 +54,7 @@ def test_miniature_protocol_writes_the_report(mini):
             assert arm["history"] and arm["history"][-1]["step"] == 2
             assert "efficiency" in arm["scalars"] and "state_locality" in arm["scalars"]
     verdicts = {c["verdict"] for c in result["claims"]}
-    assert len(result["claims"]) == 10 and verdicts <= {"reproduced", "not reproduced",
+    assert len(result["claims"]) == 13 and verdicts <= {"reproduced", "not reproduced",
                                                        "inconclusive"}  # fmt: skip
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)

@@ -95,6 +95,10 @@ def get_config(arg: str | None = None):
     c.arm.select_learning_rate = 1e-5  # its own: A·CE over a few positions per sequence
     # alpha_dpg, alpha_dpg_seek (jaxpost.dpg): the divergence's alpha (0 forward KL .. 1 reverse)
     c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
+    c.arm.spectrum_outputs = 4  # spectrum (jaxpost.spectrum): solutions per training sequence
+    # the state-distribution view: SFT's learning rate scaled down / up; opd_degraded's teacher
+    # noise (times each weight tensor's RMS)
+    c.arm.sft_mild_lr_scale, c.arm.sft_stress_lr_scale, c.arm.degrade_noise = 0.2, 5.0, 0.3
 
     c.eval = ml_collections.ConfigDict()
     # held-out problems x samples at temperature 1 (pass@k up to k = samples): the spread is
@@ -106,6 +110,7 @@ def get_config(arg: str | None = None):
     c.eval.retention_samples = 4
     c.eval.steer_problems = 32  # steering prompts (tasks with a steering probe)
     c.eval.steer_samples = 16
+    c.eval.icl_examples = 3  # in-context steerability: compliant outputs shown before the sample
     # the sparse footprint (argmax changes against the base) on this many of the base's samples
     # per held-out problem
     c.eval.footprint_samples = 8

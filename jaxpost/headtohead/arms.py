@@ -15,10 +15,11 @@ import dataclasses
 import os
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import inputs, loops, lora, losses, opd, sparse_select, train
+from jaxpost import data, inputs, loops, lora, losses, opd, sparse_select, spectrum, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -66,10 +67,57 @@ def sft_examples(w: World, model: inputs.Model) -> list[tuple[list[int], list[in
     return inputs.encode_examples(model, pairs, "sft arm")
 
 
-def _sft(ctx: ArmContext) -> loops.RunResult:
+def _sft(ctx: ArmContext, lr_scale: str | None = None) -> loops.RunResult:
+    """SFT; with `lr_scale` (an `arm` field) its learning rate scaled by that factor."""
     w, base = ctx.world, ctx.models.base
     loop = dataclasses.replace(ctx.loop, batch_size=ctx.loop.batch_size * ctx.sampling.group_size)
-    return loops.run_sft(base.config, base.params, sft_examples(w, base), ctx.optim, loop,
+    optim = ctx.optim
+    if lr_scale is not None:
+        optim = dataclasses.replace(optim, learning_rate=optim.learning_rate
+                                    * ctx.config.arm[lr_scale])  # fmt: skip
+    return loops.run_sft(base.config, base.params, sft_examples(w, base), optim, loop,
+                         pad_id=base.tokenizer.pad_id, mesh=w.mesh,
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
+
+
+def degraded_teacher(models: Models, config) -> inputs.Model:
+    """The teacher deliberately weakened: each weight tensor plus Gaussian noise of
+    `arm.degrade_noise` times its own RMS (seeded by the run's seed): a teacher still of the
+    task, worse at it (the report evaluates it as `teacher_degraded`)."""
+    t = models.teacher
+    leaves, tree = jax.tree.flatten(t.params)
+    rng = np.random.default_rng([config.seed, 41])
+    noisy = []
+    for x in leaves:
+        x = np.asarray(x, np.float32)
+        rms = float(np.sqrt(np.mean(x**2))) if x.size else 0.0
+        noise = rng.standard_normal(x.shape).astype(np.float32) * config.arm.degrade_noise * rms
+        noisy.append(jnp.asarray(x + noise, t.config.param_dtype))
+    return t.replace(params=jax.tree.unflatten(tree, noisy), source=f"{t.source} + noise")
+
+
+def _opd_degraded(ctx: ArmContext) -> loops.RunResult:
+    base, teacher = ctx.models.base, degraded_teacher(ctx.models, ctx.config)
+    return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
+                         _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh,
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
+
+
+def _spectrum(ctx: ArmContext) -> loops.RunResult:
+    """Spectrum Tuning (`jaxpost.spectrum`): sequences of `arm.spectrum_outputs` solutions of a
+    problem after its prompt; as many output tokens per step as the SFT arm trains."""
+    w, base, a = ctx.world, ctx.models.base, ctx.config.arm
+    examples = spectrum.spectrum_examples(base.tokenizer, w.task, w.train,
+                                          outputs=a.spectrum_outputs, per_problem=4,
+                                          seed=w.config.seed + 7)  # fmt: skip
+    width = data.pair_width(examples, inputs.PAD_MULTIPLE)
+    if width > base.config.max_seq_len:
+        raise UserError(f"spectrum: {a.spectrum_outputs} outputs per sequence make {width} "
+                        f"tokens, more than the model's max_seq_len {base.config.max_seq_len}; "
+                        f"lower arm.spectrum_outputs")  # fmt: skip
+    rows = ctx.loop.batch_size * ctx.sampling.group_size
+    loop = dataclasses.replace(ctx.loop, batch_size=max(1, rows // a.spectrum_outputs))
+    return loops.run_sft(base.config, base.params, examples, ctx.optim, loop,
                          pad_id=base.tokenizer.pad_id, mesh=w.mesh,
                          loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
 
@@ -194,6 +242,16 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "rollouts; A·CE of the rollout's token where the base's entropy > arm.select_tau, "
         "KL to the base elsewhere (ours: completion-only anchor, no curriculum order)", "rl",
         False, _sparse_select),
+    Arm("sft_mild", "SFT at arm.sft_mild_lr_scale x the learning rate (a small step off the "
+        "policy's states)", "sft", False, lambda c: _sft(c, "sft_mild_lr_scale")),
+    Arm("sft_stress", "SFT at arm.sft_stress_lr_scale x the learning rate (a large step off the "
+        "policy's states)", "sft", False, lambda c: _sft(c, "sft_stress_lr_scale")),
+    Arm("opd_degraded", "reverse-KL OPD from the teacher weakened by weight noise "
+        "(arm.degrade_noise x each tensor's RMS; evaluated as teacher_degraded)", "distill", True,
+        _opd_degraded),
+    Arm("spectrum", "Spectrum Tuning (2510.06084): SFT on the prompt followed by "
+        "arm.spectrum_outputs shuffled solutions of the full set, each closed by eos (ours: "
+        "eos as the separator, the task prompt as the description)", "sft", False, _spectrum),
     Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
         "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
         True, _alpha_dpg("dpg_alpha")),

@@ -97,6 +97,27 @@ def claims(evals: dict) -> list[dict]:
         out.append({"claim": "alpha-DPG at a small alpha keeps pass@large_k above GRPO's",
                     "source": "Whatever Remains Must Be True (2512.05962)", "verdict": _verdict(d),
                     "evidence": f"pass@large_k alpha_dpg−GRPO {_e(d)}; pass@1 {_e(d1)}"})  # fmt: skip
+    if "spectrum" in pp and "sft" in pp:
+        d = paired(pp["spectrum"]["yield"], pp["sft"]["yield"])
+        js = paired(pp["spectrum"]["js_from_uniform"], pp["sft"]["js_from_uniform"])
+        ret = paired(pp["spectrum"]["retention"], pp["sft"]["retention"])
+        out.append({"claim": "Spectrum Tuning raises yield (distinct valid outputs per sample) "
+                             "over plain SFT", "source": "Spectrum Tuning (2510.06084)",
+                    "verdict": _verdict(d),
+                    "evidence": f"yield spectrum−SFT {_e(d)}; JS from uniform {_e(js)}; "
+                                f"retention {_e(ret)}"})  # fmt: skip
+    if "sft_mild" in pp and "sft_stress" in pp:
+        d = paired(pp["sft_mild"]["retention"], pp["sft_stress"]["retention"])
+        out.append({"claim": "a larger SFT step (further off the policy's own states) keeps "
+                             "less of the earlier skill", "source": "The state-distribution view "
+                    "(2605.22731)", "verdict": _verdict(d),
+                    "evidence": f"addition accuracy sft_mild−sft_stress {_e(d)} (their state "
+                                f"locality: the metrics table)"})  # fmt: skip
+    if "opd_degraded" in pp and "teacher_degraded" in pp:
+        d = paired(pp["opd_degraded"]["pass@1"], pp["teacher_degraded"]["pass@1"])
+        out.append({"claim": "OPD from a degraded teacher beats that teacher", "source":
+                    "The state-distribution view (2605.22731)", "verdict": _verdict(d),
+                    "evidence": f"pass@1 opd_degraded−teacher_degraded {_e(d)}"})  # fmt: skip
     if "sparse_select" in pp:
         d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
         out.append({"claim": "training only the base's high-entropy decision points of its own "

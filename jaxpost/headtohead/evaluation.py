@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, evaluate, footprint, metrics, models, train
+from jaxpost import data, evaluate, footprint, metrics, models, spectrum, train
 from jaxpost.headtohead.models import World
 from jaxpost.inputs import Model
 
@@ -120,8 +120,15 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     scalars["pass@large_k"] = scalars.pop(f"pass@{n}")
     scalars["diversity"] = _est(per_problem["diversity"])
     scalars["collision_rate"] = _est([metrics.collision_rate(r) for r in main.diversity_keys])
-    scalars["solution_set_coverage"] = _est(metrics.solution_set_coverage(
-        main.canonical, [w.task.solutions(p) for p in w.test]))  # fmt: skip
+    solution_sets = [w.task.solutions(p) for p in w.test]
+    scalars["solution_set_coverage"] = _est(metrics.solution_set_coverage(main.canonical,
+                                                                          solution_sets))  # fmt: skip
+    # Spectrum Tuning's: distinct valid outputs per sample, JS from uniform over the solutions
+    per_problem["yield"] = [metrics.distinct_ratios(row)["u_over_n"] for row in main.canonical]
+    per_problem["js_from_uniform"] = [metrics.js_from_uniform(row, sols) for row, sols
+                                      in zip(main.canonical, solution_sets)]  # fmt: skip
+    scalars["yield"] = _est(per_problem["yield"])
+    scalars["js_from_uniform"] = _est(per_problem["js_from_uniform"])
 
     add = evaluate.sample(model.config, params, model.tokenizer, w.retention, w.retention_test,
                           n=e.retention_samples, max_new_tokens=40, seed=seed + 1, mesh=w.mesh)  # fmt: skip
@@ -140,6 +147,8 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
                                    w.steer.requested_distribution(p))["tv"]
             for p, row in zip(w.steer_test, st.texts)
         ])  # fmt: skip
+        per_problem["icl_steerability"] = in_context_steerability(w, model, params, seed + 3)
+        scalars["icl_steerability"] = _est(per_problem["icl_steerability"])
 
     if base is not None and base_model is not None:
         scalars.update({f"support_{k}": {"mean": v} for k, v in metrics.support_change(
@@ -160,6 +169,24 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
             per_problem.update({f"footprint_{k}": v for k, v in fp.per_problem.items()})
             return Evaluation(summary["curves"], scalars, per_problem, main, fp.summary)
     return Evaluation(summary["curves"], scalars, per_problem, main)
+
+
+def in_context_steerability(w: World, model: Model, params, seed: int) -> list[float]:
+    """Per steering problem, the share of samples that comply with the requested first
+    operation when the request is made only by examples: the plain prompt followed by
+    `eval.icl_examples` compliant outputs, each closed by eos (`jaxpost.spectrum`)."""
+    e, tok = w.config.eval, model.tokenizer
+    contexts = spectrum.steer_contexts(w.steer, w.steer_test, examples=e.icl_examples, seed=seed)
+    by_problem = dict(zip(map(id, w.steer_test), contexts))
+
+    def encode(p):
+        return spectrum.in_context_prompt(tok, w.task.render_prompt(p.base), by_problem[id(p)])
+
+    st = evaluate.sample(model.config, params, tok, w.steer, w.steer_test, n=e.steer_samples,
+                         max_new_tokens=w.config.arm.max_new_tokens, seed=seed, encode=encode,
+                         mesh=w.mesh)  # fmt: skip
+    return [float(np.mean([w.steer.complies(p, t) for t in row]))
+            for p, row in zip(w.steer_test, st.texts)]  # fmt: skip
 
 
 def sparse_footprint(w: World, base_model: Model, config, params, base_samples: evaluate.Samples

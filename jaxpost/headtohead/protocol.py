@@ -27,6 +27,7 @@ from jaxpost.metrics_log import read_metrics
 
 RADAR_AXES = ("pass@1", "pass@large_k", "diversity", "retention", "steerability", "efficiency")
 ARM_KEY_FILE = "arm_key"
+REFERENCES = ("base", "teacher", "teacher_degraded")  # evaluated models that are not arms
 
 
 def _history(path: str) -> list[dict]:
@@ -177,6 +178,11 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                                                      base=evals["base"], base_model=m.base,
                                                      seed=config.seed)  # fmt: skip
         _save_eval(teacher_eval, eval_key, evals["teacher"])
+    if "opd_degraded" in names:  # the claim compares the arm with its weakened teacher
+        log("evaluating teacher_degraded")
+        weak = arms.degraded_teacher(m, config)
+        evals["teacher_degraded"] = evaluation.evaluate_model(
+            w, weak, weak.params, base=evals["base"], base_model=m.base, seed=config.seed)
     stages["evaluation"] += time.perf_counter() - t0
     for arm in names:
         arm_dir = os.path.join(config.workdir, "arms", arm)
@@ -269,7 +275,7 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
             gain = scalars["pass@1"]["mean"] - base_p1
             scalars["efficiency"] = {"mean": gain / max(extra["tokens"], 1.0) * 1e3}
             scalars["state_locality"] = {"mean": extra.get("state_locality", float("nan"))}
-        reference = name in ("base", "teacher")
+        reference = name in REFERENCES
         out_arms[name] = {
             "kind": "reference" if reference else "arm",
             "curves": ev.curves,

@@ -42,7 +42,8 @@ def check(config) -> None:
                 "eval.retention_samples": e.retention_samples,
                 "eval.steer_problems": e.steer_problems, "eval.steer_samples": e.steer_samples,
                 "eval.footprint_samples": e.footprint_samples,
-                "arm.select_problems": a.select_problems, "arm.select_keep": a.select_keep}  # fmt: skip
+                "arm.select_problems": a.select_problems, "arm.select_keep": a.select_keep,
+                "arm.spectrum_outputs": a.spectrum_outputs, "eval.icl_examples": e.icl_examples}  # fmt: skip
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
@@ -59,6 +60,10 @@ def check(config) -> None:
         raise UserError(f"sparse_select needs arm.select_rollouts >= 2, arm.select_tau >= 0, "
                         f"arm.select_kl >= 0 and arm.select_epochs > 0; got {a.select_rollouts}, "
                         f"{a.select_tau}, {a.select_kl}, {a.select_epochs}")  # fmt: skip
+    if not (a.sft_mild_lr_scale > 0 and a.sft_stress_lr_scale > 0 and a.degrade_noise >= 0):
+        raise UserError(f"arm.sft_mild_lr_scale and arm.sft_stress_lr_scale must be > 0 and "
+                        f"arm.degrade_noise >= 0; got {a.sft_mild_lr_scale}, "
+                        f"{a.sft_stress_lr_scale}, {a.degrade_noise}")  # fmt: skip
     for field in ("dpg_alpha", "dpg_alpha_seek"):
         if not 0 <= a[field] < 1:
             raise UserError(f"arm.{field} must lie in [0, 1) (alpha-DPG: 0 forward KL, toward 1 "
