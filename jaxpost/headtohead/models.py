@@ -97,12 +97,13 @@ class Models:
     describe: dict  # {"student"/"base"/"teacher": one line for the report}
 
 
-def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | None = None
-                     ) -> Models:  # fmt: skip
+def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | None = None,
+                     with_teacher: bool = True) -> Models:  # fmt: skip
     """The base and teacher, trained once per model_key (or loaded from the given checkpoints).
 
     `check(student, teacher_config)` runs once both architectures are known and before any
-    training (the memory plan of every step the run will take)."""
+    training (the memory plan of every step the run will take). Without `with_teacher` only
+    the base is built (the teacher field holds the base)."""
     c = w.config
     root = os.path.join(c.workdir, "models", settings.model_key(c))
     start = inputs.load_model(c.model, tokenizer=c.tokenizer, overrides=c.model_overrides,
@@ -128,7 +129,9 @@ def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | 
                                  "base (SFT, narrow slice)", c.seed)  # fmt: skip
     else:
         base, base_hist = start, []
-    if given is not None:
+    if not with_teacher:
+        teacher, teacher_hist, teacher_line = base, [], "none (not built)"
+    elif given is not None:
         teacher, teacher_hist = given, []
         teacher_line = f"{c.teacher} ({teacher.config.num_params():,} parameters)"
     else:

@@ -145,7 +145,7 @@ def _key(config, leave_out: tuple[str, ...]) -> str:
 
 def model_key(config) -> str:
     """The base and teacher's cache key (their directory under WORKDIR/models)."""
-    return _key(config, ("arm", "eval", "loss_impl", "mesh", "remat"))
+    return _key(config, ("arm", "eval", "loss_impl", "mesh", "remat", "plasticity"))
 
 
 def arm_key(config) -> str:
