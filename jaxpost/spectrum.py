@@ -2,7 +2,7 @@
 
 Spectrum Tuning (Sorensen et al., 2510.06084; code tsor13/spectrum) fine-tunes on sequences
 "description, output_1, output_2, ..., output_k" whose outputs are independent samples of the
-target distribution in a random order, with the loss on the outputs only. The model learns to
+target distribution, with the loss on the outputs only. The model learns to
 *be* the distribution: its first output is a sample of it, and outputs given in context steer
 the next one (in-context steerability).
 
@@ -26,9 +26,9 @@ from jaxpost.tokenizers import Tokenizer
 def spectrum_examples(tokenizer: Tokenizer, task, problems: Sequence, *, outputs: int,
                       per_problem: int, seed: int) -> list[tuple[list[int], list[int]]]:  # fmt: skip
     """(prompt ids, completion ids) per sequence: the prompt (bos first), then `outputs`
-    solutions drawn without replacement from the full set (all of them when it is smaller), in a
-    random order, each rendered as the task's completion and closed by eos. `per_problem`
-    sequences per problem, deterministic in `seed`."""
+    independent draws from the uniform distribution over the full solution set (i.i.d. samples
+    of the target, so repeats happen on small sets), each rendered as the task's completion and
+    closed by eos. `per_problem` sequences per problem, deterministic in `seed`."""
     if outputs < 1 or per_problem < 1:
         raise ValueError(f"outputs and per_problem must be >= 1, got {outputs}, {per_problem}")
     rng = np.random.default_rng([seed, 31])
@@ -37,7 +37,7 @@ def spectrum_examples(tokenizer: Tokenizer, task, problems: Sequence, *, outputs
         sols = task.solutions(p)
         prompt = tokenizer.encode(task.render_prompt(p), add_bos=True)
         for _ in range(per_problem):
-            chosen = rng.permutation(len(sols))[:outputs]
+            chosen = rng.integers(0, len(sols), size=outputs)
             completion = []
             for i in chosen:
                 completion += tokenizer.encode(task.render_completion(p, sols[int(i)]),

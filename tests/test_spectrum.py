@@ -22,21 +22,22 @@ def _outputs(completion: list[int]) -> list[str]:
     return [TOK.decode(completion[a:b]) for a, b in zip(starts, cut)]
 
 
-def test_sequences_hold_distinct_shuffled_solutions_closed_by_eos():
+def test_sequences_hold_independent_uniform_draws_closed_by_eos():
     problems = TASK.prompts("train", 6, seed=0)
     examples = spectrum.spectrum_examples(TOK, TASK, problems, outputs=3, per_problem=2, seed=1)
     assert len(examples) == 12
-    orders = set()
     for k, (prompt, completion) in enumerate(examples):
         p = problems[k // 2]
         assert prompt == TOK.encode(TASK.render_prompt(p), add_bos=True)
         outs = _outputs(completion)
-        assert len(outs) == min(3, len(TASK.solutions(p)))
-        canon = [TASK.canonical(p, o) for o in outs]
-        assert None not in canon and len(set(canon)) == len(canon)  # without replacement
-        assert all(TASK.verify_chain(p, o) for o in outs)
-        orders.add(tuple(canon) != tuple(sorted(canon)))
-    assert orders == {True, False}  # shuffled, not sorted
+        assert len(outs) == 3 and all(TASK.verify_chain(p, o) for o in outs)
+    p = problems[0]  # many sequences of one problem: each slot uniform over the solution set
+    many = spectrum.spectrum_examples(TOK, TASK, [p], outputs=2, per_problem=3000, seed=2)
+    sols = TASK.solutions(p)
+    for slot in (0, 1):
+        got = [TASK.canonical(p, _outputs(c)[slot]) for _, c in many]
+        freq = np.asarray([got.count(s) for s in sols]) / len(got)
+        np.testing.assert_allclose(freq, 1 / len(sols), atol=0.05)
     again = spectrum.spectrum_examples(TOK, TASK, problems, outputs=3, per_problem=2, seed=1)
     assert again == examples
     with pytest.raises(ValueError, match="outputs and per_problem"):
