@@ -250,7 +250,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "(arm.degrade_noise x each tensor's RMS; evaluated as teacher_degraded)", "distill", True,
         _opd_degraded),
     Arm("spectrum", "Spectrum Tuning (2510.06084): SFT on the prompt followed by "
-        "arm.spectrum_outputs shuffled solutions of the full set, each closed by eos (ours: "
+        "arm.spectrum_outputs i.i.d. draws from the full solution set, each closed by eos (ours: "
         "eos as the separator, the task prompt as the description)", "sft", False, _spectrum),
     Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
         "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
