@@ -54,7 +54,7 @@ def test_miniature_protocol_writes_the_report(mini):
             assert arm["history"] and arm["history"][-1]["step"] == 2
             assert "efficiency" in arm["scalars"] and "state_locality" in arm["scalars"]
     verdicts = {c["verdict"] for c in result["claims"]}
-    assert len(result["claims"]) == 13 and verdicts <= {"reproduced", "not reproduced",
+    assert len(result["claims"]) == 14 and verdicts <= {"reproduced", "not reproduced",
                                                        "inconclusive"}  # fmt: skip
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
@@ -205,7 +205,7 @@ def test_a_diverged_arm_is_reported_as_diverged(mini, tmp_path):
 @pytest.mark.slow
 def test_main_runs_from_the_command_line(mini):
     workdir, _, _ = mini
-    new = "sparse_select,alpha_dpg,alpha_dpg_seek"  # the issue-16 arms, beside finished ones
+    new = "sparse_select,alpha_dpg,alpha_dpg_seek,ovd"  # issue-16 arms, beside finished ones
     out = run("experiments.paradigms", f"--workdir={workdir}", "--mini",
               f"--config.arms=sft,grpo,{new}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

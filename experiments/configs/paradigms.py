@@ -96,6 +96,7 @@ def get_config(arg: str | None = None):
     # alpha_dpg, alpha_dpg_seek (jaxpost.dpg): the divergence's alpha (0 forward KL .. 1 reverse)
     c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
     c.arm.spectrum_outputs = 4  # spectrum (jaxpost.spectrum): solutions per training sequence
+    c.arm.ovd_threshold = 5  # ovd (jaxpost.ovd): teacher scores 0-9 below this are replaced
     # the state-distribution view: SFT's learning rate scaled down / up; opd_degraded's teacher
     # noise (times each weight tensor's RMS; 0.1 puts the teacher at the base's pass@1 on design
     # seed 10: 0.321 vs 0.306, where 0.3 destroyed it, 0.001)

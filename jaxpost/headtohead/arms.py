@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, inputs, loops, lora, losses, opd, sparse_select, spectrum, train
+from jaxpost import data, inputs, loops, lora, losses, opd, ovd, sparse_select, spectrum, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -196,6 +196,16 @@ def _sparse_select(ctx: ArmContext) -> loops.RunResult:
                              lora=ctx.lora)  # fmt: skip
 
 
+def _ovd(ctx: ArmContext) -> loops.RunResult:
+    """OVD (`jaxpost.ovd`): rollouts the teacher scores under `arm.ovd_threshold` (0-9, a proxy
+    of a verbal score) replaced by its samples; GRPO on the verifier's reward."""
+    base, teacher, a = ctx.models.base, ctx.models.teacher, ctx.config.arm
+    return ovd.run(base.config, base.params, teacher.config, teacher.params, ctx.source,
+                   ctx.optim, ctx.loop, ctx.sampling, threshold=a.ovd_threshold,
+                   mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl, lora=ctx.lora,
+                   is_correction=True, is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
+
+
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
@@ -252,6 +262,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("spectrum", "Spectrum Tuning (2510.06084): SFT on the prompt followed by "
         "arm.spectrum_outputs i.i.d. draws from the full solution set, each closed by eos (ours: "
         "eos as the separator, the task prompt as the description)", "sft", False, _spectrum),
+    Arm("ovd", "OVD (2601.21968): rollouts the teacher scores under arm.ovd_threshold replaced "
+        "by its samples, GRPO on the outcome reward (ours: the score is 9 x the teacher's "
+        "geometric-mean token probability, not words; whole trajectories replaced)",
+        "distill_sampled", True, _ovd),
     Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
         "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
         True, _alpha_dpg("dpg_alpha")),

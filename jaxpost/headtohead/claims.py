@@ -118,6 +118,12 @@ def claims(evals: dict) -> list[dict]:
         out.append({"claim": "OPD from a degraded teacher beats that teacher", "source":
                     "The state-distribution view (2605.22731)", "verdict": _verdict(d),
                     "evidence": f"pass@1 opd_degraded−teacher_degraded {_e(d)}"})  # fmt: skip
+    if "ovd" in pp and "grpo" in pp:
+        d = paired(pp["ovd"]["pass@1"], pp["grpo"]["pass@1"])
+        out.append({"claim": "OVD (teacher-scored rollouts, rejected ones replaced by teacher "
+                             "demonstrations) beats GRPO at pass@1", "source": "On-policy "
+                    "verbal distillation (2601.21968)", "verdict": _verdict(d),
+                    "evidence": f"pass@1 ovd−GRPO {_e(d)}"})  # fmt: skip
     if "sparse_select" in pp:
         d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
         out.append({"claim": "training only the base's high-entropy decision points of its own "

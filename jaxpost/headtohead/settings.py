@@ -64,6 +64,9 @@ def check(config) -> None:
         raise UserError(f"arm.sft_mild_lr_scale and arm.sft_stress_lr_scale must be > 0 and "
                         f"arm.degrade_noise >= 0; got {a.sft_mild_lr_scale}, "
                         f"{a.sft_stress_lr_scale}, {a.degrade_noise}")  # fmt: skip
+    if not 0 <= a.ovd_threshold <= 10:
+        raise UserError(f"arm.ovd_threshold must lie in [0, 10] (teacher scores 0-9), got "
+                        f"{a.ovd_threshold}")  # fmt: skip
     for field in ("dpg_alpha", "dpg_alpha_seek"):
         if not 0 <= a[field] < 1:
             raise UserError(f"arm.{field} must lie in [0, 1) (alpha-DPG: 0 forward KL, toward 1 "
