@@ -3,10 +3,11 @@
 `evaluate_model` samples `eval.samples` completions per held-out problem at temperature 1 and
 computes pass@k / CoT-pass@k curves, diversity (entropy of what `task.diversity_key` counts),
 solution-set coverage, retention (the addition task), steerability (the task's steering probe,
-if it has one) and, against the base's own evaluation, support change, rank bias, KL from the
-base and the sparse footprint (`jaxpost.footprint`, on the first `eval.footprint_samples` of the
-base's samples per problem), with bootstrap 95% CIs over problems. The per-problem values are kept so claims can pair
-models problem by problem.
+if it has one; also asked only by in-context examples), Spectrum Tuning's yield and JS divergence
+from uniform over the solution set and, against the base's own evaluation, support change, rank
+bias, KL from the base and the sparse footprint (`jaxpost.footprint`, on the first
+`eval.footprint_samples` of the base's samples per problem), with bootstrap 95% CIs over
+problems. The per-problem values are kept so claims can pair models problem by problem.
 """
 
 from __future__ import annotations
