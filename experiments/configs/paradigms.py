@@ -13,10 +13,11 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of bf3087a on the project's 2-core CPU (XLA:CPU, 2026-12-03,
-otherwise idle): 737 s for the whole README main command (venv, install, start-up ~58 s; 679 s
-of protocol: base and teacher 202 s, the eleven arms' training 388 s, evaluations 89 s). That
-run (96 held-out problems x 32 samples):
+Measured from a clean clone of 6b8f7a3 on the project's 2-core CPU (XLA:CPU, 2026-12-03,
+otherwise idle): 822 s for the whole README main command (venv, install, start-up ~76 s; 746 s
+of protocol: base and teacher 196 s, the eleven arms' training 426 s, evaluations 124 s with the
+footprint, yield, JS and in-context steerability; bf3087a's run took 737 s). That run (96
+held-out problems x 32 samples; the numbers are bf3087a's to the digit):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
     | base | 0.261 | 0.542 | 0.138 | 0.875 | 0.135 |
@@ -26,9 +27,10 @@ run (96 held-out problems x 32 samples):
     | opd_rkl | 0.280 | 0.698 | 0.150 | 0.840 | 0.094 |
     | opsd | 0.228 | 0.583 | 0.087 | 0.898 | 0.053 |
 
-(and seven more arms); two claims reproduced (retention of on-policy arms over SFT,
-entropy-aware OPD keeping more diversity than reverse KL), four inconclusive; the evaluation
-resolves a pass@1 difference of ~0.066, more than any arm gained (benchmarks/paradigms_budget.md).
+(and seven more arms); four of eight claims reproduced (retention of on-policy arms over SFT,
+GRPO's fewer argmax changes than SFT's and their high base entropy, entropy-aware OPD keeping
+more diversity than reverse KL), four inconclusive; the evaluation resolves a pass@1 difference
+of ~0.066, more than any arm gained (benchmarks/paradigms_budget.md, benchmarks/new_arms.md).
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
