@@ -25,7 +25,6 @@ The step loop never waits for a step's metrics: step t's are read after step t+1
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -206,16 +205,13 @@ def run_alpha_dpg(
         raise ValueError("run_alpha_dpg needs a PromptSource with a reward function (b)")
     if jax.process_count() > 1:
         raise ValueError("run_alpha_dpg runs in one process")
-    base_logprobs = jax.jit(functools.partial(train.completion_logprobs, config,
-                                              loss_impl=loss_impl))  # fmt: skip
+    base_logprobs = train.jitted_completion_logprobs(config, loss_impl)
     G = sampling.group_size
 
     def advantage_fn(r: rollouts.StepRollouts, rewards: np.ndarray):
         b = r.batch
-        arrays = data.CompletionBatch(*(jnp.asarray(x) for x in (
-            b.prompt_tokens, b.prompt_mask, b.completion, b.completion_mask)))  # fmt: skip
         mask = np.asarray(b.completion_mask, np.float32)
-        base = (np.asarray(base_logprobs(params, arrays)) * mask).sum(1)
+        base = (np.asarray(base_logprobs(params, jax.tree.map(jnp.asarray, b))) * mask).sum(1)
         return dpg.advantages((np.asarray(b.old_logp) * mask).sum(1), base, rewards, G,
                               alpha=alpha, clip=clip)  # fmt: skip
 

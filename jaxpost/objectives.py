@@ -25,6 +25,7 @@ view included). Only those M slots go through the LM head, on either path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -153,6 +154,13 @@ def completion_logprobs(config: ModelConfig, params, batch: data.CompletionBatch
                         loss_impl: str = "materialized") -> jax.Array:  # fmt: skip
     """Per-token log π(completion) [N, M] under a model, teacher-forced on its own prompt."""
     return _policy_logprobs(config, params, batch, plain_impl(loss_impl, config)).logp
+
+
+@functools.cache
+def jitted_completion_logprobs(config: ModelConfig, loss_impl: str = "materialized"):
+    """`completion_logprobs` jitted once per (config, loss_impl): (params, batch) -> [N, M];
+    every caller (evaluation, a loop scoring rollouts with a frozen model) shares its programs."""
+    return jax.jit(functools.partial(completion_logprobs, config, loss_impl=loss_impl))
 
 
 def _policy_logprobs(config, params, batch: data.CompletionBatch, impl: str, **flags):

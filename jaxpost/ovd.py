@@ -21,8 +21,6 @@ this is the nearest faithful reading, and these parts are ours:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,26 +86,26 @@ def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params
                          "vocabularies must match")  # fmt: skip
     if source.reward is None or jax.process_count() > 1:
         raise ValueError("OVD needs a reward function and runs in one process")
-    student_lp = jax.jit(functools.partial(train.completion_logprobs, config, loss_impl=loss_impl))
-    teacher_lp = jax.jit(functools.partial(train.completion_logprobs, teacher_config,
-                                           loss_impl=loss_impl))  # fmt: skip
+    student_lp = train.jitted_completion_logprobs(config, loss_impl)
+    teacher_lp = train.jitted_completion_logprobs(teacher_config, loss_impl)
     kw = dict(batch_size=loop.batch_size, seed=loop.seed, mesh=mesh)
 
-    def arrays(b: data.CompletionBatch) -> data.CompletionBatch:
-        return data.CompletionBatch(*(jnp.asarray(x) for x in (
-            b.prompt_tokens, b.prompt_mask, b.completion, b.completion_mask)))  # fmt: skip
+    def on_device(b: data.CompletionBatch) -> data.CompletionBatch:
+        return jax.tree.map(jnp.asarray, b)
 
     def collect(params, step):
         r = rollouts.sample_step(config, params, source, sampling, step=step, **kw)
         own = rollouts.rewards(source, r)
-        scores = verbal_proxy(teacher_lp(teacher_params, arrays(r.batch)), r.batch.completion_mask)
+        scores = verbal_proxy(teacher_lp(teacher_params, on_device(r.batch)),
+                              r.batch.completion_mask)  # fmt: skip
         low = scores < threshold
+        r.rewards = own
         if low.any():
             t = rollouts.sample_step(teacher_config, teacher_params, source, sampling, step=step,
                                      **kw)  # fmt: skip
-            lp = np.asarray(student_lp(params, arrays(t.batch)))
+            lp = np.asarray(student_lp(params, on_device(t.batch)))
             r = replace_rows(r, t, low, lp)
-        r.rewards = rollouts.rewards(source, r)
+            r.rewards = np.where(low, rollouts.rewards(source, t), own).astype(np.float32)
         return r, {"ovd_score": float(scores.mean()), "ovd_replaced_frac": float(low.mean()),
                    "reward": float(own.mean())}  # fmt: skip
 

@@ -36,6 +36,7 @@ from jaxpost.objectives import (  # noqa: F401  (re-exported: train.sft_objectiv
     grpo_objective,
     head_logprobs,
     head_operand,
+    jitted_completion_logprobs,
     opd_objective,
     resolve_loss_impl,
     sampled_opd_objective,

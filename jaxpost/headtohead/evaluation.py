@@ -39,17 +39,11 @@ class Evaluation:
                 "footprint": self.footprint}
 
 
-@functools.cache
-def _forced_logprobs_fn(config, loss_impl: str):
-    # One jitted function per config, so every model and arm reuses its compiled programs.
-    return jax.jit(functools.partial(train.completion_logprobs, config, loss_impl=loss_impl))
-
-
 def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 1024,
                     loss_impl: str = "auto") -> np.ndarray:  # fmt: skip
     """Per-token logprobs [N, M] of fixed completions under a model (teacher forcing; at a
     large vocabulary from hidden states in vocabulary blocks, never [N, M, V] logits)."""
-    fn = _forced_logprobs_fn(model.config, loss_impl)
+    fn = train.jitted_completion_logprobs(model.config, loss_impl)
     width = data.round_up(max(len(x) for x in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
@@ -178,10 +172,10 @@ def in_context_steerability(w: World, model: Model, params, seed: int) -> list[f
     `eval.icl_examples` compliant outputs, each closed by eos (`jaxpost.spectrum`)."""
     e, tok = w.config.eval, model.tokenizer
     contexts = spectrum.steer_contexts(w.steer, w.steer_test, examples=e.icl_examples, seed=seed)
-    by_problem = dict(zip(map(id, w.steer_test), contexts))
+    by_problem = dict(zip(w.steer_test, contexts))
 
     def encode(p):
-        return spectrum.in_context_prompt(tok, w.task.render_prompt(p.base), by_problem[id(p)])
+        return spectrum.in_context_prompt(tok, w.task.render_prompt(p.base), by_problem[p])
 
     st = evaluate.sample(model.config, params, tok, w.steer, w.steer_test, n=e.steer_samples,
                          max_new_tokens=w.config.arm.max_new_tokens, seed=seed, encode=encode,
