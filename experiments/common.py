@@ -10,8 +10,8 @@ a flag twice):
 
     --config=experiments/configs/<main>.py[:variant]   the ConfigDict (default: that file);
                                                       --config.a.b=value overrides a field
-    --workdir, --model, --teacher, --task, --mesh      shorthands for the config fields of those
-                                                      names (--task sets config.task.name)
+    --workdir, --model, --teacher, --task, --mesh,     shorthands for the config fields of those
+    --arms                                            names (--task sets config.task.name)
 
 Before anything else touches JAX, the main starts the multi-controller runtime when the
 environment describes several processes (`jaxpost.distributed`; a no-op for one process) and
@@ -44,6 +44,7 @@ SHORTHANDS = {
                            "config.teacher)"),
     "task": ("task.name", "the task: countdown, gsm8k or addition (sets config.task.name)"),
     "mesh": ("mesh", "device mesh data,fsdp,tensor, e.g. 2,2,2 or fsdp=-1 (sets config.mesh)"),
+    "arms": ("arms", "the head-to-head's arms, comma-separated, or all (sets config.arms)"),
 }  # fmt: skip
 
 

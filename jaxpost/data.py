@@ -75,6 +75,10 @@ class CompletionBatch:
       loss_mask: [N, M] the completion tokens the loss counts, a subset of completion_mask
         (GRPO's truncated completions, high-entropy tokens, dynamic sampling's filler groups);
         None: every completion token. The model still sees every completion token.
+      demo, demo_mask: [N, M'] a demonstration of the row's prompt, right-padded like the
+        completion (GAD's teacher response, `jaxpost.gad`).
+      demo_sft: [N] 1 on a step that trains the policy by SFT on `demo` instead of its
+        objective (GAD's warm-up), else 0.
     Optional fields are None when unused; a None is an empty pytree, so it costs nothing in a
     jitted step (but a run keeps the same fields set on every step, or the step recompiles).
     """
@@ -91,6 +95,9 @@ class CompletionBatch:
     ref_logp: jax.Array | None = None
     teacher_topk: Any = None
     loss_mask: jax.Array | None = None
+    demo: jax.Array | None = None
+    demo_mask: jax.Array | None = None
+    demo_sft: jax.Array | None = None
 
     @property
     def rows(self) -> int:

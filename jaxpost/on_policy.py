@@ -76,6 +76,7 @@ def run_on_policy(
     lora: LoraConfig | None = None,
     extra_transform: optax.GradientTransformation | None = None,
     frozen_from_state: Callable[[train.TrainState], tuple] | None = None,
+    companions: dict | None = None,
 ) -> RunResult:
     """The on-policy loop: sample the step's prompts with the current policy, score them on the
     host, take `updates_per_batch` optimizer steps on the batch.
@@ -96,6 +97,10 @@ def run_on_policy(
         `teachers.ema_tracker`.
       frozen_from_state: (train state) -> the frozen inputs of the next update, instead of
         `frozen`'s fixed ones (e.g. the EMA the optimizer state holds).
+      companions: models trained in the same step as the policy (name -> parameters, e.g.
+        GAD's discriminator): the trained tree is then {"policy": params, **companions}, the
+        objective takes that tree, the sampler and the result's `params` see "policy", and the
+        state (checkpoints included) holds them all. One device, no LoRA.
     """
     rows = loop.batch_size * sampling.group_size
     if mesh is not None and rows % sharding.data_parallel_size(mesh):
@@ -105,8 +110,15 @@ def run_on_policy(
     optimizer = train.make_optimizer(optim)
     if extra_transform is not None:
         optimizer = optax.chain(optimizer, extra_transform)
+    if companions:
+        if mesh is not None or lora is not None or "policy" in companions:
+            raise ValueError("models trained beside the policy (companions) run on one device "
+                             "without LoRA, and none is named 'policy'")  # fmt: skip
+        params = {"policy": params, **companions}
     step_fn, trained, frozen_params, model_params = adapted(
         config, params, objective, optimizer, optim.grad_accum, mesh, lora, loop.seed, frozen)
+    if companions:
+        model_params = lambda trained: trained["policy"]  # noqa: E731
     run = runner.Runner(loop, step_fn.init_state(trained, loop.seed))
     if collect is None:
         def collect(params, step):

@@ -99,6 +99,9 @@ def get_config(arg: str | None = None):
     c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
     c.arm.spectrum_outputs = 4  # spectrum (jaxpost.spectrum): solutions per training sequence
     c.arm.ovd_threshold = 5  # ovd (jaxpost.ovd): teacher scores 0-9 below this are replaced
+    # gad (jaxpost.gad): the share of arm.steps spent in the warm-up (SFT on the teacher's
+    # responses while the discriminator learns)
+    c.arm.gad_warmup_frac = 0.1
     # the state-distribution view: SFT's learning rate scaled down / up; opd_degraded's teacher
     # noise (times each weight tensor's RMS; 0.1 puts the teacher at the base's pass@1 on design
     # seed 10: 0.321 vs 0.306, where 0.3 destroyed it, 0.001)

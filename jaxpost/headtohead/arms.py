@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, inputs, loops, lora, losses, opd, ovd, sparse_select, spectrum, train
+from jaxpost import data, gad, inputs, loops, lora, losses, opd, ovd, sparse_select, spectrum, train
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -206,6 +206,20 @@ def _ovd(ctx: ArmContext) -> loops.RunResult:
                    is_correction=True, is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
 
 
+def _gad(ctx: ArmContext) -> loops.RunResult:
+    """GAD (`jaxpost.gad`): a discriminator (the base plus a scalar head) learns teacher from
+    student samples; GRPO on its score after a warm-up of `arm.gad_warmup_frac` of the steps."""
+    base, teacher, a = ctx.models.base, ctx.models.teacher, ctx.config.arm
+    if ctx.world.mesh is not None or ctx.lora is not None:
+        raise UserError("the gad arm trains its discriminator beside the policy on one device "
+                        "without LoRA: run it without --mesh and lora_rank")  # fmt: skip
+    return gad.run(base.config, base.params, teacher.config, teacher.params, ctx.source,
+                   ctx.optim, ctx.loop, ctx.sampling,
+                   warmup=int(round(a.gad_warmup_frac * ctx.loop.steps)),
+                   loss_impl=ctx.config.loss_impl, is_correction=True, is_mode=a.is_mode,
+                   is_max=a.is_max)  # fmt: skip
+
+
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
@@ -266,6 +280,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "by its samples, GRPO on the outcome reward (ours: the score is 9 x the teacher's "
         "geometric-mean token probability, not words; whole trajectories replaced)",
         "distill_sampled", True, _ovd),
+    Arm("gad", "GAD (2511.10643): black-box distillation, GRPO on a discriminator's score that "
+        "learns teacher from student samples by Bradley-Terry, after an SFT warm-up on teacher "
+        "samples (ours: the discriminator is the base plus a linear head; teacher responses "
+        "sampled each step; the warm-up inside the arm's budget)", "rl", True, _gad),
     Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
         "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
         True, _alpha_dpg("dpg_alpha")),

@@ -124,6 +124,13 @@ def claims(evals: dict) -> list[dict]:
                              "demonstrations) beats GRPO at pass@1", "source": "On-policy "
                     "verbal distillation (2601.21968)", "verdict": _verdict(d),
                     "evidence": f"pass@1 ovd−GRPO {_e(d)}"})  # fmt: skip
+    if "gad" in pp and "sft" in pp:
+        d = paired(pp["gad"]["pass@1"], pp["sft"]["pass@1"])
+        b = paired(pp["gad"]["pass@1"], pp["base"]["pass@1"])
+        out.append({"claim": "black-box on-policy distillation (GAD, teacher samples only) beats "
+                             "SFT at pass@1", "source": "GAD (2511.10643; there against SFT on "
+                    "teacher responses, here on dataset solutions)", "verdict": _verdict(d),
+                    "evidence": f"pass@1 gad−SFT {_e(d)}; gad−base {_e(b)}"})  # fmt: skip
     if "sparse_select" in pp:
         d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
         out.append({"claim": "training only the base's high-entropy decision points of its own "

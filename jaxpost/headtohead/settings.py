@@ -67,6 +67,9 @@ def check(config) -> None:
     if not 0 <= a.ovd_threshold <= 10:
         raise UserError(f"arm.ovd_threshold must lie in [0, 10] (teacher scores 0-9), got "
                         f"{a.ovd_threshold}")  # fmt: skip
+    if not 0 <= a.gad_warmup_frac <= 1:
+        raise UserError(f"arm.gad_warmup_frac must lie in [0, 1] (the share of arm.steps GAD "
+                        f"warms up), got {a.gad_warmup_frac}")  # fmt: skip
     for field in ("dpg_alpha", "dpg_alpha_seek"):
         if not 0 <= a[field] < 1:
             raise UserError(f"arm.{field} must lie in [0, 1) (alpha-DPG: 0 forward KL, toward 1 "
