@@ -79,6 +79,7 @@ def sample(
     encode: Callable[[Any], list[int]] | None = None,
     max_rows: int = 4096,
     mesh=None,
+    guide: sampler.Guide | None = None,
 ) -> Samples:
     """Sample `n` completions per problem and verify each with the task.
 
@@ -90,6 +91,8 @@ def sample(
       mesh: sample with the rows split over the mesh's data axes. With several processes each
         samples its own rows of every chunk and all processes get every sample back (the
         verdicts and metrics are the same on every host).
+      guide: sample Q♯'s value-guided policy (`sampler.Guide`, `jaxpost.qsharp`) instead of the
+        model's own; `logprobs` are then the guided policy's.
     """
     if n < 1 or not problems:
         raise ValueError(f"need n >= 1 and at least one problem, got n={n}, {len(problems)} problems")
@@ -110,7 +113,7 @@ def sample(
         r = sampler.generate_rows(
             config, params, tokens, mask, np.arange(mine.start, mine.stop, dtype=np.int32),
             max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
-            seed=seed + start, pad_id=tokenizer.pad_id, mesh=mesh,
+            seed=seed + start, pad_id=tokenizer.pad_id, mesh=mesh, guide=guide,
         )  # fmt: skip
         got = distributed.gather_rows((r.tokens, r.mask, r.logprobs, r.lengths), mine)
         parts.append(tuple(np.asarray(x)[: len(chunk) * n] for x in got))

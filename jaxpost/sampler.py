@@ -14,6 +14,11 @@ Two logprobs come back per generated token:
 Randomness: the key of row r at step t is fold_in(fold_in(key(seed), r), t), where r is the row's
 index in the unpadded output (prompt i, sample j -> r = i·num_samples + j). A seed therefore gives
 the same tokens run after run, whatever the bucket.
+
+Guided decoding (`guide=Guide(...)`, Q♯, `jaxpost.qsharp`): the value model keeps its own KV cache
+in the same loop, scores the base's top-k tokens at every step, and the token is drawn from the
+base's logits plus Q on them (`token_choice.choose_guided`); `logprobs` are then the untempered
+guided policy's.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flax import struct
 
 from jaxpost import data, models, token_choice
 from jaxpost.models import ModelConfig
+from jaxpost.token_choice import Guide
 
 
 @struct.dataclass
@@ -77,7 +83,7 @@ def _bucket(n: int, minimum: int) -> int:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate_program(
     s: token_choice.Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP,
-    row_ids_N, seed, max_new_tokens, temperature, top_p,
+    row_ids_N, seed, max_new_tokens, temperature, top_p, guide=None,
 ):  # fmt: skip
     config = s.config
     N, P = prompt_NxP.shape
@@ -93,6 +99,9 @@ def _generate_program(
         config, params, prompt_NxP, positions, prompt_mask_NxP, cache, 0, last_only=True,
         layers=layers,
     )  # fmt: skip
+    if guide is not None:
+        vcache, vlayers = token_choice.guide_prefill(guide, prompt_NxP, positions, prompt_mask_NxP,
+                                                     P + M)  # fmt: skip
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_N)
     stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
@@ -108,6 +117,7 @@ def _generate_program(
         entropy=zeros_f if s.with_entropy else None,
         done=jnp.zeros((N,), bool),
         lengths=jnp.zeros((N,), jnp.int32),
+        vcache=vcache if guide is not None else None,
     )
 
     def cond(st):
@@ -116,13 +126,18 @@ def _generate_program(
     def body(st):
         t = st["step"]
         keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-        token, lp, slp, ent = token_choice.choose(st["logits"], keys, s, temperature, top_p)
         live = ~st["done"]
+        new = dict(st)
+        if guide is None:
+            token, lp, slp, ent = token_choice.choose(st["logits"], keys, s, temperature, top_p)
+        else:
+            token, lp, slp, ent, new["vcache"] = token_choice.choose_guided(
+                st["logits"], keys, s, temperature, guide, st["vcache"], vlayers,
+                prompt_lengths + t, P + t, live)  # fmt: skip
         token = jnp.where(live, token, s.pad_id)
         put = lambda buf, val: jax.lax.dynamic_update_slice(  # noqa: E731
             buf, jnp.where(live, val, 0.0)[:, None].astype(buf.dtype), (0, t)
         )
-        new = dict(st)
         new["tokens"] = jax.lax.dynamic_update_slice(st["tokens"], token[:, None], (0, t))
         new["logprobs"] = put(st["logprobs"], lp)
         new["sample_logprobs"] = put(st["sample_logprobs"], slp)
@@ -185,8 +200,10 @@ def _validate(config, prompts, max_new_tokens, temperature, top_k, top_p, num_sa
 
 
 def _run(config, params, arrays, max_new_bucket: int, *, max_new_tokens, temperature, top_k,
-         top_p, eos_id, seed, stop_ids, pad_id, with_entropy):  # fmt: skip
+         top_p, eos_id, seed, stop_ids, pad_id, with_entropy, guide=None):  # fmt: skip
     """The compiled program on (prompt, prompt mask, row ids) arrays: its six outputs."""
+    if guide is not None:
+        guide.check(config, top_k, top_p)
     stops = tuple(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])})) or (-1,)
     static = token_choice.Static(
         config=config, greedy=temperature == 0, top_k=top_k,
@@ -196,6 +213,7 @@ def _run(config, params, arrays, max_new_bucket: int, *, max_new_tokens, tempera
     return _generate_program(
         static, max_new_bucket, params, *arrays, jnp.uint32(seed), jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p if top_p is not None else 1.0),
+        *([guide] if guide is not None else []),
     )  # fmt: skip
 
 
@@ -215,6 +233,7 @@ def generate(
     pad_id: int = 0,
     with_entropy: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    guide: Guide | None = None,
 ) -> Rollouts:
     """Sample `num_samples` completions of each prompt with a KV cache, on device.
 
@@ -230,6 +249,7 @@ def generate(
       pad_id: written after a row's stop and in prompt padding.
       with_entropy: also return the per-token entropy of the untempered policy.
       mesh: if given, the batch is sharded over its ('data', 'fsdp') axes.
+      guide: Q♯ value guidance (`Guide`; then neither top_k nor top_p): the module docstring.
     """
     _validate(config, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     n_rows = len(prompts) * num_samples
@@ -261,7 +281,7 @@ def generate(
     tokens, logprobs, sample_lp, entropy, mask, lengths = _run(
         config, params, args, M, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
-        with_entropy=with_entropy,
+        with_entropy=with_entropy, guide=guide,
     )  # fmt: skip
     m = max_new_tokens
     return Rollouts(
@@ -310,6 +330,7 @@ def generate_rows(
     pad_id: int = 0,
     with_entropy: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    guide: Guide | None = None,
 ) -> HostRollouts:
     """Sample one completion per row of already-padded prompts: a training loop's path.
 
@@ -338,7 +359,8 @@ def generate_rows(
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # constraints apply
         out = _run(config, params, arrays, M, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
-                   stop_ids=stop_ids, pad_id=pad_id, with_entropy=with_entropy)  # fmt: skip
+                   stop_ids=stop_ids, pad_id=pad_id, with_entropy=with_entropy,
+                   guide=guide)  # fmt: skip
     tokens, logprobs, sample_lp, entropy, mask, lengths = (
         None if x is None else distributed.host_rows(x)[:, :max_new_tokens] if x.ndim == 2
         else distributed.host_rows(x) for x in out

@@ -1,16 +1,24 @@
 """How the sampler picks each token: temperature, top-k, top-p (nucleus), and the logprobs
 that come back with the token (under the untempered policy, and under the distribution actually
 sampled from). `Static` holds the hashable settings that shape the compiled program.
+
+A `Guide` turns on Q♯'s value-guided decoding (`jaxpost.qsharp`): the token is drawn from
+π(a|s) ∝ π_ref(a|s)·exp(Q(s, a)) on the base's top-k tokens, each candidate scored by a value
+model with its own KV cache (`choose_guided`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from jaxpost.models import ModelConfig
+from jaxpost import models
+from jaxpost.models import KVCache, ModelConfig
+from jaxpost.models import functional as model_functions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +77,137 @@ def choose(logits_NxV, keys_N, s: Static, temperature, top_p):
         p = jnp.exp(logp_NxV)
         entropy = -jnp.sum(jnp.where(p > 0, p * logp_NxV, 0.0), axis=-1)
     return token.astype(jnp.int32), policy_lp, sample_lp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# Q♯ guidance: candidates scored by a value model (jaxpost.qsharp)
+
+
+@struct.dataclass
+class Guide:
+    """Q♯-guided sampling: π(a|s) ∝ π_ref(a|s)·exp(Q(s, a)) on π_ref's `top_k` next tokens,
+    Q(s, a) = log(1 − p + p·e^η), p = σ(value logit of s + a) (`jaxpost.qsharp`).
+
+    Attributes:
+      config: the value model's transformer (static; its vocabulary must be the policy's).
+      params: the value tree {"model": transformer params, "head": {"w": [D], "b": []}}.
+      top_k: candidates scored per step (static).
+      eta: η, the inverse KL strength (0: Q ≡ 0, the base truncated to its top-k).
+    """
+
+    config: ModelConfig = struct.field(pytree_node=False)
+    params: Any
+    top_k: int = struct.field(pytree_node=False, default=20)
+    eta: float = 10.0
+
+    def check(self, config: ModelConfig, top_k, top_p) -> None:
+        if self.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the guide's value model reads the policy's tokens: vocabularies "
+                             f"{self.config.vocab_size} and {config.vocab_size} "
+                             f"differ")  # fmt: skip
+        if self.top_k < 1 or top_k is not None or (top_p is not None and top_p < 1):
+            raise ValueError("a guide samples from its own top_k (>= 1) candidates: pass neither "
+                             "top_k nor top_p with it")  # fmt: skip
+
+
+def q_from_logits(x, eta):
+    """Q = log(1 − p + p·e^η) of p = σ(x), stably: log1p(p·expm1(η)) up to η = 20 (exactly 0 at
+    η = 0 or p = 0, so a zero guide leaves the base's logits bit for bit), and beyond it
+    logaddexp(log σ(−x), η + log σ(x)), which never forms e^η."""
+    x = jnp.asarray(x, jnp.result_type(x, jnp.float32))
+    eta = jnp.asarray(eta, x.dtype)
+    small = jnp.log1p(jax.nn.sigmoid(x) * jnp.expm1(jnp.minimum(eta, 20.0)))
+    large = jnp.logaddexp(jax.nn.log_sigmoid(-x), eta + jax.nn.log_sigmoid(x))
+    return jnp.where(eta <= 20.0, small, large)
+
+
+def value_head(hidden_BxTxD, head) -> jax.Array:
+    """The value logit [B, T] of each hidden state: h·w + b, in float32."""
+    w = head["w"].astype(jnp.float32)
+    return jnp.einsum("btd,d->bt", hidden_BxTxD.astype(jnp.float32), w) + head["b"]
+
+
+def scratch_cache(config: ModelConfig, batch: int, capacity: int) -> KVCache:
+    """An empty cache of `capacity` slots, which may pass max_seq_len: the slots after the real
+    sequence hold candidate tokens, whose positions (what rope sees) stay within it."""
+    shape = (batch, config.n_kv_heads, capacity, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, config.compute_dtype)  # noqa: E731
+                          for _ in range(config.n_layers))  # fmt: skip
+    return KVCache(k=zeros(), v=zeros(), valid_BxS=jnp.zeros((batch, capacity), bool))
+
+
+def candidate_values(config: ModelConfig, value_params, tokens_BxC, positions_BxC, sees_BxCxS,
+                     cache: KVCache, scratch: int, layers=None
+                     ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """Value logits [B, C] of C candidate tokens, each read as if it alone followed the cached
+    slots it sees: the candidates are C query tokens written at slots [scratch, scratch + C) of
+    `cache`; candidate c attends the slots `sees_BxCxS` marks (never a scratch slot) and its own,
+    not the other candidates. Also returns the cache with the candidates' keys and values in the
+    scratch slots (their valid bits unset)."""
+    C = tokens_BxC.shape[1]
+    own_CxS = jnp.arange(cache.capacity)[None, :] == scratch + jnp.arange(C)[:, None]
+    # The model itself, not forward_cached: its causal mask would let candidates see each other.
+    model = model_functions._model(config, value_params["model"])
+    hidden, kv = model.hidden(tokens_BxC, positions_BxC, sees_BxCxS | own_CxS[None],
+                              list(zip(cache.k, cache.v)), scratch, layers)  # fmt: skip
+    cache = cache.replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
+    return value_head(hidden, value_params["head"]), cache
+
+
+def guide_prefill(guide: Guide, prompt_NxP, positions_NxP, prompt_mask_NxP, real_slots: int):
+    """The value model's cache after the prompt ([real slots + top_k scratch slots]) and its
+    per-layer weights (sliced once on CPU, as the sampler does for the policy)."""
+    c = guide.config
+    k = min(guide.top_k, c.vocab_size)
+    cpu = jax.default_backend() == "cpu"
+    layers = models.layer_params(c, guide.params["model"]) if cpu else None
+    cache = scratch_cache(c, prompt_NxP.shape[0], real_slots + k)
+    _, cache = models.forward_cached(c, guide.params["model"], prompt_NxP, positions_NxP,
+                                     prompt_mask_NxP, cache, 0, last_only=True,
+                                     layers=layers)  # fmt: skip
+    return cache, layers
+
+
+def choose_guided(logits_NxV, keys_N, s: Static, temperature, guide: Guide, cache: KVCache,
+                  layers, positions_N, slot, live_N):  # fmt: skip
+    """`choose` under a guide: the base's top-k tokens scored by the value model at `slot`
+    (position `positions_N`), the token drawn from the full-vocabulary logits
+    (base logits / temperature) + Q on the top-k, −inf elsewhere, by the plain path's very
+    categorical call (Q ≡ 0 draws the plain sampler's tokens at top_k = k). Logprobs: under the
+    untempered guided policy (base logits + Q on the top-k) and under the tempered one sampled;
+    entropy of the untempered one. The chosen candidate's keys and values move from its scratch
+    slot to `slot` (the numbers a one-token forward of it would write: same token, position and
+    attended slots), so the value cache needs no second pass. Returns the token, the logprobs,
+    the entropy and the cache."""
+    N, V = logits_NxV.shape
+    k = min(guide.top_k, V)
+    scratch = cache.capacity - k
+    base_k, idx = jax.lax.top_k(logits_NxV, k)
+    sees = jnp.broadcast_to(cache.valid_BxS[:, None, :], (N, k, cache.capacity))
+    positions = jnp.broadcast_to(positions_N[:, None], (N, k))
+    x, cache = candidate_values(guide.config, guide.params, idx, positions, sees, cache, scratch,
+                                layers)  # fmt: skip
+    q = q_from_logits(x, guide.eta)
+    policy_k = jax.nn.log_softmax(base_k + q, axis=-1)
+    if s.greedy:
+        j = jnp.argmax(base_k + q, axis=-1)
+        token = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
+        sample_lp = jnp.zeros((N,), jnp.float32)
+    else:
+        sampling_k = jnp.take_along_axis(logits_NxV / temperature, idx, axis=-1) + q
+        rows = jnp.arange(N)[:, None]
+        sampling = jnp.full_like(logits_NxV, -jnp.inf).at[rows, idx].set(sampling_k)
+        token = jax.vmap(jax.random.categorical)(keys_N, sampling)
+        j = jnp.argmax(idx == token[:, None], axis=-1)
+        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(sampling_k, axis=-1), j[:, None],
+                                        axis=-1)[:, 0]  # fmt: skip
+    policy_lp = jnp.take_along_axis(policy_k, j[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(policy_k) * policy_k, axis=-1) if s.with_entropy else None
+
+    def move(buf):  # [N, K, S, E]: the chosen candidate's scratch slot copied into `slot`
+        chosen = jnp.take_along_axis(buf, (scratch + j)[:, None, None, None], axis=2)
+        return jax.lax.dynamic_update_slice(buf, chosen, (0, 0, slot, 0))
+
+    valid = jax.lax.dynamic_update_slice(cache.valid_BxS, live_N[:, None], (0, slot))
+    cache = KVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), valid_BxS=valid)
+    return token.astype(jnp.int32), policy_lp, sample_lp, entropy, cache
