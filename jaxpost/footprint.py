@@ -12,7 +12,8 @@ Per position t of a completion (teacher-forced on the base's sample, so both mod
 states): `flip` = argmax π(·|s_t) ≠ argmax π_base(·|s_t); `rank` = the base rank of the model's
 argmax (0 = the base's own top token; ties count in the token's favour); `entropy` = the base's
 entropy H(π_base(·|s_t)) in nats. Logits are computed in row chunks of bounded size; [N, M, V]
-never exists for the whole evaluation.
+never exists for the whole evaluation. A model decoded under a guide (Q♯, `sampler.Guide`) is
+compared through its guided logits (`qsharp.guided_logits`): its argmax over the base's top-k.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, objectives
+from jaxpost import data, objectives, qsharp
 from jaxpost.inputs import Model
 from jaxpost.models import ModelConfig
 
@@ -45,11 +46,16 @@ def position_stats(base_logits_NxMxV, logits_NxMxV):
 
 
 @functools.cache
-def _stats_fn(base_config: ModelConfig, config: ModelConfig):
-    def fn(base_params, params, batch: data.CompletionBatch):
+def _stats_fn(base_config: ModelConfig, config: ModelConfig, top_k: int | None):
+    def fn(base_params, params, batch: data.CompletionBatch, guide_params=None, eta=None):
         args = (batch.prompt_tokens, batch.prompt_mask, batch.completion, batch.completion_mask)
         base = objectives.completion_logits(base_config, base_params, *args)
-        return position_stats(base, objectives.completion_logits(config, params, *args))
+        if top_k is None:
+            logits = objectives.completion_logits(config, params, *args)
+        else:
+            logits = qsharp.guided_logits(config, params, guide_params, *args, eta=eta,
+                                          top_k=top_k)  # fmt: skip
+        return position_stats(base, logits)
 
     return jax.jit(fn)
 
@@ -97,20 +103,25 @@ def summarize(flip, rank, entropy, mask, rows_per_problem: int) -> Footprint:
 
 
 def footprint(base: Model, base_params, config: ModelConfig, params, prompts, tokens, mask,
-              rows_per_problem: int) -> Footprint:  # fmt: skip
-    """The sparse footprint of `params` (a model of `config`) against the base, on the
-    completions `tokens`/`mask` [N, M] of `prompts` (the base's own samples)."""
+              rows_per_problem: int, guide=None) -> Footprint:  # fmt: skip
+    """The sparse footprint of `params` (a model of `config`; decoded under `guide`, a
+    `sampler.Guide`, when given) against the base, on the completions `tokens`/`mask` [N, M] of
+    `prompts` (the base's own samples)."""
     if config.vocab_size != base.config.vocab_size:
         raise ValueError(f"the footprint compares argmaxes over one vocabulary; the model has "
                          f"{config.vocab_size} tokens, the base {base.config.vocab_size}")  # fmt: skip
     tokens, mask = np.asarray(tokens), np.asarray(mask)
-    fn = _stats_fn(base.config, config)
+    fn = _stats_fn(base.config, config, None if guide is None else guide.top_k)
+    extra = () if guide is None else (guide.params, guide.eta)
     chunk = max(1, _CHUNK_ELEMENTS // (tokens.shape[1] * config.vocab_size))
+    if guide is not None:  # the candidates' attention, [rows, M·k, P + M + M·k], bounds it
+        chunk = min(chunk, 64)
     width = data.round_up(max(len(p) for p in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
         pt, pm = data.left_pad(prompts[i : i + chunk], width, base.tokenizer.pad_id)
         batch = data.CompletionBatch(pt, pm, tokens[i : i + chunk], mask[i : i + chunk])
-        out.append(jax.device_get(fn(base_params, params, jax.tree.map(jnp.asarray, batch))))
+        out.append(jax.device_get(fn(base_params, params, jax.tree.map(jnp.asarray, batch),
+                                     *extra)))
     flip, rank, entropy = (np.concatenate(x) for x in zip(*out))
     return summarize(flip, rank, entropy, mask, rows_per_problem)

@@ -156,6 +156,7 @@ class RunResult:
     preempted: bool = False
     last_batch: Any = None  # this process's rows of the final step's batch (state locality)
     params: Any = None
+    guide: Any = None  # a decoding-time guide the policy samples with (`sampler.Guide`, Q♯)
 
 
 class StepFunction:

@@ -54,7 +54,7 @@ def test_miniature_protocol_writes_the_report(mini):
             assert arm["history"] and arm["history"][-1]["step"] == 2
             assert "efficiency" in arm["scalars"] and "state_locality" in arm["scalars"]
     verdicts = {c["verdict"] for c in result["claims"]}
-    assert len(result["claims"]) == 15 and verdicts <= {"reproduced", "not reproduced",
+    assert len(result["claims"]) == 16 and verdicts <= {"reproduced", "not reproduced",
                                                        "inconclusive"}  # fmt: skip
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
@@ -205,7 +205,7 @@ def test_a_diverged_arm_is_reported_as_diverged(mini, tmp_path):
 @pytest.mark.slow
 def test_main_runs_from_the_command_line(mini):
     workdir, _, _ = mini
-    new = "sparse_select,alpha_dpg,spectrum,gad,ovd"  # issue 16's command (arms the fixture ran)
+    new = "sparse_select,alpha_dpg,spectrum,gad,ovd,qsharp"  # issue 16's (arms the fixture ran)
     out = run("experiments.paradigms", f"--workdir={workdir}", "--mini", f"--arms={new}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| alpha_dpg |" in out.stdout and "report:" in out.stdout
@@ -216,6 +216,9 @@ def test_main_runs_from_the_command_line(mini):
         assert saved["arms"][name]["history"], name
     assert any("decision points" in c["claim"] for c in saved["claims"])
     assert "disc_acc" in saved["arms"]["gad"]["history"][-1]  # GAD's discriminator trained
+    q, base = saved["arms"]["qsharp"], saved["arms"]["base"]
+    assert "value_bce" in q["history"][-1]  # Q♯'s value model trained; its policy is the base's
+    assert q["scalars"]["retention"] == base["scalars"]["retention"]  # weights untouched
     both = run("experiments.paradigms", f"--workdir={workdir}", "--mini",
                "--config=experiments/configs/paradigms.py")  # fmt: skip
     assert both.returncode == 1 and "give one of them" in both.stderr

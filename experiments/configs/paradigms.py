@@ -102,6 +102,10 @@ def get_config(arg: str | None = None):
     # gad (jaxpost.gad): the share of arm.steps spent in the warm-up (SFT on the teacher's
     # responses while the discriminator learns)
     c.arm.gad_warmup_frac = 0.1
+    # qsharp (jaxpost.qsharp): candidates scored per decoding step (the base's top-k) and η, the
+    # inverse KL strength of π ∝ π_base·exp(Q) (the paper's defaults); its value model trains
+    # at arm.learning_rate
+    c.arm.qsharp_top_k, c.arm.qsharp_eta = 20, 10.0
     # the state-distribution view: SFT's learning rate scaled down / up; opd_degraded's teacher
     # noise (times each weight tensor's RMS; 0.1 puts the teacher at the base's pass@1 on design
     # seed 10: 0.321 vs 0.306, where 0.3 destroyed it, 0.001)

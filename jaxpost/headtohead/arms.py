@@ -19,7 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, gad, inputs, loops, lora, losses, opd, ovd, sparse_select, spectrum, train
+from jaxpost import (
+    data,
+    gad,
+    inputs,
+    loops,
+    lora,
+    losses,
+    opd,
+    ovd,
+    qsharp,
+    sparse_select,
+    spectrum,
+    train,
+)
 from jaxpost.errors import UserError
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
@@ -220,6 +233,19 @@ def _gad(ctx: ArmContext) -> loops.RunResult:
                    is_max=a.is_max)  # fmt: skip
 
 
+def _qsharp(ctx: ArmContext) -> loops.RunResult:
+    """Q♯ (`jaxpost.qsharp`): the base stays as it is; a value model (the base plus a scalar
+    head) learns P(success | prefix) from the base's own rollouts with the arm's budget, and the
+    arm's policy is the base decoded under its guidance (`RunResult.guide`)."""
+    base, a = ctx.models.base, ctx.config.arm
+    if ctx.lora is not None:
+        raise UserError("the qsharp arm trains no policy weights: run it without lora_rank")
+    r = qsharp.train_value(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
+                           ctx.sampling, mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl)  # fmt: skip
+    guide = qsharp.Guide(base.config, r.params, top_k=a.qsharp_top_k, eta=a.qsharp_eta)
+    return dataclasses.replace(r, params=base.params, guide=guide)
+
+
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
@@ -284,6 +310,11 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "learns teacher from student samples by Bradley-Terry, after an SFT warm-up on teacher "
         "samples (ours: the discriminator is the base plus a linear head; teacher responses "
         "sampled each step; the warm-up inside the arm's budget)", "rl", True, _gad),
+    Arm("qsharp", "Q♯ (NeurIPS 2025): the frozen base decoded as π ∝ π_base·exp(Q) over its "
+        "top arm.qsharp_top_k tokens, Q = log(1 − p + p·e^η) from a value model of P(success | "
+        "prefix) trained on the base's rollouts; retention is the base's by construction (ours: "
+        "the value model is the base plus a linear head, BCE at every prefix)", "rl", False,
+        _qsharp),
     Arm("alpha_dpg", "alpha-DPG (2512.05962) toward the base filtered by the verifier, "
         "alpha = arm.dpg_alpha (mass-covering side; ours: GRPO's per-token surrogate)", "rl",
         True, _alpha_dpg("dpg_alpha")),

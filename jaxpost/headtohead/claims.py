@@ -131,6 +131,13 @@ def claims(evals: dict) -> list[dict]:
                              "SFT at pass@1", "source": "GAD (2511.10643; there against SFT on "
                     "teacher responses, here on dataset solutions)", "verdict": _verdict(d),
                     "evidence": f"pass@1 gad−SFT {_e(d)}; gad−base {_e(b)}"})  # fmt: skip
+    if "qsharp" in pp:
+        d = paired(pp["qsharp"]["pass@1"], pp["base"]["pass@1"])
+        ret = paired(pp["qsharp"]["retention"], pp["base"]["retention"])
+        out.append({"claim": "value-guided decoding of the frozen base (Q♯) raises pass@1 over the "
+                             "base, keeping its retention exactly", "source": "Q♯ (Zhou et al., "
+                    "NeurIPS 2025)", "verdict": _verdict(d),
+                    "evidence": f"pass@1 qsharp−base {_e(d)}; retention qsharp−base {_e(ret)}"})  # fmt: skip
     if "sparse_select" in pp:
         d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
         out.append({"claim": "training only the base's high-entropy decision points of its own "

@@ -8,6 +8,13 @@ from uniform over the solution set and, against the base's own evaluation, suppo
 bias, KL from the base and the sparse footprint (`jaxpost.footprint`, on the first
 `eval.footprint_samples` of the base's samples per problem), with bootstrap 95% CIs over
 problems. The per-problem values are kept so claims can pair models problem by problem.
+
+A model decoded under a guide (Q♯'s `sampler.Guide`, `jaxpost.qsharp`) is its base's weights
+plus the guide: its samples on the task and its steering probes are the guided policy's, its
+likelihoods (KL from the base, footprint, state locality) the guided policy's teacher-forced
+(`qsharp.guided_logprobs`; a token outside the guide's top-k has probability 0, so a KL can be
+infinite), and its retention is the base's own: the guide is for the task it was trained on,
+and the weights are untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, evaluate, footprint, metrics, models, spectrum, train
+from jaxpost import data, evaluate, footprint, metrics, models, qsharp, sampler, spectrum, train
 from jaxpost.headtohead.models import World
 from jaxpost.inputs import Model
 
@@ -39,31 +46,48 @@ class Evaluation:
                 "footprint": self.footprint}
 
 
+GUIDED_CHUNK = 64  # rows per teacher-forced guided pass: its attention is [rows, M·k, P+M+M·k]
+
+
 def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 1024,
-                    loss_impl: str = "auto") -> np.ndarray:  # fmt: skip
+                    loss_impl: str = "auto", guide: sampler.Guide | None = None
+                    ) -> np.ndarray:  # fmt: skip
     """Per-token logprobs [N, M] of fixed completions under a model (teacher forcing; at a
-    large vocabulary from hidden states in vocabulary blocks, never [N, M, V] logits)."""
+    large vocabulary from hidden states in vocabulary blocks, never [N, M, V] logits), or under
+    the guided policy of `params` and `guide`; 0 where `mask` is 0."""
     fn = train.jitted_completion_logprobs(model.config, loss_impl)
+    if guide is not None:
+        chunk = min(chunk, GUIDED_CHUNK)
+
+        def fn(params, b):
+            return qsharp.guided_logprobs(model.config, params, guide.params, b.prompt_tokens,
+                                          b.prompt_mask, b.completion, b.completion_mask,
+                                          eta=guide.eta, top_k=guide.top_k)  # fmt: skip
+
     width = data.round_up(max(len(x) for x in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
         pt, pm = data.left_pad(prompts[i : i + chunk], width, model.tokenizer.pad_id)
         batch = data.CompletionBatch(pt, pm, tokens[i : i + chunk], mask[i : i + chunk])
         out.append(np.asarray(fn(params, jax.tree.map(jnp.asarray, batch))))
-    return np.concatenate(out) * mask
+    return np.where(np.asarray(mask) > 0, np.concatenate(out), 0.0)
 
 
 def _rows(samples: evaluate.Samples) -> list[list[int]]:
     return [p for p in samples.prompts for _ in range(samples.n)]
 
 
-def batch_nll(model: Model, params, batch) -> tuple[np.ndarray, np.ndarray]:
+def batch_nll(model: Model, params, batch, guide: sampler.Guide | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Per-token logprobs and mask of the targets of a training batch (this process's rows)."""
     if isinstance(batch, data.CompletionBatch):
         prompts = [r[m.astype(bool)].tolist() for r, m in zip(batch.prompt_tokens,
                                                               batch.prompt_mask)]  # fmt: skip
         mask = np.asarray(batch.completion_mask)
-        return forced_logprobs(model, params, prompts, np.asarray(batch.completion), mask), mask
+        return forced_logprobs(model, params, prompts, np.asarray(batch.completion), mask,
+                               guide=guide), mask  # fmt: skip
+    if guide is not None:
+        raise ValueError("a guided model's likelihood is defined on completions only")
     return _sequence_nll(model.config, params, batch)
 
 
@@ -96,12 +120,14 @@ def sample_rows(w: World) -> int:
 
 
 def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = None,
-                   base_model: Model | None = None, seed: int = 0) -> Evaluation:  # fmt: skip
-    """Every metric of the report for one model (the base's evaluation pairs with the others)."""
+                   base_model: Model | None = None, seed: int = 0,
+                   guide: sampler.Guide | None = None) -> Evaluation:  # fmt: skip
+    """Every metric of the report for one model (the base's evaluation pairs with the others);
+    with a `guide`, of `params` decoded under it (the module docstring)."""
     e, c = w.config.eval, w.config
     new_tokens = c.arm.max_new_tokens
     main = evaluate.sample(model.config, params, model.tokenizer, w.task, w.test, n=e.samples,
-                           max_new_tokens=new_tokens, seed=seed, mesh=w.mesh)  # fmt: skip
+                           max_new_tokens=new_tokens, seed=seed, mesh=w.mesh, guide=guide)  # fmt: skip
     summary = evaluate.summarize(main)
     n = e.samples
     correct = main.answer_ok
@@ -125,6 +151,7 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     scalars["yield"] = _est(per_problem["yield"])
     scalars["js_from_uniform"] = _est(per_problem["js_from_uniform"])
 
+    # a guided model's retention is its base's: the guide is the task's (no `guide` here)
     add = evaluate.sample(model.config, params, model.tokenizer, w.retention, w.retention_test,
                           n=e.retention_samples, max_new_tokens=40, seed=seed + 1, mesh=w.mesh)  # fmt: skip
     per_problem["retention"] = add.answer_ok.mean(1).tolist()
@@ -133,7 +160,7 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     if w.steer is not None:
         st = evaluate.sample(model.config, params, model.tokenizer, w.steer, w.steer_test,
                              n=e.steer_samples, max_new_tokens=new_tokens, seed=seed + 2,
-                             mesh=w.mesh)  # fmt: skip
+                             mesh=w.mesh, guide=guide)  # fmt: skip
         comply = [[w.steer.complies(p, t) for t in row] for p, row in zip(w.steer_test, st.texts)]
         per_problem["steerability"] = np.mean(comply, axis=1).tolist()
         scalars["steerability"] = _est(per_problem["steerability"])
@@ -142,7 +169,8 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
                                    w.steer.requested_distribution(p))["tv"]
             for p, row in zip(w.steer_test, st.texts)
         ])  # fmt: skip
-        per_problem["icl_steerability"] = in_context_steerability(w, model, params, seed + 3)
+        per_problem["icl_steerability"] = in_context_steerability(w, model, params, seed + 3,
+                                                                  guide)  # fmt: skip
         scalars["icl_steerability"] = _est(per_problem["icl_steerability"])
 
     if base is not None and base_model is not None:
@@ -157,16 +185,17 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         scalars["rank_bias"] = {"mean": rb}
         # KL(base || model) on the base's own samples
         bs = base.samples
-        lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask)
+        lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask, guide=guide)
         scalars["kl_from_base"] = metrics.sequence_kl(bs.logprobs * bs.mask, lp, bs.mask).as_dict()
         if model.config.vocab_size == base_model.config.vocab_size:
-            fp = sparse_footprint(w, base_model, model.config, params, bs)
+            fp = sparse_footprint(w, base_model, model.config, params, bs, guide)
             per_problem.update({f"footprint_{k}": v for k, v in fp.per_problem.items()})
             return Evaluation(summary["curves"], scalars, per_problem, main, fp.summary)
     return Evaluation(summary["curves"], scalars, per_problem, main)
 
 
-def in_context_steerability(w: World, model: Model, params, seed: int) -> list[float]:
+def in_context_steerability(w: World, model: Model, params, seed: int,
+                            guide: sampler.Guide | None = None) -> list[float]:  # fmt: skip
     """Per steering problem, the share of samples that comply with the requested first
     operation when the request is made only by examples: the plain prompt followed by
     `eval.icl_examples` compliant outputs, each closed by eos (`jaxpost.spectrum`)."""
@@ -179,17 +208,17 @@ def in_context_steerability(w: World, model: Model, params, seed: int) -> list[f
 
     st = evaluate.sample(model.config, params, tok, w.steer, w.steer_test, n=e.steer_samples,
                          max_new_tokens=w.config.arm.max_new_tokens, seed=seed, encode=encode,
-                         mesh=w.mesh)  # fmt: skip
+                         mesh=w.mesh, guide=guide)  # fmt: skip
     return [float(np.mean([w.steer.complies(p, t) for t in row]))
             for p, row in zip(w.steer_test, st.texts)]  # fmt: skip
 
 
-def sparse_footprint(w: World, base_model: Model, config, params, base_samples: evaluate.Samples
-                     ) -> footprint.Footprint:  # fmt: skip
+def sparse_footprint(w: World, base_model: Model, config, params, base_samples: evaluate.Samples,
+                     guide: sampler.Guide | None = None) -> footprint.Footprint:  # fmt: skip
     """`jaxpost.footprint` of a model against the base on the first `eval.footprint_samples`
     of the base's own samples of each held-out problem."""
     bs, k = base_samples, min(w.config.eval.footprint_samples, base_samples.n)
     rows = (np.arange(len(bs.prompts))[:, None] * bs.n + np.arange(k)).reshape(-1)
     prompts = [bs.prompts[i // bs.n] for i in rows]
     return footprint.footprint(base_model, base_model.params, config, params, prompts,
-                               bs.tokens[rows], bs.mask[rows], k)  # fmt: skip
+                               bs.tokens[rows], bs.mask[rows], k, guide=guide)  # fmt: skip

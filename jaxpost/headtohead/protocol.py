@@ -216,12 +216,12 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         t0 = time.perf_counter()
         params = result.params
         ev = evaluation.evaluate_model(w, m.base, params, base=evals["base"], base_model=m.base,
-                                       seed=config.seed)  # fmt: skip
+                                       seed=config.seed, guide=result.guide)  # fmt: skip
         history = _history(arm_dir)
         tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
         extra = {"tokens": tokens, "train_seconds": train_s}
         if result.last_batch is not None:
-            lp, mask = evaluation.batch_nll(m.base, params, result.last_batch)
+            lp, mask = evaluation.batch_nll(m.base, params, result.last_batch, result.guide)
             own = ev.samples
             extra["state_locality"] = metrics.state_locality(lp, mask, own.logprobs * own.mask,
                                                               own.mask)  # fmt: skip

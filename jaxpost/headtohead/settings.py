@@ -67,6 +67,9 @@ def check(config) -> None:
     if not 0 <= a.ovd_threshold <= 10:
         raise UserError(f"arm.ovd_threshold must lie in [0, 10] (teacher scores 0-9), got "
                         f"{a.ovd_threshold}")  # fmt: skip
+    if a.qsharp_top_k < 1 or not a.qsharp_eta >= 0:
+        raise UserError(f"qsharp needs arm.qsharp_top_k >= 1 and arm.qsharp_eta >= 0, got "
+                        f"{a.qsharp_top_k} and {a.qsharp_eta}")  # fmt: skip
     if not 0 <= a.gad_warmup_frac <= 1:
         raise UserError(f"arm.gad_warmup_frac must lie in [0, 1] (the share of arm.steps GAD "
                         f"warms up), got {a.gad_warmup_frac}")  # fmt: skip
