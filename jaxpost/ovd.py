@@ -7,9 +7,12 @@ matching); trajectories under a threshold are replaced by teacher-generated ones
 is trained by RL on the task's reward. Its method section and code were not reachable here, so
 this is the nearest faithful reading, and these parts are ours:
 
-  * the score is a proxy, not words: 9 × the teacher's geometric-mean token probability of the
-    student's completion, floored to an integer 0-9 (`verbal_proxy`); a built-in character
-    teacher cannot be asked in words;
+  * with a built-in character teacher the score is a proxy, not words: 9 × the teacher's
+    geometric-mean token probability of the student's completion, floored to an integer 0-9
+    (`verbal_proxy`); such a teacher cannot be asked in words. A pretrained teacher is asked
+    (`verbal_scorer`): the prompt, the student's answer and a request for one digit 0-9
+    (`SCORE_REQUEST`, our wording), its greedy reply's first digit the score, 0 when it gives
+    none (an unreadable verdict rejects the trajectory);
   * a rejected trajectory is replaced whole by a teacher sample of the same prompt (the paper's
     later version replaces suffixes);
   * replaced rows enter GRPO as ordinary rollouts: their old logprobs are the student's on the
@@ -21,11 +24,13 @@ this is the nearest faithful reading, and these parts are ours:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data, rollouts, train
+from jaxpost import data, rollouts, sampler, train
 from jaxpost import shaping as shaping_lib
 from jaxpost.lora import LoraConfig
 from jaxpost.models import ModelConfig
@@ -34,6 +39,9 @@ from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult
 
 MAX_SCORE = 9
+SCORE_REQUEST = ("\n\nHow good is the answer above? Reply with one digit, from 0 (wrong) to 9 "
+                 "(certainly right).\nScore: ")  # fmt: skip
+Scorer = Callable[[list[int], list[list[int]]], np.ndarray]  # (problems, completions) -> [N]
 
 
 def verbal_proxy(teacher_logp_NxM, mask_NxM) -> np.ndarray:
@@ -43,6 +51,37 @@ def verbal_proxy(teacher_logp_NxM, mask_NxM) -> np.ndarray:
     m = np.asarray(mask_NxM, np.float64)
     mean = (lp * m).sum(1) / np.maximum(m.sum(1), 1)
     return np.clip(np.floor(MAX_SCORE * np.exp(mean) + 1e-9), 0, MAX_SCORE).astype(np.int32)
+
+
+def parse_score(reply: str) -> int:
+    """The first digit of the teacher's reply, 0 when there is none."""
+    return next((int(ch) for ch in reply if ch in "0123456789"), 0)
+
+
+def verbal_scorer(teacher_config, teacher_params, tokenizer, prompt_text: Callable[[int], str],
+                  *, max_new_tokens: int = 4) -> Scorer:  # fmt: skip
+    """A `Scorer` that asks a pretrained teacher in words: for each row, the text of its prompt
+    (`prompt_text(problem)`), the student's completion decoded (without its stop token), then
+    `SCORE_REQUEST`; the greedy reply's first digit (`parse_score`). `tokenizer` reads and
+    writes the teacher's text (the completion's ids are in the same vocabulary: OVD replaces
+    rows with teacher samples)."""
+
+    def score(problems: list[int], completions: list[list[int]]) -> np.ndarray:
+        texts = [prompt_text(i) + tokenizer.decode([t for t in c if t != tokenizer.eos_id])
+                 + SCORE_REQUEST for i, c in zip(problems, completions)]  # fmt: skip
+        prompts = [tokenizer.encode(t, add_bos=True) for t in texts]
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > teacher_config.max_seq_len:
+            raise ValueError(f"OVD's scoring prompt needs {longest} tokens, more than the "
+                             f"teacher's max_seq_len {teacher_config.max_seq_len}")  # fmt: skip
+        out = sampler.generate(teacher_config, teacher_params, prompts, temperature=0.0,
+                               max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id, seed=0)  # fmt: skip
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        return np.asarray([parse_score(tokenizer.decode(tokens[r, : lengths[r]].tolist()))
+                           for r in range(len(prompts))], np.int32)  # fmt: skip
+
+    return score
 
 
 def replace_rows(student: rollouts.StepRollouts, teacher: rollouts.StepRollouts, rows,
@@ -72,9 +111,11 @@ def replace_rows(student: rollouts.StepRollouts, teacher: rollouts.StepRollouts,
 
 def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params,
         source: PromptSource, optim: train.OptimConfig, loop: LoopConfig,
-        sampling: SamplingConfig, *, threshold: int = 5, mesh=None, loss_impl: str = "auto",
-        lora: LoraConfig | None = None, **loss_kwargs) -> RunResult:  # fmt: skip
-    """OVD: each step's student rollouts scored by the teacher (`verbal_proxy`), those under
+        sampling: SamplingConfig, *, threshold: int = 5, scorer: Scorer | None = None,
+        mesh=None, loss_impl: str = "auto", lora: LoraConfig | None = None,
+        **loss_kwargs) -> RunResult:  # fmt: skip
+    """OVD: each step's student rollouts scored by the teacher (`scorer`, e.g. `verbal_scorer`;
+    default `verbal_proxy` of the teacher's logprobs), those under
     `threshold` replaced by teacher samples of the same prompts, then GRPO's group advantages
     of the verifier's reward and its clipped loss (`loss_kwargs` as for `loops.run_grpo`).
     Metrics: `ovd_score` (mean teacher score of the student's rollouts), `ovd_replaced_frac`,
@@ -96,8 +137,11 @@ def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params
     def collect(params, step):
         r = rollouts.sample_step(config, params, source, sampling, step=step, **kw)
         own = rollouts.rewards(source, r)
-        scores = verbal_proxy(teacher_lp(teacher_params, on_device(r.batch)),
-                              r.batch.completion_mask)  # fmt: skip
+        if scorer is not None:
+            scores = np.asarray(scorer(r.problems, r.completions))
+        else:
+            scores = verbal_proxy(teacher_lp(teacher_params, on_device(r.batch)),
+                                  r.batch.completion_mask)  # fmt: skip
         low = scores < threshold
         r.rewards = own
         if low.any():

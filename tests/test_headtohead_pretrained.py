@@ -18,7 +18,7 @@ from assets import bpe_tokenizer, checkpoint, gsm8k_assets
 from programs import run
 from test_headtohead import tiny
 
-from jaxpost import UserError, headtohead
+from jaxpost import UserError, headtohead, ovd
 from jaxpost.headtohead import protocol, settings
 
 pytest.importorskip("transformers")
@@ -69,9 +69,20 @@ def test_gsm8k_from_checkpoints_on_a_mesh_with_the_fused_loss(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_countdown_from_a_checkpoint_trains_its_teacher_and_caches_it(assets, tmp_path):
-    c = pretrained(tmp_path / "run", assets, teacher_steps=2, arms="opd_rkl")
+def test_countdown_from_a_checkpoint_trains_its_teacher_and_caches_it(assets, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    c = pretrained(tmp_path / "run", assets, teacher_steps=2, arms="opd_rkl,ovd")
+    asked = []  # OVD asks the pretrained teacher for its score in words
+
+    def scorer(*args, make=ovd.verbal_scorer):
+        score = make(*args)
+        return lambda problems, completions: asked.append(len(problems)) or score(problems,
+                                                                                  completions)
+
+    monkeypatch.setattr(ovd, "verbal_scorer", scorer)
     first = headtohead.run(c, log=lambda _: None)
+    assert asked and all(n == c.arm.prompts_per_step * c.arm.group_size for n in asked)
+    assert all(0 <= h["ovd_score"] <= 9 for h in first["arms"]["ovd"]["history"])
     teacher_dir = os.path.join(c.workdir, "models", settings.model_key(c), "teacher")
     assert os.path.exists(os.path.join(teacher_dir, "config.json"))
     assert os.path.exists(os.path.join(teacher_dir, "tokenizer.json"))  # reloadable on its own

@@ -1,6 +1,8 @@
 """OVD (jaxpost.ovd): the teacher's proxy score, row replacement, and the loop at both ends of
 the threshold (nothing replaced: GRPO itself; everything replaced: the teacher's samples)."""
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -79,3 +81,27 @@ def test_threshold_zero_is_grpo_and_ten_trains_on_the_teachers_samples(tmp_path)
     assert jax.tree.structure(every.params) == jax.tree.structure(grpo.params)
     with pytest.raises(ValueError, match="threshold must lie"):
         _run(tmp_path / "bad", threshold=11)
+
+
+def test_a_pretrained_teacher_is_asked_in_words_and_its_first_digit_is_the_score(monkeypatch):
+    assert [ovd.parse_score(x) for x in (" 7", "score: 3/9", "x", "", "10")] == [7, 3, 0, 0, 1]
+    teacher = models.init(CONFIG, seed=1)
+    texts = {0: "Q: 1+2=", 1: "Q: 5-3="}
+    scorer = ovd.verbal_scorer(CONFIG, teacher, TOK, texts.__getitem__)
+    completions = [TOK.encode("3") + [TOK.eos_id], TOK.encode("9")]
+    real = scorer([0, 1], completions)  # a random teacher: whatever digit it writes, or 0
+    assert real.dtype == np.int32 and ((0 <= real) & (real <= 9)).all()
+    asked = []
+
+    def generate(config, params, prompts, **kw):  # the teacher replies "8x" and "no idea"
+        asked.extend(TOK.decode(p[1:]) for p in prompts)
+        assert kw["temperature"] == 0.0
+        replies = [TOK.encode("8x"), TOK.encode("no idea")]
+        tokens = np.zeros((2, 7), np.int32)
+        for i, r in enumerate(replies):
+            tokens[i, : len(r)] = r
+        return SimpleNamespace(tokens=tokens, lengths=np.array([len(r) for r in replies]))
+
+    monkeypatch.setattr(ovd.sampler, "generate", generate)
+    np.testing.assert_array_equal(scorer([0, 1], completions), [8, 0])
+    assert asked == ["Q: 1+2=3" + ovd.SCORE_REQUEST, "Q: 5-3=9" + ovd.SCORE_REQUEST]

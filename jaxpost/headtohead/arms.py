@@ -34,6 +34,7 @@ from jaxpost import (
     train,
 )
 from jaxpost.errors import UserError
+from jaxpost.headtohead import settings
 from jaxpost.headtohead.models import Models, World
 from jaxpost.lora import LoraConfig
 from jaxpost.rollouts import PromptSource, SamplingConfig
@@ -210,11 +211,16 @@ def _sparse_select(ctx: ArmContext) -> loops.RunResult:
 
 
 def _ovd(ctx: ArmContext) -> loops.RunResult:
-    """OVD (`jaxpost.ovd`): rollouts the teacher scores under `arm.ovd_threshold` (0-9, a proxy
-    of a verbal score) replaced by its samples; GRPO on the verifier's reward."""
-    base, teacher, a = ctx.models.base, ctx.models.teacher, ctx.config.arm
+    """OVD (`jaxpost.ovd`): rollouts the teacher scores under `arm.ovd_threshold` (0-9: asked in
+    words of a pretrained teacher, a proxy of a verbal score from the built-in one) replaced by
+    its samples; GRPO on the verifier's reward."""
+    w, base, teacher, a = ctx.world, ctx.models.base, ctx.models.teacher, ctx.config.arm
+    scorer = None
+    if settings.pretrained(ctx.config):  # a pretrained teacher reads text: ask it in words
+        scorer = ovd.verbal_scorer(teacher.config, teacher.params, teacher.tokenizer,
+                                   lambda i: w.task.render_prompt(w.train[i]))  # fmt: skip
     return ovd.run(base.config, base.params, teacher.config, teacher.params, ctx.source,
-                   ctx.optim, ctx.loop, ctx.sampling, threshold=a.ovd_threshold,
+                   ctx.optim, ctx.loop, ctx.sampling, threshold=a.ovd_threshold, scorer=scorer,
                    mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl, lora=ctx.lora,
                    is_correction=True, is_mode=a.is_mode, is_max=a.is_max)  # fmt: skip
 
@@ -303,8 +309,9 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "arm.spectrum_outputs i.i.d. draws from the full solution set, each closed by eos (ours: "
         "eos as the separator, the task prompt as the description)", "sft", False, _spectrum),
     Arm("ovd", "OVD (2601.21968): rollouts the teacher scores under arm.ovd_threshold replaced "
-        "by its samples, GRPO on the outcome reward (ours: the score is 9 x the teacher's "
-        "geometric-mean token probability, not words; whole trajectories replaced)",
+        "by its samples, GRPO on the outcome reward (ours: a pretrained teacher is asked for a digit; "
+        "the built-in one's score is 9 x its geometric-mean token probability; whole "
+        "trajectories replaced)",
         "distill_sampled", True, _ovd),
     Arm("gad", "GAD (2511.10643): black-box distillation, GRPO on a discriminator's score that "
         "learns teacher from student samples by Bradley-Terry, after an SFT warm-up on teacher "
