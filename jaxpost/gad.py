@@ -21,7 +21,7 @@ Ours: D is a copy of the base (not of the warmed-up student) with a zero-initial
 on the final-normed hidden state of the last completion token; the teacher's response is drawn
 from the teacher model each step (one per prompt, shared by the prompt's group), not read from a
 fixed dataset; the warm-up is the first `warmup` steps of the same run (same optimizer, same
-budget); policy and discriminator share the optimizer and its learning rate.
+budget); policy and discriminator share the optimizer, D's updates scaled by `disc_lr_scale`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxpost import data, losses, models, rollouts, sampler, train
 from jaxpost.lora import LoraConfig
@@ -131,12 +132,24 @@ def with_demos(batch: data.CompletionBatch, demo, demo_mask, group_size: int,
                          demo_sft=np.full((batch.rows,), float(warm), np.float32))  # fmt: skip
 
 
+def scale_updates(name: str, factor: float) -> optax.GradientTransformation:
+    """Chained after the optimizer: the updates of the trained tree's `name` subtree times
+    `factor` (the discriminator's learning rate as a multiple of the policy's)."""
+
+    def update(updates, state, params=None):
+        return {**updates, name: jax.tree.map(lambda u: u * factor, updates[name])}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params,
         source: PromptSource, optim: train.OptimConfig, loop: LoopConfig,
-        sampling: SamplingConfig, *, warmup: int = 0, loss_impl: str = "auto",
+        sampling: SamplingConfig, *, warmup: int = 0, disc_lr_scale: float = 1.0,
+        loss_impl: str = "auto",
         lora: LoraConfig | None = None, mesh=None, **grpo_kwargs) -> RunResult:  # fmt: skip
     """GAD from `params` (student and discriminator) against the teacher's samples: steps
-    1..`warmup` the warm-up, then GRPO on the discriminator's score. The teacher is used only
+    1..`warmup` the warm-up, then GRPO on the discriminator's score; the discriminator's
+    updates are the optimizer's times `disc_lr_scale`. The teacher is used only
     through its sampled token ids (a black box; with another tokenizer its texts would be
     re-encoded, not done here: the vocabularies must match). Metrics: `reward` (the verifier's,
     logged only) and `teacher_reward` besides the step's aux. One device, no LoRA."""
@@ -146,6 +159,8 @@ def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params
     if source.reward is None or jax.process_count() > 1:
         raise ValueError("GAD logs the verifier's reward (a PromptSource with one) and runs in "
                          "one process")  # fmt: skip
+    if not disc_lr_scale > 0:
+        raise ValueError(f"GAD's disc_lr_scale must be > 0, got {disc_lr_scale}")
     if not 0 <= warmup <= loop.steps:
         raise ValueError(f"GAD's warm-up must lie in [0, {loop.steps}] steps, got {warmup}")
     G = sampling.group_size
@@ -165,8 +180,11 @@ def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params
     fn = objective(config, G, loss_impl=loss_impl, **grpo_kwargs)
     return run_on_policy(config, params, source, fn, lambda r: (r.batch, {}), optim, loop,
                          sampling, mesh=mesh, collect=collect, lora=lora,
-                         companions={"disc": init_discriminator(params)})  # fmt: skip
+                         companions={"disc": init_discriminator(params)},
+                         extra_transform=None if disc_lr_scale == 1 else scale_updates(
+                             "disc", disc_lr_scale))  # fmt: skip
 
 
-__all__ = ["bt_loss", "init_discriminator", "objective", "run", "scores", "teacher_responses",
+__all__ = ["bt_loss", "init_discriminator", "objective", "run", "scale_updates", "scores",
+           "teacher_responses",
            "with_demos"]  # fmt: skip

@@ -172,3 +172,13 @@ def test_the_loop_warms_up_then_trains_on_the_discriminator_and_resumes(tmp_path
     more = run(3)  # resumes from step 2's checkpoint
     assert [h["step"] for h in more.history] == [3]
     assert int(more.state.step) == 3
+
+
+def test_the_discriminators_updates_are_scaled_after_the_optimizer():
+    params = {"policy": {"w": jnp.ones(3)}, "disc": {"w": jnp.ones(2)}}
+    grads = {"policy": {"w": jnp.asarray([1.0, -2.0, 3.0])}, "disc": {"w": jnp.asarray([0.5, -1.0])}}
+    plain, scaled = optax.adam(1e-2), optax.chain(optax.adam(1e-2), gad.scale_updates("disc", 10.0))
+    u0, _ = plain.update(grads, plain.init(params), params)
+    u1, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(u1["policy"]["w"], u0["policy"]["w"])
+    np.testing.assert_allclose(u1["disc"]["w"], 10.0 * np.asarray(u0["disc"]["w"]), rtol=1e-6)

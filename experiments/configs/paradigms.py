@@ -99,13 +99,18 @@ def get_config(arg: str | None = None):
     c.arm.dpg_alpha, c.arm.dpg_alpha_seek = 0.25, 0.9
     c.arm.spectrum_outputs = 4  # spectrum (jaxpost.spectrum): solutions per training sequence
     c.arm.ovd_threshold = 5  # ovd (jaxpost.ovd): teacher scores 0-9 below this are replaced
-    # gad (jaxpost.gad): the share of arm.steps spent in the warm-up (SFT on the teacher's
-    # responses while the discriminator learns)
+    # gad (jaxpost.gad): the share of arm.steps spent in the warm-up, SFT on the teacher's
+    # responses while the discriminator learns (the paper's); the discriminator's learning rate
+    # / arm.learning_rate (10 set on design seed 10, where at 1 its Bradley-Terry loss stayed
+    # at log 2: benchmarks/new_arms.md)
     c.arm.gad_warmup_frac = 0.1
+    c.arm.gad_disc_lr_scale = 10.0
     # qsharp (jaxpost.qsharp): candidates scored per decoding step (the base's top-k) and η, the
-    # inverse KL strength of π ∝ π_base·exp(Q) (the paper's defaults); its value model trains
-    # at arm.learning_rate
+    # inverse KL strength of π ∝ π_base·exp(Q) (the paper's defaults); the value model's lr (1e-3
+    # set on design seed 10 by its BCE: 0.69 -> 0.29 on its rollouts, where 1e-4 stayed at the
+    # label entropy)
     c.arm.qsharp_top_k, c.arm.qsharp_eta = 20, 10.0
+    c.arm.qsharp_learning_rate = 1e-3
     # the state-distribution view: SFT's learning rate scaled down / up; opd_degraded's teacher
     # noise (times each weight tensor's RMS; 0.1 puts the teacher at the base's pass@1 on design
     # seed 10: 0.321 vs 0.306, where 0.3 destroyed it, 0.001)

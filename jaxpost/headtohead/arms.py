@@ -235,6 +235,7 @@ def _gad(ctx: ArmContext) -> loops.RunResult:
     return gad.run(base.config, base.params, teacher.config, teacher.params, ctx.source,
                    ctx.optim, ctx.loop, ctx.sampling,
                    warmup=int(round(a.gad_warmup_frac * ctx.loop.steps)),
+                   disc_lr_scale=a.gad_disc_lr_scale,
                    loss_impl=ctx.config.loss_impl, is_correction=True, is_mode=a.is_mode,
                    is_max=a.is_max)  # fmt: skip
 
@@ -246,7 +247,8 @@ def _qsharp(ctx: ArmContext) -> loops.RunResult:
     base, a = ctx.models.base, ctx.config.arm
     if ctx.lora is not None:
         raise UserError("the qsharp arm trains no policy weights: run it without lora_rank")
-    r = qsharp.train_value(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
+    optim = dataclasses.replace(ctx.optim, learning_rate=a.qsharp_learning_rate)
+    r = qsharp.train_value(base.config, base.params, ctx.source, optim, ctx.loop,
                            ctx.sampling, mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl)  # fmt: skip
     guide = qsharp.Guide(base.config, r.params, top_k=a.qsharp_top_k, eta=a.qsharp_eta)
     return dataclasses.replace(r, params=base.params, guide=guide)

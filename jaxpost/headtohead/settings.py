@@ -67,12 +67,14 @@ def check(config) -> None:
     if not 0 <= a.ovd_threshold <= 10:
         raise UserError(f"arm.ovd_threshold must lie in [0, 10] (teacher scores 0-9), got "
                         f"{a.ovd_threshold}")  # fmt: skip
-    if a.qsharp_top_k < 1 or not a.qsharp_eta >= 0:
-        raise UserError(f"qsharp needs arm.qsharp_top_k >= 1 and arm.qsharp_eta >= 0, got "
-                        f"{a.qsharp_top_k} and {a.qsharp_eta}")  # fmt: skip
-    if not 0 <= a.gad_warmup_frac <= 1:
+    if a.qsharp_top_k < 1 or not (a.qsharp_eta >= 0 and a.qsharp_learning_rate > 0):
+        raise UserError(f"qsharp needs arm.qsharp_top_k >= 1, arm.qsharp_eta >= 0 and "
+                        f"arm.qsharp_learning_rate > 0, got {a.qsharp_top_k}, {a.qsharp_eta} "
+                        f"and {a.qsharp_learning_rate}")  # fmt: skip
+    if not (0 <= a.gad_warmup_frac <= 1 and a.gad_disc_lr_scale > 0):
         raise UserError(f"arm.gad_warmup_frac must lie in [0, 1] (the share of arm.steps GAD "
-                        f"warms up), got {a.gad_warmup_frac}")  # fmt: skip
+                        f"warms up) and arm.gad_disc_lr_scale be > 0, got {a.gad_warmup_frac} "
+                        f"and {a.gad_disc_lr_scale}")  # fmt: skip
     for field in ("dpg_alpha", "dpg_alpha_seek"):
         if not 0 <= a[field] < 1:
             raise UserError(f"arm.{field} must lie in [0, 1) (alpha-DPG: 0 forward KL, toward 1 "
