@@ -114,9 +114,9 @@ def footprint(base: Model, base_params, config: ModelConfig, params, prompts, to
     fn = _stats_fn(base.config, config, None if guide is None else guide.top_k)
     extra = () if guide is None else (guide.params, guide.eta)
     chunk = max(1, _CHUNK_ELEMENTS // (tokens.shape[1] * config.vocab_size))
-    if guide is not None:  # the candidates' attention, [rows, M·k, P + M + M·k], bounds it
-        chunk = min(chunk, 64)
     width = data.round_up(max(len(p) for p in prompts), 16)
+    if guide is not None:  # the candidates' attention, [rows, heads, M·k, P + M + M·k], bounds it
+        chunk = min(chunk, qsharp.guided_rows(config, width, tokens.shape[1], guide.top_k))
     out = []
     for i in range(0, len(prompts), chunk):
         pt, pm = data.left_pad(prompts[i : i + chunk], width, base.tokenizer.pad_id)

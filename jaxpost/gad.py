@@ -21,7 +21,9 @@ Ours: D is a copy of the base (not of the warmed-up student) with a zero-initial
 on the final-normed hidden state of the last completion token; the teacher's response is drawn
 from the teacher model each step (one per prompt, shared by the prompt's group), not read from a
 fixed dataset; the warm-up is the first `warmup` steps of the same run (same optimizer, same
-budget); policy and discriminator share the optimizer, D's updates scaled by `disc_lr_scale`.
+budget); policy and discriminator share one optimizer (the paper has one each), D's updates
+scaled by `disc_lr_scale` — so one global-norm clip spans both trees and D's weight decay is
+scaled with its step.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def with_demos(batch: data.CompletionBatch, demo, demo_mask, group_size: int,
     prompt, in the batch's prompt order) repeated over its group, and the warm-up flag."""
     if len(demo) * group_size != batch.rows:
         raise ValueError(f"{len(demo)} teacher responses for {batch.rows} rows in groups of "
-                         f"{group_size}")  # fmt: skip
+                         f"{group_size}: give one response per prompt of the batch")  # fmt: skip
     rep = lambda a: np.repeat(np.asarray(a), group_size, axis=0)  # noqa: E731
     return batch.replace(demo=rep(demo), demo_mask=rep(demo_mask),
                          demo_sft=np.full((batch.rows,), float(warm), np.float32))  # fmt: skip
@@ -153,9 +155,13 @@ def run(config: ModelConfig, params, teacher_config: ModelConfig, teacher_params
     through its sampled token ids (a black box; with another tokenizer its texts would be
     re-encoded, not done here: the vocabularies must match). Metrics: `reward` (the verifier's,
     logged only) and `teacher_reward` besides the step's aux. One device, no LoRA."""
+    if mesh is not None or lora is not None:
+        raise ValueError("GAD trains its discriminator beside the policy on one device: pass "
+                         "mesh=None and lora=None")  # fmt: skip
     if teacher_config.vocab_size != config.vocab_size:
-        raise ValueError("GAD's teacher responses are read in the student's tokens here: the "
-                         "vocabularies must match")  # fmt: skip
+        raise ValueError(f"GAD reads the teacher's responses in the student's tokens: the "
+                         f"vocabularies must match, got {teacher_config.vocab_size} and "
+                         f"{config.vocab_size}")  # fmt: skip
     if source.reward is None or jax.process_count() > 1:
         raise ValueError("GAD logs the verifier's reward (a PromptSource with one) and runs in "
                          "one process")  # fmt: skip

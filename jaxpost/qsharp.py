@@ -172,6 +172,19 @@ def guided_logits(config: ModelConfig, base_params, value_params, prompt_NxP, pr
     return jnp.full(base.shape, -jnp.inf, jnp.float32).at[rows, cols, idx].set(guided_k)
 
 
+def guided_rows(config, prompt_len: int, completion_len: int, top_k: int,
+                budget: int = 1 << 30) -> int:  # fmt: skip
+    """Rows per teacher-forced guided pass (`qsharp.guided_logits`) within `budget` bytes of
+    its two largest temporaries: the candidates' attention scores [rows, heads, M·k, P+M+M·k]
+    and three [rows, M, V] float32 logit arrays."""
+    k = min(top_k, config.vocab_size)
+    mk = completion_len * k
+    per_row = 4 * (config.n_heads * mk * (prompt_len + completion_len + mk)
+                   + 3 * completion_len * config.vocab_size)  # fmt: skip
+    return max(1, budget // per_row)
+
+
+
 def guided_logprobs(config: ModelConfig, base_params, value_params, prompt_NxP, prompt_mask_NxP,
                     completion_NxM, completion_mask_NxM, *, eta, top_k: int
                     ) -> jax.Array:  # fmt: skip
@@ -183,6 +196,6 @@ def guided_logprobs(config: ModelConfig, base_params, value_params, prompt_NxP, 
     return jnp.take_along_axis(logp, jnp.asarray(completion_NxM)[..., None], axis=-1)[..., 0]
 
 
-__all__ = ["Guide", "guided_logits", "guided_logprobs",
+__all__ = ["Guide", "guided_logits", "guided_logprobs", "guided_rows",
            "init_value", "q_from_logits", "q_values", "train_value", "value_logits",
            "value_objective"]  # fmt: skip

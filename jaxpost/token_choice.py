@@ -202,7 +202,10 @@ def choose_guided(logits_NxV, keys_N, s: Static, temperature, guide: Guide, cach
         sample_lp = jnp.take_along_axis(jax.nn.log_softmax(sampling_k, axis=-1), j[:, None],
                                         axis=-1)[:, 0]  # fmt: skip
     policy_lp = jnp.take_along_axis(policy_k, j[:, None], axis=-1)[:, 0]
-    entropy = -jnp.sum(jnp.exp(policy_k) * policy_k, axis=-1) if s.with_entropy else None
+    entropy = None
+    if s.with_entropy:  # 0·log 0 = 0 where a top-k logit is −inf (a masked vocabulary)
+        finite = policy_k > -jnp.inf
+        entropy = -jnp.sum(jnp.where(finite, jnp.exp(policy_k) * policy_k, 0.0), axis=-1)
 
     def move(buf):  # [N, K, S, E]: the chosen candidate's scratch slot copied into `slot`
         chosen = jnp.take_along_axis(buf, (scratch + j)[:, None, None, None], axis=2)

@@ -150,7 +150,7 @@ def test_the_joint_objective_is_sft_or_grpo_on_d_scores_plus_bt(warm):
 
 
 @pytest.mark.slow
-def test_the_loop_warms_up_then_trains_on_the_discriminator_and_resumes(tmp_path):
+def test_the_loop_warms_up_then_trains_on_the_discriminator_and_resumes(tmp_path, monkeypatch):
     prompts = [TOK.encode(s, add_bos=True) for s in ("ab", "cde", "fg", "h")]
     source = PromptSource(prompts=prompts, reward=lambda i, c: float(c[0] % 2 == 0),
                           eos_id=TOK.eos_id, pad_id=TOK.pad_id)  # fmt: skip
@@ -161,7 +161,7 @@ def test_the_loop_warms_up_then_trains_on_the_discriminator_and_resumes(tmp_path
         return gad.run(CONFIG, student, CONFIG, teacher, source,
                        train.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=3),
                        LoopConfig(steps=steps, batch_size=2, workdir=str(tmp_path)), sampling,
-                       warmup=1)  # fmt: skip
+                       warmup=1, disc_lr_scale=10.0)  # fmt: skip
 
     first = run(2)
     assert [h["warmup"] for h in first.history] == [1.0, 0.0]
@@ -169,9 +169,23 @@ def test_the_loop_warms_up_then_trains_on_the_discriminator_and_resumes(tmp_path
     disc = first.state.params["disc"]
     assert float(jnp.abs(disc["head"]["w"]).sum()) > 0  # D moved off its zero head
     assert jax.tree.structure(first.params) == jax.tree.structure(student)
+    resumed = []
+    fn = gad.objective
+
+    def spy(*args, **kw):  # the discriminator the resumed run starts from: step 2's
+        inner = fn(*args, **kw)
+
+        def objective(trained, batch):
+            jax.debug.callback(lambda w: resumed.append(np.asarray(w)), trained["disc"]["head"]["w"])
+            return inner(trained, batch)
+
+        return objective
+
+    monkeypatch.setattr(gad, "objective", spy)
     more = run(3)  # resumes from step 2's checkpoint
     assert [h["step"] for h in more.history] == [3]
     assert int(more.state.step) == 3
+    np.testing.assert_array_equal(resumed[0], np.asarray(disc["head"]["w"]))
 
 
 def test_the_discriminators_updates_are_scaled_after_the_optimizer():

@@ -135,9 +135,10 @@ def claims(evals: dict) -> list[dict]:
         d = paired(pp["qsharp"]["pass@1"], pp["base"]["pass@1"])
         ret = paired(pp["qsharp"]["retention"], pp["base"]["retention"])
         out.append({"claim": "value-guided decoding of the frozen base (Q♯) raises pass@1 over the "
-                             "base, keeping its retention exactly", "source": "Q♯ (Zhou et al., "
-                    "NeurIPS 2025)", "verdict": _verdict(d),
-                    "evidence": f"pass@1 qsharp−base {_e(d)}; retention qsharp−base {_e(ret)}"})  # fmt: skip
+                             "base", "source": "Q♯ (Zhou et al., NeurIPS 2025)",
+                    "verdict": _verdict(d),
+                    "evidence": f"pass@1 qsharp−base {_e(d)}; retention qsharp−base {_e(ret)} "
+                                f"(the base's by construction: the weights are untouched)"})  # fmt: skip
     if "sparse_select" in pp:
         d = paired(pp["sparse_select"]["pass@1"], pp["base"]["pass@1"])
         out.append({"claim": "training only the base's high-entropy decision points of its own "

@@ -12,9 +12,12 @@ problems. The per-problem values are kept so claims can pair models problem by p
 A model decoded under a guide (Q♯'s `sampler.Guide`, `jaxpost.qsharp`) is its base's weights
 plus the guide: its samples on the task and its steering probes are the guided policy's, its
 likelihoods (KL from the base, footprint, state locality) the guided policy's teacher-forced
-(`qsharp.guided_logprobs`; a token outside the guide's top-k has probability 0, so a KL can be
-infinite), and its retention is the base's own: the guide is for the task it was trained on,
-and the weights are untouched.
+(`qsharp.guided_logprobs`). A token outside the guide's top-k has probability 0 under it, so a
+base sample holding one has an infinite KL: `kl_from_base` is then the estimate over the base's
+samples the guide supports, with `outside_guide` the share of them it does not (the true KL is
+infinite when that share is > 0), and state locality counts the supported tokens only. Its
+retention is the base's own: the guide is for the task it was trained on, and the weights are
+untouched.
 """
 
 from __future__ import annotations
@@ -46,9 +49,6 @@ class Evaluation:
                 "footprint": self.footprint}
 
 
-GUIDED_CHUNK = 64  # rows per teacher-forced guided pass: its attention is [rows, M·k, P+M+M·k]
-
-
 def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 1024,
                     loss_impl: str = "auto", guide: sampler.Guide | None = None
                     ) -> np.ndarray:  # fmt: skip
@@ -56,15 +56,16 @@ def forced_logprobs(model: Model, params, prompts, tokens, mask, chunk: int = 10
     large vocabulary from hidden states in vocabulary blocks, never [N, M, V] logits), or under
     the guided policy of `params` and `guide`; 0 where `mask` is 0."""
     fn = train.jitted_completion_logprobs(model.config, loss_impl)
+    width = data.round_up(max(len(x) for x in prompts), 16)
     if guide is not None:
-        chunk = min(chunk, GUIDED_CHUNK)
+        chunk = min(chunk, qsharp.guided_rows(model.config, width, tokens.shape[1],
+                                              guide.top_k))  # fmt: skip
 
         def fn(params, b):
             return qsharp.guided_logprobs(model.config, params, guide.params, b.prompt_tokens,
                                           b.prompt_mask, b.completion, b.completion_mask,
                                           eta=guide.eta, top_k=guide.top_k)  # fmt: skip
 
-    width = data.round_up(max(len(x) for x in prompts), 16)
     out = []
     for i in range(0, len(prompts), chunk):
         pt, pm = data.left_pad(prompts[i : i + chunk], width, model.tokenizer.pad_id)
@@ -84,8 +85,10 @@ def batch_nll(model: Model, params, batch, guide: sampler.Guide | None = None
         prompts = [r[m.astype(bool)].tolist() for r, m in zip(batch.prompt_tokens,
                                                               batch.prompt_mask)]  # fmt: skip
         mask = np.asarray(batch.completion_mask)
-        return forced_logprobs(model, params, prompts, np.asarray(batch.completion), mask,
-                               guide=guide), mask  # fmt: skip
+        lp = forced_logprobs(model, params, prompts, np.asarray(batch.completion), mask,
+                             guide=guide)  # fmt: skip
+        ok = np.isfinite(lp)  # under a guide: the tokens it supports
+        return np.where(ok, lp, 0.0), mask * ok
     if guide is not None:
         raise ValueError("a guided model's likelihood is defined on completions only")
     return _sequence_nll(model.config, params, batch)
@@ -187,6 +190,8 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         bs = base.samples
         lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask, guide=guide)
         scalars["kl_from_base"] = metrics.sequence_kl(bs.logprobs * bs.mask, lp, bs.mask).as_dict()
+        if guide is not None:  # sequences the guide gives probability 0 (mean_ci drops them)
+            scalars["kl_from_base"]["outside_guide"] = float(np.mean(~np.isfinite(lp).all(1)))
         if model.config.vocab_size == base_model.config.vocab_size:
             fp = sparse_footprint(w, base_model, model.config, params, bs, guide)
             per_problem.update({f"footprint_{k}": v for k, v in fp.per_problem.items()})
