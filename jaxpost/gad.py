@@ -33,20 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpost import data, losses, models, rollouts, sampler, train
+from jaxpost import data, losses, models, qsharp, rollouts, sampler, train
 from jaxpost.lora import LoraConfig
 from jaxpost.models import ModelConfig
 from jaxpost.on_policy import run_on_policy
 from jaxpost.rollouts import PromptSource, SamplingConfig
 from jaxpost.runner import LoopConfig, RunResult
+from jaxpost.token_choice import value_head
 
 
 def init_discriminator(params) -> dict:
     """D's parameters: a copy of `params` (the base) and a zero scalar head, so D starts
-    indifferent (every score 0)."""
-    d = np.asarray(params["embed"]).shape[-1]
-    return {"model": jax.tree.map(jnp.array, params),
-            "head": {"w": jnp.zeros((d,), jnp.float32), "b": jnp.zeros((), jnp.float32)}}  # fmt: skip
+    indifferent (every score 0): the tree of Q♯'s value model (`qsharp.init_value`)."""
+    return qsharp.init_value(params)
 
 
 def scores(config: ModelConfig, disc, prompt_NxP, prompt_mask_NxP, completion_NxM,
@@ -57,8 +56,7 @@ def scores(config: ModelConfig, disc, prompt_NxP, prompt_mask_NxP, completion_Nx
     mask = jnp.concatenate([prompt_mask_NxP, completion_mask_NxM], axis=1)
     hidden = models.hidden_states(config, disc["model"], tokens, mask)
     last = P + jnp.maximum(completion_mask_NxM.sum(1).astype(jnp.int32), 1) - 1
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    return h @ disc["head"]["w"] + disc["head"]["b"]
+    return value_head(jnp.take_along_axis(hidden, last[:, None, None], axis=1), disc["head"])[:, 0]
 
 
 def bt_loss(teacher_N, student_N) -> jax.Array:
