@@ -232,7 +232,8 @@ def test_bad_settings_are_refused(tmp_path):
            ("base.style", "widest"): "countdown SFT data: unknown slice style 'widest'",
            ("eval.samples", 1): "eval.samples must be >= 2",
            ("arm.beta_rank", 2.0): r"arm.beta_rank must lie in \[0, 1\]",
-           ("teacher_problems", -1): "teacher_problems must be >= 0"}  # fmt: skip
+           ("teacher_problems", -1): "teacher_problems must be >= 0",
+           ("arm.fresh_problems", -2): "arm.fresh_problems must be >= 0"}  # fmt: skip
     for (field, value), match in bad.items():
         c = tiny(tmp_path, **{field: value})
         with pytest.raises(UserError, match=match):
@@ -249,6 +250,17 @@ def test_the_teachers_problems_hold_the_bases():
     assert w.teacher_train[: len(w.train)] == w.train  # the base's problems and more
     assert len(headtohead.models.mixture(w, "all", 0, w.teacher_train)) > len(
         headtohead.models.mixture(w, "all", 0))  # fmt: skip
+    assert w.arm_problems == w.train  # the arms train on the base's problems by default
+
+
+def test_fresh_problems_are_ones_the_base_never_saw():
+    c = tiny("/nonexistent", teacher_problems=60, **{"arm.fresh_problems": 30})
+    w = headtohead.models.world(c)
+    n = c.base.train_problems
+    assert len(w.arm_problems) == 30 and w.teacher_train[:n] == w.train
+    assert not {p.key for p in w.arm_problems} & {p.key for p in w.train}
+    assert w.arm_problems == headtohead.models.world(
+        tiny("/nonexistent", teacher_problems=n + 30)).teacher_train[n:]  # the draw's next 30
 
 
 def test_adding_an_arm_is_one_table_entry(tmp_path, monkeypatch):

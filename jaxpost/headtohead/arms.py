@@ -77,7 +77,7 @@ class Arm:
 
 def sft_examples(w: World, model: inputs.Model) -> list[tuple[list[int], list[int]]]:
     """The SFT arm's dataset: solutions drawn from the full solution set, as token pairs."""
-    pairs = w.task.sft_examples(w.train, style="all", per_problem=4, seed=w.config.seed + 7)
+    pairs = w.task.sft_examples(w.arm_problems, style="all", per_problem=4, seed=w.config.seed + 7)
     return inputs.encode_examples(model, pairs, "sft arm")
 
 
@@ -121,7 +121,7 @@ def _spectrum(ctx: ArmContext) -> loops.RunResult:
     """Spectrum Tuning (`jaxpost.spectrum`): sequences of `arm.spectrum_outputs` solutions of a
     problem after its prompt; as many output tokens per step as the SFT arm trains."""
     w, base, a = ctx.world, ctx.models.base, ctx.config.arm
-    examples = spectrum.spectrum_examples(base.tokenizer, w.task, w.train,
+    examples = spectrum.spectrum_examples(base.tokenizer, w.task, w.arm_problems,
                                           outputs=a.spectrum_outputs, per_problem=4,
                                           seed=w.config.seed + 7)  # fmt: skip
     width = data.pair_width(examples, inputs.PAD_MULTIPLE)
@@ -218,7 +218,7 @@ def _ovd(ctx: ArmContext) -> loops.RunResult:
     scorer = None
     if settings.pretrained(ctx.config):  # a pretrained teacher reads text: ask it in words
         scorer = ovd.verbal_scorer(teacher.config, teacher.params, teacher.tokenizer,
-                                   lambda i: w.task.render_prompt(w.train[i]))  # fmt: skip
+                                   lambda i: w.task.render_prompt(w.arm_problems[i]))  # fmt: skip
     return ovd.run(base.config, base.params, teacher.config, teacher.params, ctx.source,
                    ctx.optim, ctx.loop, ctx.sampling, threshold=a.ovd_threshold, scorer=scorer,
                    mesh=ctx.world.mesh, loss_impl=ctx.config.loss_impl, lora=ctx.lora,
@@ -257,7 +257,7 @@ def _qsharp(ctx: ArmContext) -> loops.RunResult:
 def opsd_teacher_texts(w: World) -> list[str]:
     """OPSD's teacher prompts: each training problem with a reference solution in context."""
     rng = np.random.default_rng([w.config.seed, 23])
-    return [w.task.privileged_view(p, rng).teacher_prompt for p in w.train]
+    return [w.task.privileged_view(p, rng).teacher_prompt for p in w.arm_problems]
 
 
 def _opsd(ctx: ArmContext) -> loops.RunResult:
@@ -372,11 +372,11 @@ def run_arm(w: World, name: str, models: Models, log=print) -> loops.RunResult:
     sampling = SamplingConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                               temperature=a.temperature, top_p=a.top_p if a.top_p < 1 else None)  # fmt: skip
     base, tok = models.base, models.base.tokenizer
-    prompts = inputs.encode_prompts(base, [w.task.render_prompt(p) for p in w.train],
+    prompts = inputs.encode_prompts(base, [w.task.render_prompt(p) for p in w.arm_problems],
                                     max_new_tokens=a.max_new_tokens, what="training prompts")  # fmt: skip
 
     def reward(i: int, completion) -> float:
-        return float(w.task.verify_answer(w.train[i], tok.decode(completion)))
+        return float(w.task.verify_answer(w.arm_problems[i], tok.decode(completion)))
 
     source = PromptSource(prompts=prompts, reward=reward, eos_id=tok.eos_id, pad_id=tok.pad_id)
     adapters = lora.from_rank(c.lora_rank, c.lora_alpha)

@@ -36,6 +36,12 @@ class World:
     steer_test: list
     mesh: Any = None
     teacher_train: list | None = None  # the built-in teacher's problems: a superset of `train`
+    arm_train: list | None = None  # the arms' training problems (`train` unless arm.fresh_problems)
+
+    @property
+    def arm_problems(self) -> list:
+        """The problems the arms train on: the base's, or `arm.fresh_problems` it never saw."""
+        return self.arm_train or self.train
 
     @property
     def progress(self) -> bool:
@@ -46,18 +52,26 @@ def world(config) -> World:
     task = inputs.make_task(config.task)
     retention = addition.Addition(digits=tuple(config.task.addition_digits))
     steer = task.steering()
-    e = config.eval
+    e, n_base, n_fresh = config.eval, config.base.train_problems, config.arm.fresh_problems
+    # the first n problems of a draw are the draw of n: the base's are the first n_base, the
+    # arms' fresh ones the next n_fresh, and the teacher's pool holds the base's
+    draw = inputs.problems(task, "train", max(n_base + n_fresh, config.teacher_problems),
+                           config.seed)  # fmt: skip
     return World(
         config=config, task=task, retention=retention, steer=steer,
-        train=inputs.problems(task, "train", config.base.train_problems, config.seed),
+        train=draw[:n_base],
         test=inputs.problems(task, "test", e.problems, config.seed),
-        # the first n problems of a draw are the draw of n: the teacher's pool holds the base's
-        teacher_train=inputs.problems(task, "train", max(config.base.train_problems,
-                                                         config.teacher_problems), config.seed),
+        teacher_train=draw[:max(n_base, config.teacher_problems)],
+        arm_train=draw[n_base:n_base + n_fresh],
         retention_test=inputs.problems(retention, "test", e.retention_problems, config.seed),
         steer_test=inputs.problems(steer, "test", e.steer_problems, config.seed) if steer else [],
         mesh=inputs.make_mesh(config.mesh),
     )  # fmt: skip
+
+
+def teacher_style(config) -> str:
+    """The built-in teacher's solutions: `teacher_style`, or the base's slice when empty."""
+    return config.teacher_style or config.base.style
 
 
 def mixture(w: World, style: str, seed: int, problems=None) -> list[tuple[str, str]]:
@@ -135,10 +149,12 @@ def base_and_teacher(w: World, log=print, check: Callable[[Model, Any], None] | 
         teacher, teacher_hist = given, []
         teacher_line = f"{c.teacher} ({teacher.config.num_params():,} parameters)"
     else:
-        teacher, teacher_hist = cached(os.path.join(root, "teacher"), base, "all",
-                                       c.teacher_steps, "teacher (SFT, all solutions)", c.seed + 1,
+        style = teacher_style(c)
+        what = "all solutions" if style == "all" else f"slice '{style}'"
+        teacher, teacher_hist = cached(os.path.join(root, "teacher"), base, style,
+                                       c.teacher_steps, f"teacher (SFT, {what})", c.seed + 1,
                                        w.teacher_train)  # fmt: skip
-        teacher_line = f"the base trained {c.teacher_steps} more steps with all solutions"
+        teacher_line = f"the base trained {c.teacher_steps} more steps with {what}"
         if w.teacher_train and len(w.teacher_train) > len(w.train):
             teacher_line += f" of {len(w.teacher_train)} problems (the base's {len(w.train)} and more)"
     base, teacher = base.on(w.mesh), teacher.on(w.mesh)  # loops and sampling agree on devices

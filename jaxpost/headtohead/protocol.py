@@ -108,10 +108,11 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
 
     rows = a.prompts_per_step * a.group_size
     sampled = max(rows, evaluation.sample_rows(w))
-    prompt = width([w.task.render_prompt(p) for p in w.train], "training prompts")
+    prompt = width([w.task.render_prompt(p) for p in w.arm_problems], "training prompts")
     privileged = width(arms.opsd_teacher_texts(w), "OPSD teacher prompts")
     if c.base.steps > 0 or not c.teacher:
-        texts = models.mixture(w, c.base.style, c.seed) + models.mixture(w, "all", c.seed + 1)
+        texts = (models.mixture(w, c.base.style, c.seed)
+                 + models.mixture(w, models.teacher_style(c), c.seed + 1))
         seq = data.pair_width(inputs.encode_examples(student, texts, "base and teacher data"))
         inputs.check_memory(cfg, w.mesh, objective="sft", batch=c.base.batch_size, seq_len=seq,
                             loss_impl=c.loss_impl)  # fmt: skip
@@ -318,7 +319,9 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "budget per arm": f"{a.steps} steps × {a.prompts_per_step} prompts × {a.group_size} "
                           f"samples, lr {a.learning_rate}, ≤ {a.max_new_tokens} new tokens, "
                           f"rollouts at temperature {a.temperature}, top-p {a.top_p}; GRPO "
-                          f"weighted by π_old/q ({a.is_mode}, ≤ {a.is_max})",
+                          f"weighted by π_old/q ({a.is_mode}, ≤ {a.is_max}); on "
+                          + (f"{a.fresh_problems} training problems the base never saw"
+                             if a.fresh_problems else "the base's training problems"),
         "budget": {"arm_steps": a.steps, "prompts_per_step": a.prompts_per_step,
                    "group_size": a.group_size,
                    "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size},

@@ -111,6 +111,9 @@ def check(config) -> None:
     elif b.steps < 1 or config.teacher_steps < (0 if config.teacher else 1):
         raise UserError("the built-in base needs base.steps >= 1 and, without --teacher, "
                         "teacher_steps >= 1")  # fmt: skip
+    if config.arm.fresh_problems < 0:
+        raise UserError(f"arm.fresh_problems must be >= 0 (0: the base's problems), got "
+                        f"{config.arm.fresh_problems}")  # fmt: skip
     if config.teacher_problems < 0:
         raise UserError(f"teacher_problems must be >= 0 (0: the base's problems), got "
                         f"{config.teacher_problems}")  # fmt: skip
