@@ -158,10 +158,15 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> KV
 
 
 def layer_params(config: ModelConfig, params) -> tuple:
-    """The blocks' parameters as one tree per layer (static slices of the stacked tree). A
-    decode loop takes them once, before the loop, and passes them to `forward_cached`."""
-    stack = params["layers"]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(config.n_layers))
+    """The blocks' parameters as one (tree, fused weights) pair per layer: static slices of the
+    stacked tree and `Block.fused_weights`. A decode loop takes them once, before the loop, and
+    passes them to `forward_cached`."""
+    graphdef, _ = nnx.split(_model(config, params).layers)
+    out = []
+    for i in range(config.n_layers):
+        tree = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+        out.append((tree, nnx.merge(graphdef, tree).fused_weights()))
+    return tuple(out)
 
 
 def forward_cached(

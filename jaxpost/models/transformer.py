@@ -179,16 +179,23 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
             self.k_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
+                 qkv=None):  # fmt: skip
         """Attention output [B, T, D]; with `cache` = (k_BxKxSxE, v_BxKxSxE), this layer's
         cache, the new keys and values are written at slots [cache_index, cache_index + T),
-        attention reads the whole cache, and the updated (k, v) return."""
+        attention reads the whole cache, and the updated (k, v) return. `qkv`: this layer's
+        q, k and v weights as one [D, (H + 2K)·E] matrix (`fused_weights`), one matmul."""
         c = self.config
         dt = c.compute_dtype
         x = x_BxTxD.astype(dt)
-        q = dense(x, self.q[...].astype(dt))
-        k = dense(x, self.k[...].astype(dt))
-        v = dense(x, self.v[...].astype(dt))
+        if qkv is None:
+            q = dense(x, self.q[...].astype(dt))
+            k = dense(x, self.k[...].astype(dt))
+            v = dense(x, self.v[...].astype(dt))
+        else:
+            B, T, (H, K, E) = *x.shape[:2], (c.n_heads, c.n_kv_heads, c.head_dim)
+            q, k, v = jnp.split(dense(x, qkv), [H * E, (H + K) * E], axis=-1)
+            q, k, v = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
         if c.qkv_bias:
             q = q + self.q_bias[...].astype(dt)[None, None]
             k = k + self.k_bias[...].astype(dt)[None, None]
@@ -239,11 +246,15 @@ class MLP(nnx.Module):
         self.up = _param(rngs, (D, F), pd, ("embed", "mlp"), stack=stack)
         self.down = _param(rngs, (F, D), pd, ("mlp", "embed"), stack=stack)
 
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, gate_up=None):
+        """`gate_up`: the gate and up weights as one [D, 2F] matrix (`fused_weights`)."""
         dt = self.dtype
         x = x_BxTxD.astype(dt)
-        h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
-        return dense(h, self.down[...].astype(dt))
+        if gate_up is None:
+            gate, up = dense(x, self.gate[...].astype(dt)), dense(x, self.up[...].astype(dt))
+        else:
+            gate, up = jnp.split(dense(x, gate_up), 2, axis=-1)
+        return dense(jax.nn.silu(gate) * up, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -260,11 +271,24 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed", stack)
         self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, fused=None):
+        """`fused`: this block's `fused_weights` (a decode loop's), or None."""
+        fused = fused or {}
+        h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index,
+                                 fused.get("qkv"))  # fmt: skip
         x = _constrain(x + h, *_RESIDUAL)
-        x = _constrain(x + self.mlp(self.mlp_norm(x)), *_RESIDUAL)
+        x = _constrain(x + self.mlp(self.mlp_norm(x), fused.get("gate_up")), *_RESIDUAL)
         return x, new_cache
+
+    def fused_weights(self) -> dict:
+        """One block's q/k/v and gate/up weights concatenated in the compute dtype: [D, (H + 2K)·E]
+        and [D, 2F], so a decode step runs two matmuls where it would run five. Built once,
+        outside a decode loop (`functional.layer_params`)."""
+        a, m, dt = self.attn, self.mlp, self.mlp.dtype
+        D = a.config.d_model
+        qkv = jnp.concatenate([w[...].reshape(D, -1) for w in (a.q, a.k, a.v)], axis=1)
+        gate_up = jnp.concatenate([m.gate[...], m.up[...]], axis=1)
+        return {"qkv": qkv.astype(dt), "gate_up": gate_up.astype(dt)}
 
 
 class Transformer(nnx.Module):
@@ -294,9 +318,9 @@ class Transformer(nnx.Module):
         Without caches (training, teacher forcing) the blocks run as `config.scan_layers` says,
         under the remat policy. With caches (prefill and decode) they always run as a Python
         loop, each layer writing its new keys and values into its own cache buffer in place.
-        `layers` are the blocks' parameters already sliced per layer (`layer_params`): a decode
-        loop passes them in, because XLA:CPU copies slices of the stack taken inside the loop
-        on every step."""
+        `layers` are the blocks' parameters already sliced per layer, each with its fused
+        weights (`functional.layer_params`): a decode loop passes them in, because XLA:CPU
+        copies slices of the stack (and concatenations) taken inside the loop on every step."""
         c = self.config
         # The table's gradient is built by a gather, not a float32 scatter (see embedding.py).
         x = embedding.lookup(self.embed[...], tokens_BxT).astype(c.compute_dtype)
@@ -308,8 +332,9 @@ class Transformer(nnx.Module):
         if caches is not None:
             new_caches = []
             for i, cache in enumerate(caches):
-                blk = nnx.merge(graphdef, layer(i) if layers is None else layers[i])
-                x, new_cache = blk(x, positions_BxT, mask_BxTxS, cache, cache_index)
+                tree, fused = (layer(i), None) if layers is None else layers[i]
+                blk = nnx.merge(graphdef, tree)
+                x, new_cache = blk(x, positions_BxT, mask_BxTxS, cache, cache_index, fused)
                 new_caches.append(new_cache)
             return _constrain(self.final_norm(x), *_RESIDUAL), new_caches
 
