@@ -13,24 +13,23 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 6b8f7a3 on the project's 2-core CPU (XLA:CPU, 2026-12-03,
-otherwise idle): 822 s for the whole README main command (venv, install, start-up ~76 s; 746 s
-of protocol: base and teacher 196 s, the eleven arms' training 426 s, evaluations 124 s with the
-footprint, yield, JS and in-context steerability; bf3087a's run took 737 s). That run (96
-held-out problems x 32 samples; the numbers are bf3087a's to the digit):
+Measured from a clean clone of eef3fc9 on the project's 2-core CPU (XLA:CPU, 2026-12-03,
+otherwise idle): 774 s for the whole README main command (venv, install, start-up ~71 s; 703 s
+of protocol: base and teacher 196 s, the eleven arms' training 389 s, evaluations 117 s). That
+run (192 held-out problems x 16 samples):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.261 | 0.542 | 0.138 | 0.875 | 0.135 |
-    | teacher | 0.355 | 0.938 | 0.444 | 0.992 | 0.285 |
-    | sft | 0.180 | 0.771 | 0.378 | 0.750 | 0.061 |
-    | grpo | 0.285 | 0.510 | 0.116 | 0.867 | 0.096 |
-    | opd_rkl | 0.280 | 0.698 | 0.150 | 0.840 | 0.094 |
-    | opsd | 0.228 | 0.583 | 0.087 | 0.898 | 0.053 |
+    | base | 0.252 | 0.500 | 0.116 | 0.875 | 0.135 |
+    | teacher | 0.346 | 0.536 | 0.217 | 0.988 | 0.273 |
+    | sft | 0.190 | 0.677 | 0.251 | 0.750 | 0.061 |
+    | grpo | 0.287 | 0.495 | 0.096 | 0.867 | 0.096 |
+    | opd_rkl | 0.275 | 0.495 | 0.134 | 0.875 | 0.123 |
+    | opsd | 0.233 | 0.516 | 0.075 | 0.898 | 0.053 |
 
-(and seven more arms); four of eight claims reproduced (retention of on-policy arms over SFT,
-GRPO's fewer argmax changes than SFT's and their high base entropy, entropy-aware OPD keeping
-more diversity than reverse KL), four inconclusive; the evaluation resolves a pass@1 difference
-of ~0.066, more than any arm gained (benchmarks/paradigms_budget.md, benchmarks/new_arms.md).
+(and seven more arms); GRPO above the base at pass@1, +0.035 [+0.007, +0.064], reverse-KL OPD
++0.024 [-0.003, +0.052]; the evaluation resolves ~0.040; three of eight claims reproduced
+(retention of on-policy arms over SFT, GRPO's fewer argmax changes than SFT's and their high
+base entropy), five inconclusive (benchmarks/paradigms_budget.md, benchmarks/new_arms.md).
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
