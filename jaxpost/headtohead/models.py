@@ -36,12 +36,8 @@ class World:
     steer_test: list
     mesh: Any = None
     teacher_train: list | None = None  # the built-in teacher's problems: a superset of `train`
-    arm_train: list | None = None  # the arms' training problems (`train` unless arm.fresh_problems)
-
-    @property
-    def arm_problems(self) -> list:
-        """The problems the arms train on: the base's, or `arm.fresh_problems` it never saw."""
-        return self.arm_train or self.train
+    # the arms' training problems: `train`, or `arm.fresh_problems` the base never saw
+    arm_problems: list | None = None
 
     @property
     def progress(self) -> bool:
@@ -62,7 +58,7 @@ def world(config) -> World:
         train=draw[:n_base],
         test=inputs.problems(task, "test", e.problems, config.seed),
         teacher_train=draw[:max(n_base, config.teacher_problems)],
-        arm_train=draw[n_base:n_base + n_fresh],
+        arm_problems=draw[n_base:n_base + n_fresh] or draw[:n_base],
         retention_test=inputs.problems(retention, "test", e.retention_problems, config.seed),
         steer_test=inputs.problems(steer, "test", e.steer_problems, config.seed) if steer else [],
         mesh=inputs.make_mesh(config.mesh),

@@ -193,9 +193,9 @@ class Attention(nnx.Module):
             k = dense(x, self.k[...].astype(dt))
             v = dense(x, self.v[...].astype(dt))
         else:
-            B, T, (H, K, E) = *x.shape[:2], (c.n_heads, c.n_kv_heads, c.head_dim)
-            q, k, v = jnp.split(dense(x, qkv), [H * E, (H + K) * E], axis=-1)
-            q, k, v = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
+            H, E = c.n_heads, c.head_dim
+            parts = jnp.split(dense(x, qkv), [H * E, (H + c.n_kv_heads) * E], axis=-1)
+            q, k, v = (p.reshape(*x.shape[:2], -1, E) for p in parts)
         if c.qkv_bias:
             q = q + self.q_bias[...].astype(dt)[None, None]
             k = k + self.k_bias[...].astype(dt)[None, None]
