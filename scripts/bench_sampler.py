@@ -54,7 +54,7 @@ def matmul_floor(config, batch: int, prompt: int, new: int):
     w = dict(qkv=rand(D, (H + 2 * K) * E), o=rand(H * E, D), up=rand(D, 2 * F), down=rand(F, D),
              head=rand(D, V), kv=rand(c.n_layers, 2, batch * K, S, E))  # fmt: skip
 
-    def layers(x, rows):  # x [batch·rows, D]: every layer's dots, then the head
+    def layers(w, x, rows):  # x [batch·rows, D]: every layer's dots, then the head
         for i in range(c.n_layers):
             qkv = x @ w["qkv"]
             q = qkv[:, : H * E].reshape(batch * K, -1, E)
@@ -66,19 +66,20 @@ def matmul_floor(config, batch: int, prompt: int, new: int):
 
     x0 = rand(batch * prompt, D)
 
+    # The weights are arguments, not closed-over constants that XLA could fold into the program.
     @jax.jit
-    def run(x0):
-        x, _ = layers(x0, prompt)
+    def run(w, x0):
+        x, _ = layers(w, x0, prompt)
         x = x[-batch:]
 
         def body(carry):
             t, x = carry
-            x, logits = layers(x, 1)
+            x, logits = layers(w, x, 1)
             return t + 1, x + logits[:, :1].astype(dt)
 
         return jax.lax.while_loop(lambda cr: cr[0] < new, body, (jnp.int32(0), x))[1]
 
-    return lambda: run(x0)
+    return lambda: run(w, x0)
 
 
 def main() -> None:
