@@ -289,6 +289,7 @@ def run_opd(
     lora: LoraConfig | None = None,
     self_teacher: str = "frozen",
     ema_decay: float = 0.99,
+    updates_per_batch: int = 1,
 ) -> RunResult:
     """On-policy distillation: the student samples, the teacher scores every token of it.
 
@@ -308,6 +309,9 @@ def run_opd(
     `self_teacher` (`teachers.SELF_TEACHERS`; the teacher must be the student's own model, as in
     OPSD): "frozen" distils from `teacher_params` as given; "live" from the current policy;
     "ema" from an exponential moving average of it (`ema_decay`, kept in the optimizer state).
+
+    `updates_per_batch`: optimizer steps on each batch of rollouts and teacher scores (after the
+    first, the rollouts are one update off the policy; the loss has no ratio to correct it).
     """
     if self_teacher not in teachers.SELF_TEACHERS:
         raise ValueError(f"self_teacher must be one of {teachers.SELF_TEACHERS}, got "
@@ -367,7 +371,8 @@ def run_opd(
         return batch, extra
 
     return run_on_policy(config, params, source, objective, score, optim, loop, sampling,
-                         frozen=frozen, mesh=mesh, lora=lora, **extra)  # fmt: skip
+                         frozen=frozen, updates_per_batch=updates_per_batch, mesh=mesh, lora=lora,
+                         **extra)  # fmt: skip
 
 
 __all__ = ["LoopConfig", "LoraConfig", "PromptSource", "RunResult", "SamplingConfig", "Shaping", "StepFunction",

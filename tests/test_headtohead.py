@@ -70,7 +70,7 @@ def test_miniature_protocol_writes_the_report(mini):
     a = c.arm
     assert saved["settings"]["budget"] == {
         "arm_steps": a.steps, "prompts_per_step": a.prompts_per_step, "group_size": a.group_size,
-        "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size}  # fmt: skip
+        "updates_per_batch": a.updates_per_batch, "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size}  # fmt: skip
     assert set(saved["settings"]["wall_seconds_by_stage"]) == {"models", "evaluation",
                                                                 "arm_training"}  # fmt: skip
     base_p1 = saved["arms"]["base"]["scalars"]["pass@1"]["mean"]
@@ -234,7 +234,8 @@ def test_bad_settings_are_refused(tmp_path):
            ("eval.samples", 1): "eval.samples must be >= 2",
            ("arm.beta_rank", 2.0): r"arm.beta_rank must lie in \[0, 1\]",
            ("teacher_problems", -1): "teacher_problems must be >= 0",
-           ("arm.fresh_problems", -2): "arm.fresh_problems must be >= 0"}  # fmt: skip
+           ("arm.fresh_problems", -2): "arm.fresh_problems must be >= 0",
+           ("arm.updates_per_batch", 0): "arm.updates_per_batch must be >= 1"}  # fmt: skip
     for (field, value), match in bad.items():
         c = tiny(tmp_path, **{field: value})
         with pytest.raises(UserError, match=match):

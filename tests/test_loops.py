@@ -102,6 +102,25 @@ def test_opsd_runs_with_privileged_teacher_prompts(memorized):
     assert "pass_rate" in result.history[0]
 
 
+def test_opd_takes_updates_per_batch_steps_on_each_batch(memorized):
+    # Two loop steps at two updates a batch: four optimizer updates, one history row per batch,
+    # and a different student than one update a batch on the same rollouts' seeds.
+    optim = train.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=4)
+    loop = loops.LoopConfig(steps=2, batch_size=4, progress=False)
+    start = models.init(CONFIG, seed=5)
+
+    def run(updates):
+        return loops.run_opd(CONFIG, start, CONFIG, memorized.state.params, SOURCE,
+                             losses.opd_kl(1.0), optim, loop, _sampling(2),
+                             updates_per_batch=updates)  # fmt: skip
+
+    once, twice = run(1), run(2)
+    assert int(once.state.step) == 2 and int(twice.state.step) == 4
+    assert len(twice.history) == 2
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.params)]) for r in (once, twice))
+    assert np.all(np.isfinite(b)) and not np.allclose(a, b)
+
+
 def test_grpo_logs_reward_kl_and_entropy(memorized):
     optim = train.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=2)
     loop = loops.LoopConfig(steps=2, batch_size=4, progress=False)

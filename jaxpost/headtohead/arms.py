@@ -148,7 +148,8 @@ def _grpo(unlikely: bool = False) -> Callable[[ArmContext], loops.RunResult]:
         return loops.run_grpo(base.config, base.params, ctx.source, ctx.optim, ctx.loop,
                               ctx.sampling, reward_transform=transform, mesh=ctx.world.mesh,
                               loss_impl=ctx.config.loss_impl, is_correction=True,
-                              is_mode=a.is_mode, is_max=a.is_max, lora=ctx.lora)  # fmt: skip
+                              is_mode=a.is_mode, is_max=a.is_max, lora=ctx.lora,
+                              num_iterations=a.updates_per_batch)  # fmt: skip
 
     return build
 
@@ -162,7 +163,8 @@ def _opd(loss: Callable[[ArmContext], opd.OPDLoss]) -> Callable[[ArmContext], lo
         base, teacher = ctx.models.base, ctx.models.teacher
         return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
                              loss(ctx), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh,
-                             loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
+                             loss_impl=ctx.config.loss_impl, lora=ctx.lora,
+                             updates_per_batch=ctx.config.arm.updates_per_batch)  # fmt: skip
 
     return build
 

@@ -317,13 +317,16 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "base": describe["base"],
         "teacher": describe["teacher"],
         "budget per arm": f"{a.steps} steps × {a.prompts_per_step} prompts × {a.group_size} "
-                          f"samples, lr {a.learning_rate}, ≤ {a.max_new_tokens} new tokens, "
+                          f"samples, lr {a.learning_rate}"
+                          + (f", {a.updates_per_batch} updates per batch (GRPO and OPD arms)"
+                             if a.updates_per_batch > 1 else "")
+                          + f", ≤ {a.max_new_tokens} new tokens, "
                           f"rollouts at temperature {a.temperature}, top-p {a.top_p}; GRPO "
                           f"weighted by π_old/q ({a.is_mode}, ≤ {a.is_max}); on "
                           + (f"{a.fresh_problems} training problems the base never saw"
                              if a.fresh_problems else "the base's training problems"),
         "budget": {"arm_steps": a.steps, "prompts_per_step": a.prompts_per_step,
-                   "group_size": a.group_size,
+                   "group_size": a.group_size, "updates_per_batch": a.updates_per_batch,
                    "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size},
         "evaluation": f"{e.problems} held-out problems × {e.samples} samples at temperature 1; "
                       f"retention: {e.retention_problems} addition problems × "

@@ -43,7 +43,8 @@ def check(config) -> None:
                 "eval.steer_problems": e.steer_problems, "eval.steer_samples": e.steer_samples,
                 "eval.footprint_samples": e.footprint_samples,
                 "arm.select_problems": a.select_problems, "arm.select_keep": a.select_keep,
-                "arm.spectrum_outputs": a.spectrum_outputs, "eval.icl_examples": e.icl_examples}  # fmt: skip
+                "arm.spectrum_outputs": a.spectrum_outputs, "eval.icl_examples": e.icl_examples,
+                "arm.updates_per_batch": a.updates_per_batch}  # fmt: skip
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
