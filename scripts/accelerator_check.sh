@@ -148,7 +148,7 @@ if ((TINY)); then
   TRAIN=(--model tiny --batch 2 --seq-len 16 --repeats 2)
   MEMORY=(--layers 1 --remat full --repeats 1)
 else
-  BENCH_KERNELS=(--time --repeats 10)
+  BENCH_KERNELS=(--time --repeats 5)
   SAMPLER=(--size large --repeats 3)
   TRAIN=(--model qwen2.5-0.5b --batch 8 --seq-len 1024 --repeats 5)
   MEMORY=(--layers 4,24 --remat none,full --repeats 1)
