@@ -70,7 +70,8 @@ def test_miniature_protocol_writes_the_report(mini):
     a = c.arm
     assert saved["settings"]["budget"] == {
         "arm_steps": a.steps, "prompts_per_step": a.prompts_per_step, "group_size": a.group_size,
-        "updates_per_batch": a.updates_per_batch, "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size}  # fmt: skip
+        "updates_per_batch": a.updates_per_batch,
+        "rollouts_per_arm": a.steps * a.prompts_per_step * a.group_size}  # fmt: skip
     assert set(saved["settings"]["wall_seconds_by_stage"]) == {"models", "evaluation",
                                                                 "arm_training"}  # fmt: skip
     base_p1 = saved["arms"]["base"]["scalars"]["pass@1"]["mean"]

@@ -79,7 +79,9 @@ def get_config(arg: str | None = None):
     c.arm.prompts_per_step = 8  # prompts per update (SFT: this x group_size dataset sequences)
     c.arm.group_size = 8  # samples per prompt (the GRPO group)
     c.arm.learning_rate = 1e-4
-    c.arm.updates_per_batch = 1  # optimizer steps per batch of rollouts (GRPO and OPD arms)
+    # optimizer steps per batch of rollouts: the GRPO arms and those distilling through run_opd
+    # (opd_*, opsd); sampled-token OPD, alpha-DPG and the others take one
+    c.arm.updates_per_batch = 1
     # 0: the arms train on the base's problems; n: on n training problems the base never saw
     # (the next n of the train split's draw; the teacher's pool may hold them)
     c.arm.fresh_problems = 0

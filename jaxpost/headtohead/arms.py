@@ -114,7 +114,8 @@ def _opd_degraded(ctx: ArmContext) -> loops.RunResult:
     base, teacher = ctx.models.base, degraded_teacher(ctx.models, ctx.config)
     return loops.run_opd(base.config, base.params, teacher.config, teacher.params, ctx.source,
                          _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=ctx.world.mesh,
-                         loss_impl=ctx.config.loss_impl, lora=ctx.lora)  # fmt: skip
+                         loss_impl=ctx.config.loss_impl, lora=ctx.lora,
+                         updates_per_batch=ctx.config.arm.updates_per_batch)  # fmt: skip
 
 
 def _spectrum(ctx: ArmContext) -> loops.RunResult:
@@ -273,7 +274,8 @@ def _opsd(ctx: ArmContext) -> loops.RunResult:
     return loops.run_opd(base.config, base.params, base.config, base.params, source,
                          _kl(ctx, 1.0), ctx.optim, ctx.loop, ctx.sampling, mesh=w.mesh,
                          loss_impl=ctx.config.loss_impl, lora=ctx.lora,
-                         self_teacher=a.opsd_teacher, ema_decay=a.opsd_ema_decay)  # fmt: skip
+                         self_teacher=a.opsd_teacher, ema_decay=a.opsd_ema_decay,
+                         updates_per_batch=a.updates_per_batch)  # fmt: skip
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (

@@ -318,7 +318,7 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
         "teacher": describe["teacher"],
         "budget per arm": f"{a.steps} steps × {a.prompts_per_step} prompts × {a.group_size} "
                           f"samples, lr {a.learning_rate}"
-                          + (f", {a.updates_per_batch} updates per batch (GRPO and OPD arms)"
+                          + (f", {a.updates_per_batch} updates per batch (GRPO, OPD and OPSD arms)"
                              if a.updates_per_batch > 1 else "")
                           + f", ≤ {a.max_new_tokens} new tokens, "
                           f"rollouts at temperature {a.temperature}, top-p {a.top_p}; GRPO "
