@@ -9,6 +9,7 @@ an eval.json of this `eval_key`, and an arm's latest checkpoint when its directo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -90,6 +91,62 @@ def _claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
         f.write(key)
 
 
+def _eval_path(config, arm: str) -> str:
+    return os.path.join(config.workdir, "arms", arm, "eval.json")
+
+
+def _saved_extra(config, arm: str) -> dict:
+    with open(_eval_path(config, arm)) as f:
+        return json.load(f)["extra"]
+
+
+@dataclasses.dataclass
+class ArmOutcome:
+    """One arm trained and evaluated (`evaluation`, `extra`) or why it diverged (`diverged`)."""
+
+    evaluation: Evaluation | None = None
+    extra: dict | None = None
+    diverged: str | None = None
+
+
+def train_and_evaluate(w: models.World, m: models.Models, arm: str, base_eval: Evaluation,
+                       log: Callable[[str], None] = print) -> ArmOutcome:  # fmt: skip
+    """Train one arm from the base (resuming its checkpoint when its directory holds this
+    arm_key's run), evaluate it against the base's evaluation, and save its eval.json (or why it
+    diverged: the other arms go on). Raises Preempted after SIGTERM, its checkpoint saved."""
+    config = w.config
+    arm_dir = os.path.join(config.workdir, "arms", arm)
+    eval_path, eval_key = _eval_path(config, arm), settings.eval_key(config)
+    _claim_arm_dir(arm_dir, settings.arm_key(config), arm, log)
+    t0 = time.perf_counter()
+    try:
+        result = arms.run_arm(w, arm, m, log)
+    except Diverged as e:
+        log(f"{arm}: {e}")
+        _save_json(eval_path, {"key": eval_key, "diverged": str(e)})
+        return ArmOutcome(diverged=str(e))
+    if result.preempted:
+        raise Preempted(f"{arm}: preempted (SIGTERM); the arm's checkpoint is saved; rerun "
+                        f"the same command to resume")  # fmt: skip
+    train_s = time.perf_counter() - t0
+    log(f"{arm}: trained in {train_s:.0f} s; evaluating")
+    t0 = time.perf_counter()
+    params = result.params
+    ev = evaluation.evaluate_model(w, m.base, params, base=base_eval, base_model=m.base,
+                                   seed=config.seed, guide=result.guide)  # fmt: skip
+    history = _history(arm_dir)
+    tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
+    extra = {"tokens": tokens, "train_seconds": train_s}
+    if result.last_batch is not None:
+        lp, mask = evaluation.batch_nll(m.base, params, result.last_batch, result.guide)
+        own = ev.samples
+        extra["state_locality"] = metrics.state_locality(lp, mask, own.logprobs * own.mask,
+                                                          own.mask)  # fmt: skip
+    extra["eval_seconds"] = time.perf_counter() - t0
+    _save_eval(eval_path, eval_key, ev, {"extra": extra})
+    return ArmOutcome(ev, extra)
+
+
 def _check_memory(w: models.World, student: Model, teacher_config) -> None:
     """Plan every step the run will compile, before it trains anything (`jaxpost.plan`): the
     base's and teacher's SFT on the mixture, the SFT arm on its sequences, GRPO and OPD on their
@@ -127,11 +184,12 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
                         teacher_prompt_len=privileged, **on_policy)  # fmt: skip
 
 
-def _compilation_cache(path: str, log) -> None:
+def use_compilation_cache(path: str, log) -> None:
     """Keep the run's compiled programs in WORKDIR/xla_cache (JAX's persistent cache), unless
     the caller set a cache: arms whose steps are the same program (grpo and grpo_unlikely) and
     every rerun of the command skip compiling. Programs that compile in under a second are not
-    kept."""
+    kept. The size limit (never reached) makes JAX lock the cache around each read and write:
+    arm workers (`parallel`) share it, and a reader must not see a half-written entry."""
     if jax.config.jax_compilation_cache_dir:
         return
     try:
@@ -139,6 +197,7 @@ def _compilation_cache(path: str, log) -> None:
 
         jax.config.update("jax_compilation_cache_dir", os.path.join(path, "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)
         cc.compilation_cache.reset_cache()  # take the directory even if a program compiled before
     except (ImportError, AttributeError) as e:  # a jax without these: run without the cache
         log(f"no persistent compilation cache ({e})")
@@ -154,7 +213,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
                         f"this job has {jax.process_count()} processes: launch it on one host")  # fmt: skip
     names = arms.arm_names(config)
     settings.check(config)
-    _compilation_cache(config.workdir, log)
+    use_compilation_cache(config.workdir, log)
     w = models.world(config)
     log(distributed.describe(w.mesh))
     if w.task.needs_pretrained and not settings.pretrained(config):
@@ -163,7 +222,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
     m = models.base_and_teacher(w, log, check=lambda s, t: _check_memory(w, s, t))
     stages = {"models": time.perf_counter() - start, "evaluation": 0.0, "arm_training": 0.0}
     log(f"models ready ({stages['models']:.0f} s)")
-    arm_key, eval_key = settings.arm_key(config), settings.eval_key(config)
+    eval_key = settings.eval_key(config)
     evals: dict[str, Evaluation] = {}
     extras: dict[str, dict] = {}
     diverged: dict[str, str] = {}  # arm -> why it stopped (no evaluation, no claims)
@@ -185,50 +244,45 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         evals["teacher_degraded"] = evaluation.evaluate_model(
             w, weak, weak.params, base=evals["base"], base_model=m.base, seed=config.seed)
     stages["evaluation"] += time.perf_counter() - t0
+    pending = []
     for arm in names:
-        arm_dir = os.path.join(config.workdir, "arms", arm)
-        eval_path = os.path.join(arm_dir, "eval.json")
-        cached = _load_eval(eval_path, eval_key)
+        cached = _load_eval(_eval_path(config, arm), eval_key)
         if isinstance(cached, str):
             log(f"{arm}: diverged in an earlier run of these settings ({cached})")
             diverged[arm] = cached
-            continue
-        if cached is not None:
+        elif cached is not None:
             log(f"{arm}: reusing finished arm")
-            evals[arm] = cached
-            with open(eval_path) as f:
-                extras[arm] = json.load(f)["extra"]
-            continue
-        _claim_arm_dir(arm_dir, arm_key, arm, log)
+            evals[arm], extras[arm] = cached, _saved_extra(config, arm)
+        else:
+            pending.append(arm)
+    processes = settings.arm_processes(config)
+    if pending and processes > 1:  # the arms at once, one process per core
+        # imported here: `python -m jaxpost.headtohead.parallel` (its workers) imports this
+        # package first and must find the module not yet loaded
+        from jaxpost.headtohead import parallel
+
         t0 = time.perf_counter()
-        try:
-            result = arms.run_arm(w, arm, m, log)
-        except Diverged as e:  # the arm is reported as diverged; the others go on
-            log(f"{arm}: {e}")
-            diverged[arm] = str(e)
-            _save_json(eval_path, {"key": eval_key, "diverged": str(e)})
-            continue
-        if result.preempted:
-            raise Preempted(f"{arm}: preempted (SIGTERM); the arm's checkpoint is saved; rerun "
+        outcomes = parallel.run_arms(config, pending, evals["base"], processes, log)
+        # one stage: the arms' training and evaluation overlap (their own seconds: `extras`)
+        del stages["arm_training"]
+        stages["arms"] = time.perf_counter() - t0
+        for arm in outcomes.finished:  # each worker saved its arm's eval.json
+            evals[arm] = _load_eval(_eval_path(config, arm), eval_key)
+            extras[arm] = _saved_extra(config, arm)
+        diverged.update(outcomes.diverged)
+        if outcomes.preempted:
+            left = [a for a in pending if a not in outcomes.finished and a not in diverged]
+            raise Preempted(f"preempted (SIGTERM) with arms {', '.join(left)} unfinished; the "
+                            f"finished arms and the running arms' checkpoints are saved; rerun "
                             f"the same command to resume")  # fmt: skip
-        train_s = time.perf_counter() - t0
-        stages["arm_training"] += train_s
-        log(f"{arm}: trained in {train_s:.0f} s; evaluating")
-        t0 = time.perf_counter()
-        params = result.params
-        ev = evaluation.evaluate_model(w, m.base, params, base=evals["base"], base_model=m.base,
-                                       seed=config.seed, guide=result.guide)  # fmt: skip
-        history = _history(arm_dir)
-        tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
-        extra = {"tokens": tokens, "train_seconds": train_s}
-        if result.last_batch is not None:
-            lp, mask = evaluation.batch_nll(m.base, params, result.last_batch, result.guide)
-            own = ev.samples
-            extra["state_locality"] = metrics.state_locality(lp, mask, own.logprobs * own.mask,
-                                                              own.mask)  # fmt: skip
-        _save_eval(eval_path, eval_key, ev, {"extra": extra})
-        evals[arm], extras[arm] = ev, extra
-        stages["evaluation"] += time.perf_counter() - t0
+    for arm in pending if processes == 1 else ():
+        outcome = train_and_evaluate(w, m, arm, evals["base"], log)
+        if outcome.diverged is not None:
+            diverged[arm] = outcome.diverged
+            continue
+        evals[arm], extras[arm] = outcome.evaluation, outcome.extra
+        stages["arm_training"] += outcome.extra["train_seconds"]
+        stages["evaluation"] += outcome.extra["eval_seconds"]
     result = assemble(w, evals, extras, m.history, m.describe, diverged, m.base.config.vocab_size)
     result["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     # this run's own work; what a rerun reused from the workdir costs nothing here

@@ -31,6 +31,21 @@ def pretrained(config) -> bool:
     return config.model not in models.PRESETS
 
 
+def arm_processes(config) -> int:
+    """How many arms train at once (`arm.processes`), each in its own process pinned to one CPU
+    core (`parallel`); 1: one after the other in this process, on all its cores. 0 (auto): one
+    per core this process may use, on a CPU backend with the built-in student (a checkpoint's
+    arms, or a GPU's or TPU's, run in this process)."""
+    n = config.arm.processes
+    if n == 0:
+        import jax
+
+        if pretrained(config) or jax.default_backend() != "cpu":
+            return 1
+        return len(os.sched_getaffinity(0))
+    return n
+
+
 def check(config) -> None:
     """Refuse settings the protocol cannot run, before any work, with the fix named (the arm
     list is checked against the table by `arms.arm_names`)."""
@@ -48,6 +63,20 @@ def check(config) -> None:
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    if a.processes < 0:
+        raise UserError(f"arm.processes must be >= 0 (0: one arm per CPU core, 1: one arm at a "
+                        f"time in this process), got {a.processes}")  # fmt: skip
+    if a.processes > 1:
+        import jax
+
+        cores = len(os.sched_getaffinity(0))
+        if jax.default_backend() != "cpu":
+            raise UserError(f"arm.processes={a.processes} runs arms on CPU cores; this backend "
+                            f"is {jax.default_backend()}: set arm.processes=1")  # fmt: skip
+        if a.processes > cores:
+            raise UserError(f"arm.processes={a.processes} but this process may use {cores} CPU "
+                            f"cores (one arm per core): set it to at most {cores}, or 0 for "
+                            f"one per core")  # fmt: skip
     if a.group_size < 2:
         raise UserError(f"arm.group_size must be >= 2 (GRPO needs a group), got {a.group_size}")
     if e.samples < 2:
@@ -150,6 +179,8 @@ def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
 
 def _key(config, leave_out: tuple[str, ...]) -> str:
     values = {k: v for k, v in config.to_dict().items() if k not in _NEVER_MATTERS + leave_out}
+    if "arm" in values:  # how many arms run at once does not matter, only whether each has
+        values["arm"]["processes"] = "one core" if arm_processes(config) > 1 else "all cores"
     for name in ("model", "teacher"):  # a checkpoint rewritten at the same path is another one
         path = config[name]
         if path and os.path.isdir(path):

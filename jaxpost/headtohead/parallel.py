@@ -1,0 +1,270 @@
+"""The arms at once on a CPU: one worker process per core, each pinned to its core.
+
+The arms are independent once the base and the teacher exist, and at the built-in student's
+shapes one XLA:CPU process does not keep two cores busy: two processes pinned one per core train
+~1.4 arms in the time one process on both cores trains one (`scripts/bench_train.py` run once
+unpinned and as two pinned copies at once, AMD EPYC Zen 3 2-core CPU, 2026-12-04: an SFT step
+0.141 s alone, 0.208 s each for two at once). So on a CPU backend the protocol hands its
+pending arms to `arm.processes` workers (0: one per core this process may use):
+
+    parent                                  worker (python -m jaxpost.headtohead.parallel)
+    models, base/teacher evaluation         pins itself to its core, loads the cached models
+    writes the run's config and the         and the base's evaluation, says "ready"
+      base's evaluation (with samples)
+    sends an arm name to an idle worker --> `protocol.train_and_evaluate`: trains, evaluates,
+                                            saves arms/<arm>/eval.json, says "done"
+    reads every eval.json, the report
+
+Every arm of such a run trains in a process of one core, whichever worker takes it and however
+many run beside it, so its numbers do not depend on the schedule; they may differ from the same
+arm trained in one process on all cores (`settings.arm_key` tells the two apart, so neither run
+resumes the other's checkpoints). Workers speak JSON lines on their own pipe (their stdout and
+stderr stay the parent's: a traceback shows). SIGTERM to the parent (or to the workers) stops
+every running arm at its next step with its checkpoint saved; the parent then raises
+`Preempted`, and rerunning the command resumes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from jaxpost.errors import Preempted, UserError
+
+_STOP_WAIT_S = 300  # how long stopped workers get to save their checkpoints before a kill
+
+
+@dataclasses.dataclass
+class Outcomes:
+    """What became of the pending arms: finished (their eval.json saved), diverged (and why),
+    or neither because SIGTERM stopped the run (`preempted`; the running ones saved checkpoints)."""
+
+    finished: list[str] = dataclasses.field(default_factory=list)
+    diverged: dict[str, str] = dataclasses.field(default_factory=dict)
+    preempted: bool = False
+
+
+def cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+@dataclasses.dataclass
+class _Worker:
+    core: int
+    proc: subprocess.Popen
+    reader: object  # the read end of its message pipe (a file)
+    buffer: bytes = b""
+    arm: str | None = None  # the arm it is running
+
+
+def run_arms(config, pending: list[str], base_eval, processes: int,
+             log: Callable[[str], None] = print) -> Outcomes:  # fmt: skip
+    """Train and evaluate `pending` arms in `processes` pinned workers (at most one per arm);
+    returns what did not finish. Raises UserError when an arm's settings are refused, and
+    RuntimeError when a worker fails otherwise (its traceback is on stderr)."""
+    from jaxpost.preemption import PreemptionGuard
+
+    queue = list(pending)
+    n = min(processes, len(queue))
+    job = os.path.join(config.workdir, "arms", f".parallel-{os.getpid()}.pkl")
+    os.makedirs(os.path.dirname(job), exist_ok=True)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.arm.processes = processes  # resolved here: a worker sees one core, not all
+        config.progress = False  # the parent shows one line per arm event instead
+    with open(job, "wb") as f:
+        pickle.dump({"config": config, "base_eval": base_eval}, f)
+    log(f"arms in {n} processes, one per CPU core ({', '.join(map(str, cores()[:n]))}): "
+        f"{', '.join(queue)}")  # fmt: skip
+    workers: list[_Worker] = []
+    out, failure = Outcomes(), None
+    sel = selectors.DefaultSelector()
+    try:
+        with PreemptionGuard() as guard:
+            for core in cores()[:n]:
+                w = _start(job, core)
+                workers.append(w)
+                sel.register(w.reader, selectors.EVENT_READ, w)
+            stopping = False
+            while any(w.proc.poll() is None or w.reader in sel.get_map() for w in workers):
+                if guard.should_stop and not stopping:
+                    out.preempted = stopping = True
+                    log("SIGTERM: stopping every running arm at its next step (checkpoints "
+                        "are saved)")  # fmt: skip
+                    for w in workers:
+                        _signal(w, signal.SIGTERM)
+                if not sel.get_map():
+                    time.sleep(0.1)
+                    continue
+                for key, _ in sel.select(timeout=0.5):
+                    w = key.data
+                    chunk = os.read(w.reader.fileno(), 1 << 16)
+                    if not chunk:  # the worker closed its pipe: it ended
+                        sel.unregister(w.reader)
+                        w.proc.wait()
+                        if w.arm is not None and failure is None:
+                            failure = RuntimeError(f"the worker running arm {w.arm} ended "
+                                                   f"(exit status {w.proc.returncode}) without "
+                                                   f"finishing it; rerun the command to resume "
+                                                   f"it")  # fmt: skip
+                        continue
+                    w.buffer += chunk
+                    while b"\n" in w.buffer:
+                        line, w.buffer = w.buffer.split(b"\n", 1)
+                        msg = json.loads(line)
+                        if "log" in msg:
+                            log(msg["log"])
+                            continue
+                        if "error" in msg:  # the worker ends after this message
+                            cls = UserError if msg.get("user") else RuntimeError
+                            failure = failure or cls(msg["error"])
+                            w.arm = None
+                            continue
+                        if "done" in msg:
+                            if msg["status"] == "ok":
+                                out.finished.append(msg["done"])
+                            elif msg["status"] == "diverged":
+                                out.diverged[msg["done"]] = msg["why"]
+                            else:  # preempted
+                                out.preempted = stopping = True
+                            if msg.get("stop"):  # SIGTERM reached it (not only the parent)
+                                out.preempted = stopping = True
+                            w.arm = None
+                        if queue and not stopping and failure is None:
+                            w.arm = queue.pop(0)
+                            _send(w, w.arm)
+                        else:
+                            _send(w, "")  # nothing left for it: it exits
+                if failure is not None and not stopping:
+                    stopping = True
+                    for w in workers:  # the others save their checkpoints and stop
+                        _signal(w, signal.SIGTERM)
+    finally:
+        for w in workers:  # a parent that raised: let the running arms save, then end them
+            if w.proc.poll() is None:
+                _signal(w, signal.SIGTERM)
+                _send(w, "")  # an idle one waits for its next arm: there is none
+        deadline = time.monotonic() + _STOP_WAIT_S
+        for w in workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            w.reader.close()
+        sel.close()
+        if os.path.exists(job):
+            os.remove(job)
+    if failure is not None:
+        raise failure
+    if bad := [w for w in workers if w.proc.returncode not in (0, Preempted.exit_status)]:
+        raise RuntimeError(f"arm workers ended with exit status "
+                           f"{', '.join(str(w.proc.returncode) for w in bad)}")  # fmt: skip
+    return out
+
+
+def _start(job: str, core: int) -> _Worker:
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxpost.headtohead.parallel", job, str(core), str(write_fd)],
+        stdin=subprocess.PIPE, pass_fds=(write_fd,),
+        start_new_session=True,  # Ctrl-C reaches the parent, which stops them cleanly
+    )  # fmt: skip
+    os.close(write_fd)
+    return _Worker(core, proc, os.fdopen(read_fd, "rb", buffering=0))
+
+
+def _send(w: _Worker, line: str) -> None:
+    """An arm for the worker to run next; "" (or nothing, its input closed): none, it ends."""
+    try:
+        if w.proc.stdin.closed:
+            return
+        w.proc.stdin.write((line + "\n").encode())
+        w.proc.stdin.flush()
+        if not line:
+            w.proc.stdin.close()
+    except (BrokenPipeError, ValueError):  # it already ended; its pipe's EOF says so
+        pass
+
+
+def _signal(w: _Worker, sig: int) -> None:
+    if w.proc.poll() is None:
+        w.proc.send_signal(sig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker
+
+
+def _worker(job: str, core: int, fd: int) -> int:
+    os.sched_setaffinity(0, {core})  # before JAX starts its CPU client and thread pool
+    channel = os.fdopen(fd, "w", buffering=1)
+
+    def send(**msg) -> None:
+        channel.write(json.dumps(msg) + "\n")
+
+    def log(line: str) -> None:
+        send(log=line)
+
+    class _ToParent(logging.Handler):  # library warnings reach the parent's log, not stderr
+        def emit(self, record: logging.LogRecord) -> None:
+            log(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    logging.basicConfig(level=logging.WARNING, handlers=[_ToParent()], force=True)
+
+    from jaxpost.preemption import PreemptionGuard
+
+    # SIGTERM while no arm trains (loading, evaluating, idle): finish what is running, take no
+    # more; during an arm's training its loop's own guard takes it and saves a checkpoint
+    with PreemptionGuard() as guard:
+        try:
+            from jaxpost.headtohead import models, protocol
+
+            with open(job, "rb") as f:
+                saved = pickle.load(f)
+            config, base_eval = saved["config"], saved["base_eval"]
+            protocol.use_compilation_cache(config.workdir, log)
+            w = models.world(config)
+            m = models.base_and_teacher(w, log=lambda s: None)
+            send(ready=True)
+            for line in sys.stdin:
+                arm = line.strip()
+                if not arm:
+                    break
+                if guard.should_stop:  # SIGTERM reached this worker before its next arm
+                    send(done=arm, status="preempted")
+                    return Preempted.exit_status
+                try:
+                    outcome = protocol.train_and_evaluate(w, m, arm, base_eval, log)
+                except Preempted:
+                    send(done=arm, status="preempted")
+                    return Preempted.exit_status
+                status = "ok" if outcome.diverged is None else "diverged"
+                send(done=arm, status=status, why=outcome.diverged, stop=guard.should_stop)
+                if guard.should_stop:
+                    return Preempted.exit_status
+            return 0
+        except UserError as e:
+            send(error=str(e), user=True)
+            return e.exit_status
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            send(error=f"an arm's worker failed: {type(e).__name__}: {e} (traceback above)")
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
