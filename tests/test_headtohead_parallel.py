@@ -1,6 +1,7 @@
 """The head-to-head's arms at once, one pinned process per CPU core (jaxpost.headtohead.parallel),
 through the user's command: they finish, the report reads their evaluations, SIGTERM stops them
-with their checkpoints saved (status 143, one line) and the same command resumes them. (That an
+with their checkpoints saved (status 143, one line), a parent killed outright takes its workers
+with it, and the same command resumes them. (That an
 arm's numbers are the same in a worker as in one process on both cores was seen on this
 project's 2-core CPU, benchmarks/paradigms_budget.md 2026-12-04, not asserted: XLA:CPU may
 split a matmul differently on other CPUs.)"""
@@ -37,7 +38,7 @@ def test_arm_processes_are_one_per_core_and_refused_beyond_the_cores(monkeypatch
 
 
 @pytest.mark.slow
-def test_arms_in_worker_processes_stop_on_sigterm_and_resume(tmp_path):
+def test_arms_in_worker_processes_stop_with_their_parent_and_resume(tmp_path):
     cmd = [sys.executable, "-m", "experiments.paradigms", "--mini", f"--workdir={tmp_path}",
            "--config.arms=sft,grpo", "--config.arm.processes=2", "--config.arm.steps=60"]  # fmt: skip
     env = _env(1, {"PYTHONUNBUFFERED": "1"})
@@ -46,12 +47,13 @@ def test_arms_in_worker_processes_stop_on_sigterm_and_resume(tmp_path):
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    def stepped() -> bool:
-        return any(os.path.exists(tmp_path / "arms" / a / "metrics.jsonl")
-                   and read_metrics(tmp_path / "arms" / a) for a in ("sft", "grpo"))  # fmt: skip
+    def rows() -> dict[str, int]:  # steps each arm logged so far
+        return {a: len(read_metrics(tmp_path / "arms" / a))
+                if os.path.exists(tmp_path / "arms" / a / "metrics.jsonl") else 0
+                for a in ("sft", "grpo")}  # fmt: skip
 
     first = start()
-    while not stepped():  # an arm's loop runs (and handles SIGTERM) once it logged a step
+    while not any(rows().values()):  # an arm's loop runs (and handles SIGTERM) once it logged
         assert first.poll() is None, first.communicate()[1][-3000:]
         time.sleep(0.1)
     first.send_signal(signal.SIGTERM)
@@ -65,9 +67,22 @@ def test_arms_in_worker_processes_stop_on_sigterm_and_resume(tmp_path):
     assert lines[0].endswith("rerun the same command to resume")
     assert not [p for p in os.listdir(tmp_path / "arms") if p.startswith(".parallel")]
 
+    # the parent killed outright: its workers die with it (none keeps writing beside a rerun)
+    stopped = rows()
     second = start()
-    out, err = second.communicate(timeout=600)
-    assert second.returncode == 0, err[-3000:]
+    while all(n <= stopped[a] for a, n in rows().items()):  # until an arm trains again
+        assert second.poll() is None, second.communicate()[1][-3000:]
+        time.sleep(0.1)
+    second.kill()
+    second.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while _workers(tmp_path):
+        assert time.monotonic() < deadline, "arm workers outlived their killed parent"
+        time.sleep(0.2)
+
+    third = start()
+    out, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err[-3000:]
     assert re.search(r"(sft|grpo): resuming from step \d+", out), out[-3000:]
     with open(tmp_path / "metrics.json") as f:
         saved = json.load(f)
@@ -75,5 +90,19 @@ def test_arms_in_worker_processes_stop_on_sigterm_and_resume(tmp_path):
     assert set(stages) == {"models", "evaluation", "arms"}, stages
     for arm in ("sft", "grpo"):
         steps = [h["step"] for h in saved["arms"][arm]["history"]]
-        assert steps == list(range(1, 61)), arm  # every step once, across the two runs
+        assert steps == list(range(1, 61)), arm  # every step once, across the three runs
         assert saved["arms"][arm]["scalars"]["pass@1"]["mean"] >= 0  # the worker's eval.json
+
+
+def _workers(workdir) -> list[int]:
+    """Live arm workers of a run on `workdir` (their command line names its job file)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:  # it ended meanwhile
+            continue
+        if "jaxpost.headtohead.parallel" in cmd and str(workdir) in cmd:
+            found.append(int(pid))
+    return found

@@ -1,18 +1,23 @@
 """The arms at once on a CPU: one worker process per core, each pinned to its core.
 
 The arms are independent once the base and the teacher exist, and at the built-in student's
-shapes one XLA:CPU process does not keep two cores busy: two processes pinned one per core train
-~1.4 arms in the time one process on both cores trains one (`scripts/bench_train.py` run once
-unpinned and as two pinned copies at once, AMD EPYC Zen 3 2-core CPU, 2026-12-04: an SFT step
-0.141 s alone, 0.208 s each for two at once). So on a CPU backend the protocol hands its
+shapes one XLA:CPU process does not keep two cores busy: two processes pinned one per core take
+1.35x the training steps per second of one process on both cores (`scripts/bench_train.py` run
+once unpinned and as two pinned copies at once, AMD EPYC Zen 3 2-core CPU, 2026-12-04: an SFT
+step 0.141 s alone, 0.208 s each for two at once); with their evaluations, which use two cores
+better, four arms took 217 s instead of 244 s (benchmarks/paradigms_budget.md). So on a CPU
+backend the protocol hands its
 pending arms to `arm.processes` workers (0: one per core this process may use):
 
     parent                                  worker (python -m jaxpost.headtohead.parallel)
-    models, base/teacher evaluation         pins itself to its core, loads the cached models
-    writes the run's config and the         and the base's evaluation, says "ready"
-      base's evaluation (with samples)
-    sends an arm name to an idle worker --> `protocol.train_and_evaluate`: trains, evaluates,
-                                            saves arms/<arm>/eval.json, says "done"
+    writes the run's config; starts one     pins itself to its core, loads the cached models,
+      worker per core, each with an arm       trains its arm (`protocol.train_and_evaluate`)
+    evaluates the base and the teacher
+      meanwhile, writes the base's          waits for the base's evaluation, evaluates its
+      evaluation (with its samples)           arm against it, saves arms/<arm>/eval.json,
+                                              says "done"
+    sends the next arm to a worker that --> trains and evaluates it, says "done"; "": it ends
+      is done
     reads every eval.json, the report
 
 Every arm of such a run trains in a process of one core, whichever worker takes it and however
@@ -21,13 +26,17 @@ arm trained in one process on all cores (`settings.arm_key` tells the two apart,
 resumes the other's checkpoints). Workers speak JSON lines on their own pipe (their stdout and
 stderr stay the parent's: a traceback shows). SIGTERM to the parent (or to the workers) stops
 every running arm at its next step with its checkpoint saved; the parent then raises
-`Preempted`, and rerunning the command resumes them.
+`Preempted`, and rerunning the command resumes them. A parent killed outright (SIGKILL, out of
+memory) takes its workers with it (Linux's parent-death signal), so no orphan goes on writing an
+arm's directory beside the rerun that resumes it.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -36,12 +45,14 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
 from jaxpost.errors import Preempted, UserError
 
 _STOP_WAIT_S = 300  # how long stopped workers get to save their checkpoints before a kill
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclasses.dataclass
@@ -55,7 +66,7 @@ class Outcomes:
 
 
 def cores() -> list[int]:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may run on (Linux; `settings.cpu_cores` counts them)."""
     return sorted(os.sched_getaffinity(0))
 
 
@@ -68,42 +79,45 @@ class _Worker:
     arm: str | None = None  # the arm it is running
 
 
-def run_arms(config, pending: list[str], base_eval, processes: int,
+def run_arms(config, pending: list[str], processes: int, references: Callable[[], object],
              log: Callable[[str], None] = print) -> Outcomes:  # fmt: skip
     """Train and evaluate `pending` arms in `processes` pinned workers (at most one per arm);
-    returns what did not finish. Raises UserError when an arm's settings are refused, and
-    RuntimeError when a worker fails otherwise (its traceback is on stderr)."""
-    from jaxpost.preemption import PreemptionGuard
-
+    returns what did not finish. `references()` is the parent's own evaluation (the base's,
+    which it returns, and the teacher's): it runs while the workers train their first arms,
+    which wait for the base's evaluation before they evaluate. Raises UserError when an arm's
+    settings are refused, and RuntimeError when a worker fails otherwise (its traceback is on
+    stderr)."""
     queue = list(pending)
     n = min(processes, len(queue))
-    job = os.path.join(config.workdir, "arms", f".parallel-{os.getpid()}.pkl")
-    os.makedirs(os.path.dirname(job), exist_ok=True)
+    root = os.path.join(config.workdir, "arms")
+    os.makedirs(root, exist_ok=True)
+    for stale in glob.glob(os.path.join(root, ".parallel-*")):  # a killed run's (the workdir
+        os.remove(stale)  # is this run's: it holds the lock)
+    job = os.path.join(root, f".parallel-{os.getpid()}")
     config = copy.deepcopy(config)
     with config.unlocked():
         config.arm.processes = processes  # resolved here: a worker sees one core, not all
         config.progress = False  # the parent shows one line per arm event instead
-    with open(job, "wb") as f:
-        pickle.dump({"config": config, "base_eval": base_eval}, f)
+    with open(job + ".config.pkl", "wb") as f:
+        pickle.dump(config, f)
     log(f"arms in {n} processes, one per CPU core ({', '.join(map(str, cores()[:n]))}): "
         f"{', '.join(queue)}")  # fmt: skip
     workers: list[_Worker] = []
     out, failure = Outcomes(), None
     sel = selectors.DefaultSelector()
     try:
-        with PreemptionGuard() as guard:
+        with _Forward(workers) as guard:
             for core in cores()[:n]:
-                w = _start(job, core)
+                w = _start(job, core, queue.pop(0))
                 workers.append(w)
                 sel.register(w.reader, selectors.EVENT_READ, w)
+            _write_atomic(job + ".base.pkl", pickle.dumps(references()))
             stopping = False
             while any(w.proc.poll() is None or w.reader in sel.get_map() for w in workers):
-                if guard.should_stop and not stopping:
+                if guard.received and not stopping:  # the workers have it too
                     out.preempted = stopping = True
                     log("SIGTERM: stopping every running arm at its next step (checkpoints "
                         "are saved)")  # fmt: skip
-                    for w in workers:
-                        _signal(w, signal.SIGTERM)
                 if not sel.get_map():
                     time.sleep(0.1)
                     continue
@@ -164,8 +178,8 @@ def run_arms(config, pending: list[str], base_eval, processes: int,
                 w.proc.wait()
             w.reader.close()
         sel.close()
-        if os.path.exists(job):
-            os.remove(job)
+        for path in glob.glob(job + ".*"):
+            os.remove(path)
     if failure is not None:
         raise failure
     if bad := [w for w in workers if w.proc.returncode not in (0, Preempted.exit_status)]:
@@ -174,15 +188,48 @@ def run_arms(config, pending: list[str], base_eval, processes: int,
     return out
 
 
-def _start(job: str, core: int) -> _Worker:
+class _Forward:
+    """SIGTERM to the parent: remembered (`received`) and passed on to every worker at once,
+    even while the parent is busy evaluating the base; each stops at its next step."""
+
+    def __init__(self, workers: list[_Worker]):
+        self.workers, self.received, self._previous = workers, False, _UNSET
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        for w in self.workers:
+            _signal(w, signal.SIGTERM)
+
+    def __enter__(self) -> _Forward:
+        if threading.current_thread() is threading.main_thread():  # else: signals stay as set
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not _UNSET:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None
+                          else self._previous)  # fmt: skip
+
+
+_UNSET = object()
+
+
+def _write_atomic(path: str, blob: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+
+
+def _start(job: str, core: int, arm: str) -> _Worker:
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxpost.headtohead.parallel", job, str(core), str(write_fd)],
+        [sys.executable, "-m", "jaxpost.headtohead.parallel", job, str(core), str(write_fd),
+         str(os.getpid()), arm],
         stdin=subprocess.PIPE, pass_fds=(write_fd,),
         start_new_session=True,  # Ctrl-C reaches the parent, which stops them cleanly
     )  # fmt: skip
     os.close(write_fd)
-    return _Worker(core, proc, os.fdopen(read_fd, "rb", buffering=0))
+    return _Worker(core, proc, os.fdopen(read_fd, "rb", buffering=0), arm=arm)
 
 
 def _send(w: _Worker, line: str) -> None:
@@ -207,7 +254,14 @@ def _signal(w: _Worker, sig: int) -> None:
 # the worker
 
 
-def _worker(job: str, core: int, fd: int) -> int:
+def _worker(job: str, core: int, fd: int, parent: int, first: str) -> int:
+    # A parent that dies without stopping its workers (SIGKILL, out of memory) takes them with
+    # it: an orphan still training an arm would write beside the rerun that resumes that arm.
+    # SIGKILL, not SIGTERM: its checkpoints and eval.json are written atomically, so a kill
+    # loses only the steps since the last checkpoint.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        return 1
     os.sched_setaffinity(0, {core})  # before JAX starts its CPU client and thread pool
     channel = os.fdopen(fd, "w", buffering=1)
 
@@ -217,36 +271,47 @@ def _worker(job: str, core: int, fd: int) -> int:
     def log(line: str) -> None:
         send(log=line)
 
-    class _ToParent(logging.Handler):  # library warnings reach the parent's log, not stderr
+    class _ToParent(logging.Handler):  # library warnings reach the parent's log, in order
         def emit(self, record: logging.LogRecord) -> None:
             log(f"{record.levelname.lower()}: {record.getMessage()}")
 
     logging.basicConfig(level=logging.WARNING, handlers=[_ToParent()], force=True)
+    logging.captureWarnings(True)  # and Python's warnings
 
     from jaxpost.preemption import PreemptionGuard
 
-    # SIGTERM while no arm trains (loading, evaluating, idle): finish what is running, take no
-    # more; during an arm's training its loop's own guard takes it and saves a checkpoint
+    # SIGTERM while no arm trains (loading, evaluating, waiting): finish what is running, take
+    # no more; during an arm's training its loop's own guard takes it and saves a checkpoint
     with PreemptionGuard() as guard:
+        base_eval = None
+
+        def base():  # the parent's evaluation of the base, once it has written it
+            nonlocal base_eval
+            while base_eval is None:
+                if os.path.exists(job + ".base.pkl"):
+                    with open(job + ".base.pkl", "rb") as f:
+                        base_eval = pickle.load(f)
+                elif guard.should_stop:
+                    raise Preempted("stopped while waiting for the base's evaluation")
+                else:
+                    time.sleep(0.2)
+            return base_eval
+
         try:
             from jaxpost.headtohead import models, protocol
 
-            with open(job, "rb") as f:
-                saved = pickle.load(f)
-            config, base_eval = saved["config"], saved["base_eval"]
+            with open(job + ".config.pkl", "rb") as f:
+                config = pickle.load(f)
             protocol.use_compilation_cache(config.workdir, log)
             w = models.world(config)
             m = models.base_and_teacher(w, log=lambda s: None)
-            send(ready=True)
-            for line in sys.stdin:
-                arm = line.strip()
-                if not arm:
-                    break
-                if guard.should_stop:  # SIGTERM reached this worker before its next arm
+            arm = first
+            while arm:
+                if guard.should_stop:  # SIGTERM reached this worker before this arm
                     send(done=arm, status="preempted")
                     return Preempted.exit_status
                 try:
-                    outcome = protocol.train_and_evaluate(w, m, arm, base_eval, log)
+                    outcome = protocol.train_and_evaluate(w, m, arm, base, log)
                 except Preempted:
                     send(done=arm, status="preempted")
                     return Preempted.exit_status
@@ -254,6 +319,7 @@ def _worker(job: str, core: int, fd: int) -> int:
                 send(done=arm, status=status, why=outcome.diverged, stop=guard.should_stop)
                 if guard.should_stop:
                     return Preempted.exit_status
+                arm = sys.stdin.readline().strip()  # the next arm; "" or end of input: none
             return 0
         except UserError as e:
             send(error=str(e), user=True)
@@ -267,4 +333,5 @@ def _worker(job: str, core: int, fd: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                     sys.argv[5]))

@@ -109,11 +109,13 @@ class ArmOutcome:
     diverged: str | None = None
 
 
-def train_and_evaluate(w: models.World, m: models.Models, arm: str, base_eval: Evaluation,
-                       log: Callable[[str], None] = print) -> ArmOutcome:  # fmt: skip
+def train_and_evaluate(w: models.World, m: models.Models, arm: str,
+                       base: Callable[[], Evaluation], log: Callable[[str], None] = print
+                       ) -> ArmOutcome:  # fmt: skip
     """Train one arm from the base (resuming its checkpoint when its directory holds this
-    arm_key's run), evaluate it against the base's evaluation, and save its eval.json (or why it
-    diverged: the other arms go on). Raises Preempted after SIGTERM, its checkpoint saved."""
+    arm_key's run), evaluate it against the base's evaluation (`base()`, asked for once the
+    arm is trained), and save its eval.json (or why it diverged: the other arms go on). Raises
+    Preempted after SIGTERM, its checkpoint saved."""
     config = w.config
     arm_dir = os.path.join(config.workdir, "arms", arm)
     eval_path, eval_key = _eval_path(config, arm), settings.eval_key(config)
@@ -132,7 +134,7 @@ def train_and_evaluate(w: models.World, m: models.Models, arm: str, base_eval: E
     log(f"{arm}: trained in {train_s:.0f} s; evaluating")
     t0 = time.perf_counter()
     params = result.params
-    ev = evaluation.evaluate_model(w, m.base, params, base=base_eval, base_model=m.base,
+    ev = evaluation.evaluate_model(w, m.base, params, base=base(), base_model=m.base,
                                    seed=config.seed, guide=result.guide)  # fmt: skip
     history = _history(arm_dir)
     tokens = sum(h.get("sampled_tokens", h.get("num_tokens", 0.0)) or 0.0 for h in history)
@@ -226,24 +228,29 @@ def run(config, log: Callable[[str], None] = print) -> dict:
     evals: dict[str, Evaluation] = {}
     extras: dict[str, dict] = {}
     diverged: dict[str, str] = {}  # arm -> why it stopped (no evaluation, no claims)
-    # the base is always evaluated in-process: other models' paired metrics need its samples
-    log("evaluating base")
-    t0 = time.perf_counter()
-    evals["base"] = evaluation.evaluate_model(w, m.base, m.base.params, seed=config.seed)
-    log("evaluating teacher")
-    teacher_eval = os.path.join(config.workdir, "models", "teacher_eval.json")
-    evals["teacher"] = _load_eval(teacher_eval, eval_key)
-    if evals["teacher"] is None:
-        evals["teacher"] = evaluation.evaluate_model(w, m.teacher, m.teacher.params,
-                                                     base=evals["base"], base_model=m.base,
-                                                     seed=config.seed)  # fmt: skip
-        _save_eval(teacher_eval, eval_key, evals["teacher"])
-    if "opd_degraded" in names:  # the claim compares the arm with its weakened teacher
-        log("evaluating teacher_degraded")
-        weak = arms.degraded_teacher(m, config)
-        evals["teacher_degraded"] = evaluation.evaluate_model(
-            w, weak, weak.params, base=evals["base"], base_model=m.base, seed=config.seed)
-    stages["evaluation"] += time.perf_counter() - t0
+
+    def references() -> Evaluation:
+        """Evaluate the base (always here: the other models' paired metrics need its samples),
+        the teacher (cached) and, for opd_degraded's claim, its weakened teacher."""
+        log("evaluating base")
+        t0 = time.perf_counter()
+        evals["base"] = evaluation.evaluate_model(w, m.base, m.base.params, seed=config.seed)
+        log("evaluating teacher")
+        teacher_eval = os.path.join(config.workdir, "models", "teacher_eval.json")
+        evals["teacher"] = _load_eval(teacher_eval, eval_key)
+        if evals["teacher"] is None:
+            evals["teacher"] = evaluation.evaluate_model(w, m.teacher, m.teacher.params,
+                                                         base=evals["base"], base_model=m.base,
+                                                         seed=config.seed)  # fmt: skip
+            _save_eval(teacher_eval, eval_key, evals["teacher"])
+        if "opd_degraded" in names:  # the claim compares the arm with its weakened teacher
+            log("evaluating teacher_degraded")
+            weak = arms.degraded_teacher(m, config)
+            evals["teacher_degraded"] = evaluation.evaluate_model(
+                w, weak, weak.params, base=evals["base"], base_model=m.base, seed=config.seed)
+        stages["evaluation"] += time.perf_counter() - t0
+        return evals["base"]
+
     pending = []
     for arm in names:
         cached = _load_eval(_eval_path(config, arm), eval_key)
@@ -262,21 +269,24 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         from jaxpost.headtohead import parallel
 
         t0 = time.perf_counter()
-        outcomes = parallel.run_arms(config, pending, evals["base"], processes, log)
-        # one stage: the arms' training and evaluation overlap (their own seconds: `extras`)
+        outcomes = parallel.run_arms(config, pending, processes, references, log)
+        # one stage from the workers' start: their arms' training and evaluation, which
+        # overlap each other and the references' evaluation (arms' own seconds: `extras`)
         del stages["arm_training"]
         stages["arms"] = time.perf_counter() - t0
         for arm in outcomes.finished:  # each worker saved its arm's eval.json
             evals[arm] = _load_eval(_eval_path(config, arm), eval_key)
             extras[arm] = _saved_extra(config, arm)
         diverged.update(outcomes.diverged)
-        if outcomes.preempted:
-            left = [a for a in pending if a not in outcomes.finished and a not in diverged]
+        left = [a for a in pending if a not in outcomes.finished and a not in diverged]
+        if outcomes.preempted and left:
             raise Preempted(f"preempted (SIGTERM) with arms {', '.join(left)} unfinished; the "
                             f"finished arms and the running arms' checkpoints are saved; rerun "
                             f"the same command to resume")  # fmt: skip
+    if not pending or processes == 1:
+        references()
     for arm in pending if processes == 1 else ():
-        outcome = train_and_evaluate(w, m, arm, evals["base"], log)
+        outcome = train_and_evaluate(w, m, arm, lambda: evals["base"], log)
         if outcome.diverged is not None:
             diverged[arm] = outcome.diverged
             continue

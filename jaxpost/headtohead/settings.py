@@ -42,8 +42,14 @@ def arm_processes(config) -> int:
 
         if pretrained(config) or jax.default_backend() != "cpu":
             return 1
-        return len(os.sched_getaffinity(0))
+        return cpu_cores()
     return n
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on; 1 where a process cannot be pinned to a core
+    (`os.sched_setaffinity` is Linux's), so arms run one after the other there."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else 1
 
 
 def check(config) -> None:
@@ -69,14 +75,14 @@ def check(config) -> None:
     if a.processes > 1:
         import jax
 
-        cores = len(os.sched_getaffinity(0))
+        cores = cpu_cores()
         if jax.default_backend() != "cpu":
             raise UserError(f"arm.processes={a.processes} runs arms on CPU cores; this backend "
                             f"is {jax.default_backend()}: set arm.processes=1")  # fmt: skip
         if a.processes > cores:
             raise UserError(f"arm.processes={a.processes} but this process may use {cores} CPU "
-                            f"cores (one arm per core): set it to at most {cores}, or 0 for "
-                            f"one per core")  # fmt: skip
+                            f"cores (one arm per core; pinning needs Linux): set it to at most "
+                            f"{cores}, or 0 for one per core")  # fmt: skip
     if a.group_size < 2:
         raise UserError(f"arm.group_size must be >= 2 (GRPO needs a group), got {a.group_size}")
     if e.samples < 2:
