@@ -31,7 +31,7 @@ run (192 held-out problems x 16 samples):
 (retention of on-policy arms over SFT, GRPO's fewer argmax changes than SFT's and their high
 base entropy), five inconclusive (benchmarks/paradigms_budget.md, benchmarks/new_arms.md).
 On another 2-core CPU (AMD EPYC Zen 3, 2026-12-04) the same command took 993 s with the arms one
-after the other and 886 s with them in two pinned workers (`arm.processes`), other numbers on
+after the other and 855 s with them in two pinned workers (`arm.processes`), other numbers on
 the same seed there (XLA:CPU compiles per CPU), the same in both of those runs.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
