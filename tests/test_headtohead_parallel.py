@@ -19,7 +19,7 @@ from programs import ROOT, _env
 from test_headtohead import tiny
 
 from jaxpost import UserError
-from jaxpost.headtohead import settings
+from jaxpost.headtohead import protocol, settings
 from jaxpost.metrics_log import read_metrics
 
 
@@ -35,6 +35,18 @@ def test_arm_processes_are_one_per_core_and_refused_beyond_the_cores(monkeypatch
     keys = {n: (settings.model_key(c), settings.arm_key(c), settings.eval_key(c))
             for n in (0, 1, 2) for c in [tiny(tmp_path, **{"arm.processes": n})]}  # fmt: skip
     assert keys[0] == keys[2] and keys[1][0] == keys[2][0] and keys[1][1] != keys[2][1]
+
+
+def test_a_compilation_cache_without_access_times_is_dropped(tmp_path):
+    cache = tmp_path / "xla_cache"
+    cache.mkdir()
+    (cache / "jit_step-1-cache").write_bytes(b"program")
+    (cache / "jit_step-1-atime").write_bytes(b"\0" * 8)
+    lines = []
+    assert not protocol.drop_cache_without_access_times(str(cache), lines.append)
+    (cache / "jit_step-2-cache").write_bytes(b"program")  # an older jaxpost's entry
+    assert protocol.drop_cache_without_access_times(str(cache), lines.append)
+    assert not cache.exists() and "written without access times" in lines[0]
 
 
 @pytest.mark.slow

@@ -302,7 +302,7 @@ def _worker(job: str, core: int, fd: int, parent: int, first: str) -> int:
 
             with open(job + ".config.pkl", "rb") as f:
                 config = pickle.load(f)
-            protocol.use_compilation_cache(config.workdir, log)
+            protocol.use_compilation_cache(config.workdir, log, tidy=False)  # the parent's
             w = models.world(config)
             m = models.base_and_teacher(w, log=lambda s: None)
             arm = first

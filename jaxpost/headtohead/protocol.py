@@ -186,18 +186,40 @@ def _check_memory(w: models.World, student: Model, teacher_config) -> None:
                         teacher_prompt_len=privileged, **on_policy)  # fmt: skip
 
 
-def use_compilation_cache(path: str, log) -> None:
+def drop_cache_without_access_times(cache: str, log) -> bool:
+    """Remove a persistent compilation cache whose entries lack their access-time files (written
+    by JAX without a size limit): with a limit, JAX's eviction reads every entry's access time
+    and fails each write to such a cache (a warning per program, nothing cached). It is only a
+    cache; returns whether it was removed."""
+    if not os.path.isdir(cache):
+        return False
+    names = set(os.listdir(cache))
+    if not any(n.endswith("-cache") and n.removesuffix("-cache") + "-atime" not in names
+               for n in names):  # fmt: skip
+        return False
+    log(f"{cache} was written without access times (an older jaxpost); removed it")
+    shutil.rmtree(cache)
+    return True
+
+
+def use_compilation_cache(path: str, log, tidy: bool = True) -> None:
     """Keep the run's compiled programs in WORKDIR/xla_cache (JAX's persistent cache), unless
     the caller set a cache: arms whose steps are the same program (grpo and grpo_unlikely) and
     every rerun of the command skip compiling. Programs that compile in under a second are not
     kept. The size limit (never reached) makes JAX lock the cache around each read and write:
-    arm workers (`parallel`) share it, and a reader must not see a half-written entry."""
+    arm workers (`parallel`) share it, and a reader must not see a half-written entry.
+
+    With `tidy` (the run, not its workers), a cache an older jaxpost wrote without the limit is
+    removed first (`drop_cache_without_access_times`)."""
     if jax.config.jax_compilation_cache_dir:
         return
+    cache = os.path.join(path, "xla_cache")
+    if tidy:
+        drop_cache_without_access_times(cache, log)
     try:
         from jax.experimental import compilation_cache as cc
 
-        jax.config.update("jax_compilation_cache_dir", os.path.join(path, "xla_cache"))
+        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)
         cc.compilation_cache.reset_cache()  # take the directory even if a program compiled before
