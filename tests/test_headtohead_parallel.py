@@ -19,7 +19,7 @@ from programs import ROOT, _env
 from test_headtohead import tiny
 
 from jaxpost import UserError
-from jaxpost.headtohead import protocol, settings
+from jaxpost.headtohead import arm_runs, settings
 from jaxpost.metrics_log import read_metrics
 
 
@@ -43,9 +43,9 @@ def test_a_compilation_cache_without_access_times_is_dropped(tmp_path):
     (cache / "jit_step-1-cache").write_bytes(b"program")
     (cache / "jit_step-1-atime").write_bytes(b"\0" * 8)
     lines = []
-    assert not protocol.drop_cache_without_access_times(str(cache), lines.append)
+    assert not arm_runs.drop_cache_without_access_times(str(cache), lines.append)
     (cache / "jit_step-2-cache").write_bytes(b"program")  # an older jaxpost's entry
-    assert protocol.drop_cache_without_access_times(str(cache), lines.append)
+    assert arm_runs.drop_cache_without_access_times(str(cache), lines.append)
     assert not cache.exists() and "written without access times" in lines[0]
 
 

@@ -20,9 +20,10 @@ Nothing here asks which task it runs: what differs between tasks is the task's p
 """
 
 from jaxpost.headtohead import claims
+from jaxpost.headtohead.arm_runs import ARM_KEY_FILE
 from jaxpost.headtohead.arms import ARMS, Arm, ArmContext
 from jaxpost.headtohead.evaluation import Evaluation
-from jaxpost.headtohead.protocol import ARM_KEY_FILE, RADAR_AXES, assemble, run
+from jaxpost.headtohead.protocol import RADAR_AXES, assemble, run
 from jaxpost.headtohead.settings import arm_key, eval_key, model_key
 
 __all__ = ["ARMS", "ARM_KEY_FILE", "RADAR_AXES", "Arm", "ArmContext", "Evaluation", "arm_key",

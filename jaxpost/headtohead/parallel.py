@@ -11,7 +11,7 @@ pending arms to `arm.processes` workers (0: one per core this process may use):
 
     parent                                  worker (python -m jaxpost.headtohead.parallel)
     writes the run's config; starts one     pins itself to its core, loads the cached models,
-      worker per core, each with an arm       trains its arm (`protocol.train_and_evaluate`)
+      worker per core, each with an arm       trains its arm (`arm_runs.train_and_evaluate`)
     evaluates the base and the teacher
       meanwhile, writes the base's          waits for the base's evaluation, evaluates its
       evaluation (with its samples)           arm against it, saves arms/<arm>/eval.json,
@@ -298,11 +298,11 @@ def _worker(job: str, core: int, fd: int, parent: int, first: str) -> int:
             return base_eval
 
         try:
-            from jaxpost.headtohead import models, protocol
+            from jaxpost.headtohead import arm_runs, models
 
             with open(job + ".config.pkl", "rb") as f:
                 config = pickle.load(f)
-            protocol.use_compilation_cache(config.workdir, log, tidy=False)  # the parent's
+            arm_runs.use_compilation_cache(config.workdir, log, tidy=False)  # the parent's
             w = models.world(config)
             m = models.base_and_teacher(w, log=lambda s: None)
             arm = first
@@ -311,7 +311,7 @@ def _worker(job: str, core: int, fd: int, parent: int, first: str) -> int:
                     send(done=arm, status="preempted")
                     return Preempted.exit_status
                 try:
-                    outcome = protocol.train_and_evaluate(w, m, arm, base, log)
+                    outcome = arm_runs.train_and_evaluate(w, m, arm, base, log)
                 except Preempted:
                     send(done=arm, status="preempted")
                     return Preempted.exit_status
