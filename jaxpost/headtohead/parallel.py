@@ -6,8 +6,8 @@ shapes one XLA:CPU process does not keep two cores busy: two processes pinned on
 once unpinned and as two pinned copies at once, AMD EPYC Zen 3 2-core CPU, 2026-12-04: an SFT
 step 0.141 s alone, 0.208 s each for two at once); with their evaluations, which use two cores
 better, four arms took 217 s instead of 244 s (benchmarks/paradigms_budget.md). So on a CPU
-backend the protocol hands its
-pending arms to `arm.processes` workers (0: one per core this process may use):
+backend the protocol hands its pending arms to `arm.processes` workers (0: one per core this
+process may use):
 
     parent                                  worker (python -m jaxpost.headtohead.parallel)
     writes the run's config; starts one     pins itself to its core, loads the cached models,
