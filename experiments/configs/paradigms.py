@@ -83,8 +83,9 @@ def get_config(arg: str | None = None):
     c.arm.group_size = 8  # samples per prompt (the GRPO group)
     c.arm.learning_rate = 1e-4
     # arms trained at once, each in a process pinned to one CPU core (jaxpost.headtohead.parallel:
-    # ~1.4x the arms per second of one process on both cores of a 2-core CPU); 0: one per core
-    # on a CPU backend with the built-in student; 1: one after the other in this process
+    # on a 2-core CPU two workers take 1.35x the training steps per second of one process on both
+    # cores, and the arms ~11% less time); 0: one per core on a CPU backend with the built-in
+    # student; 1: one after the other in this process
     c.arm.processes = 0
     # optimizer steps per batch of rollouts: the GRPO arms and those distilling through run_opd
     # (opd_*, opsd); sampled-token OPD, alpha-DPG and the others take one

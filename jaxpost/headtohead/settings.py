@@ -185,7 +185,7 @@ def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
 
 def _key(config, leave_out: tuple[str, ...]) -> str:
     values = {k: v for k, v in config.to_dict().items() if k not in _NEVER_MATTERS + leave_out}
-    if "arm" in values:  # how many arms run at once does not matter, only whether each has
+    if "arm" in values:  # how many arms run at once does not matter; whether each had one core
         values["arm"]["processes"] = "one core" if arm_processes(config) > 1 else "all cores"
     for name in ("model", "teacher"):  # a checkpoint rewritten at the same path is another one
         path = config[name]
