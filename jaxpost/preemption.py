@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,12 +33,16 @@ class PreemptionGuard:
     With `sigint=True`, a first Ctrl-C requests the same clean stop and a second one is passed to
     the previous handler (normally: KeyboardInterrupt), so an impatient user can still abort.
 
+    `on_stop()`, if given, runs in the handler as soon as the stop is requested (a parent passes
+    the signal on to its worker processes there, even while it is busy elsewhere).
+
     Signal handlers can only be installed from the main thread; elsewhere (a loop run in a worker
     thread) the guard warns and stays inert, `should_stop` remaining False.
     """
 
-    def __init__(self, *, sigint: bool = False):
+    def __init__(self, *, sigint: bool = False, on_stop: Callable[[], None] | None = None):
         self.signals: tuple[int, ...] = (signal.SIGTERM,) + ((signal.SIGINT,) if sigint else ())
+        self.on_stop = on_stop
         self.should_stop = False
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
@@ -52,6 +57,8 @@ class PreemptionGuard:
         self.should_stop = True
         self.received = signum
         _log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        if self.on_stop is not None:
+            self.on_stop()
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():

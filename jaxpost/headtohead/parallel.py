@@ -45,11 +45,11 @@ import selectors
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 from jaxpost.errors import Preempted, UserError
+from jaxpost.preemption import PreemptionGuard
 
 _STOP_WAIT_S = 300  # how long stopped workers get to save their checkpoints before a kill
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -106,7 +106,11 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
     out, failure = Outcomes(), None
     sel = selectors.DefaultSelector()
     try:
-        with _Forward(workers) as guard:
+        def pass_on() -> None:  # at once, even while the parent evaluates the base
+            for w in workers:
+                _signal(w, signal.SIGTERM)
+
+        with PreemptionGuard(on_stop=pass_on) as guard:
             for core in cores()[:n]:
                 w = _start(job, core, queue.pop(0))
                 workers.append(w)
@@ -114,7 +118,7 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
             _write_atomic(job + ".base.pkl", pickle.dumps(references()))
             stopping = False
             while any(w.proc.poll() is None or w.reader in sel.get_map() for w in workers):
-                if guard.received and not stopping:  # the workers have it too
+                if guard.should_stop and not stopping:  # the workers have it too
                     out.preempted = stopping = True
                     log("SIGTERM: stopping every running arm at its next step (checkpoints "
                         "are saved)")  # fmt: skip
@@ -150,9 +154,8 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
                                 out.finished.append(msg["done"])
                             elif msg["status"] == "diverged":
                                 out.diverged[msg["done"]] = msg["why"]
-                            else:  # preempted
-                                out.preempted = stopping = True
-                            if msg.get("stop"):  # SIGTERM reached it (not only the parent)
+                            # preempted, or SIGTERM reached it (not only the parent)
+                            if msg["status"] == "preempted" or msg.get("stop"):
                                 out.preempted = stopping = True
                             w.arm = None
                         if queue and not stopping and failure is None:
@@ -186,32 +189,6 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
         raise RuntimeError(f"arm workers ended with exit status "
                            f"{', '.join(str(w.proc.returncode) for w in bad)}")  # fmt: skip
     return out
-
-
-class _Forward:
-    """SIGTERM to the parent: remembered (`received`) and passed on to every worker at once,
-    even while the parent is busy evaluating the base; each stops at its next step."""
-
-    def __init__(self, workers: list[_Worker]):
-        self.workers, self.received, self._previous = workers, False, _UNSET
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-        for w in self.workers:
-            _signal(w, signal.SIGTERM)
-
-    def __enter__(self) -> _Forward:
-        if threading.current_thread() is threading.main_thread():  # else: signals stay as set
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not _UNSET:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None
-                          else self._previous)  # fmt: skip
-
-
-_UNSET = object()
 
 
 def _write_atomic(path: str, blob: bytes) -> None:
@@ -277,8 +254,6 @@ def _worker(job: str, core: int, fd: int, parent: int, first: str) -> int:
 
     logging.basicConfig(level=logging.WARNING, handlers=[_ToParent()], force=True)
     logging.captureWarnings(True)  # and Python's warnings
-
-    from jaxpost.preemption import PreemptionGuard
 
     # SIGTERM while no arm trains (loading, evaluating, waiting): finish what is running, take
     # no more; during an arm's training its loop's own guard takes it and saves a checkpoint
