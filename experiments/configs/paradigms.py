@@ -13,26 +13,23 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of eef3fc9 on the project's 2-core CPU (XLA:CPU, 2026-12-03,
-otherwise idle): 774 s for the whole README main command (venv, install, start-up ~71 s; 703 s
-of protocol: base and teacher 196 s, the eleven arms' training 389 s, evaluations 117 s). That
-run (192 held-out problems x 16 samples):
+Measured from a clean clone of 7f850d0 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-04,
+otherwise idle): 728 s for the whole README main command (protocol 668 s: base and teacher
+179 s, then 489 s for the eleven arms in two pinned workers with the references' evaluation
+beside them). That run (384 held-out problems x 8 samples, resolution 0.028):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.252 | 0.500 | 0.116 | 0.875 | 0.135 |
-    | teacher | 0.346 | 0.536 | 0.217 | 0.988 | 0.273 |
-    | sft | 0.190 | 0.677 | 0.251 | 0.750 | 0.061 |
-    | grpo | 0.287 | 0.495 | 0.096 | 0.867 | 0.096 |
-    | opd_rkl | 0.275 | 0.495 | 0.134 | 0.875 | 0.123 |
-    | opsd | 0.233 | 0.516 | 0.075 | 0.898 | 0.053 |
+    | base | 0.323 | 0.641 | 0.194 | 0.820 | 0.189 |
+    | teacher | 0.458 | 0.753 | 0.243 | 0.984 | 0.309 |
+    | sft | 0.215 | 0.659 | 0.334 | 0.461 | 0.051 |
+    | grpo | 0.372 | 0.646 | 0.105 | 0.477 | 0.115 |
+    | opd_rkl | 0.346 | 0.654 | 0.193 | 0.805 | 0.189 |
+    | opsd | 0.170 | 0.466 | 0.103 | 0.816 | 0.068 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.035 [+0.007, +0.064], reverse-KL OPD
-+0.024 [-0.003, +0.052]; the evaluation resolves ~0.040; three of eight claims reproduced
-(retention of on-policy arms over SFT, GRPO's fewer argmax changes than SFT's and their high
-base entropy), five inconclusive (benchmarks/paradigms_budget.md, benchmarks/new_arms.md).
-On another 2-core CPU (AMD EPYC Zen 3, 2026-12-04) the same command took 993 s with the arms one
-after the other and 855 s with them in two pinned workers (`arm.processes`), other numbers on
-the same seed there (XLA:CPU compiles per CPU), the same in both of those runs.
+(and seven more arms); GRPO above the base at pass@1, +0.049 [+0.025, +0.072], reverse-KL OPD
++0.022 [+0.005, +0.042]; two of the six claims decisive, both reproduced (retention of
+on-policy arms over SFT, OPSD narrowing diversity). Seed 1 and the design run on seed 10:
+benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other numbers.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
