@@ -149,6 +149,21 @@ def test_difficulty_knobs():
         TASK.prompts("validation", 1, seed=0)
 
 
+def test_a_split_holds_what_count_says_and_asking_for_more_fails_at_once():
+    small = cd.Countdown(num_numbers=(3, 3), number_range=(1, 6), target_range=(10, 30),
+                         min_solutions=2)
+    n = small.count("train")
+    every = [cd.CountdownProblem(nums, t)
+             for nums in itertools.combinations_with_replacement(range(1, 7), 3)
+             for t in range(10, 31) if t not in nums]  # fmt: skip
+    assert 20 < n and n + small.count("test") == sum(len(small.solutions(p)) >= 2 for p in every)
+    assert len({p.key for p in small.prompts("train", n, seed=0)}) == n  # every one is reachable
+    with pytest.raises(ValueError, match=f"asked for {n + 1} train problems, but these knobs "
+                                         f"have only {n}"):  # fmt: skip
+        small.prompts("train", n + 1, seed=0)  # after 20 (n + 11) draws, not 1000 (n + 11)
+    assert cd.Countdown(num_numbers=(3, 5), number_range=(1, 40)).count("train") is None
+
+
 def test_narrow_slices_and_sft_pairs():
     sols = TASK.solutions(cd.CountdownProblem((2, 3, 4, 6), 12))
     assert cd.select_solutions(sols, "all") == sols

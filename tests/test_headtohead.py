@@ -246,6 +246,13 @@ def test_bad_settings_are_refused(tmp_path):
                 settings.check(c) if "style" not in field else headtohead.run(c, log=print)
 
 
+def test_more_problems_than_the_task_holds_is_one_line_naming_the_fields():
+    c = tiny("/nonexistent", **{"arm.fresh_problems": 1000})  # numbers in [1, 12]: ~790 train
+    with pytest.raises(UserError, match=r"only \d+: ask for fewer.* max\(base.train_problems "
+                                        r"\+ arm.fresh_problems, teacher_problems\) = 1040"):
+        headtohead.models.world(c)
+
+
 def test_the_teachers_problems_hold_the_bases():
     c = tiny("/nonexistent", teacher_problems=60)
     w = headtohead.models.world(c)

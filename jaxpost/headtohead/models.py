@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxpost import inputs, loops, train
-from jaxpost.errors import Preempted
+from jaxpost.errors import Preempted, UserError
 from jaxpost.headtohead import settings
 from jaxpost.inputs import Model
 from jaxpost.tasks import addition
@@ -51,12 +51,18 @@ def world(config) -> World:
     e, n_base, n_fresh = config.eval, config.base.train_problems, config.arm.fresh_problems
     # the first n problems of a draw are the draw of n: the base's are the first n_base, the
     # arms' fresh ones the next n_fresh, and the teacher's pool holds the base's
-    draw = inputs.problems(task, "train", max(n_base + n_fresh, config.teacher_problems),
-                           config.seed)  # fmt: skip
+    n_train = max(n_base + n_fresh, config.teacher_problems)
+    try:
+        draw = inputs.problems(task, "train", n_train, config.seed)
+        test = inputs.problems(task, "test", e.problems, config.seed)
+    except UserError as err:
+        raise UserError(f"{err} (training problems: max(base.train_problems + "
+                        f"arm.fresh_problems, teacher_problems) = {n_train}; test problems: "
+                        f"eval.problems = {e.problems})") from None  # fmt: skip
     return World(
         config=config, task=task, retention=retention, steer=steer,
         train=draw[:n_base],
-        test=inputs.problems(task, "test", e.problems, config.seed),
+        test=test,
         teacher_train=draw[:max(n_base, config.teacher_problems)],
         arm_problems=draw[n_base:n_base + n_fresh] or draw[:n_base],
         retention_test=inputs.problems(retention, "test", e.retention_problems, config.seed),

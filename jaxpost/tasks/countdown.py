@@ -23,6 +23,8 @@ because they are different computations.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import re
 from collections import Counter
 from typing import ClassVar
@@ -102,6 +104,10 @@ class Countdown:
         attempts = 0
         while len(out) < n:
             attempts += 1
+            if attempts == 20 * (n + 10) and (room := self.count(split)) is not None and room < n:
+                raise ValueError(f"asked for {n} {split} problems, but these knobs have only "
+                                 f"{room}: ask for fewer or widen the number or target range "
+                                 f"({self})")  # fmt: skip
             if attempts > 1000 * (n + 10):
                 raise ValueError(f"could not find {n} problems with these knobs: {self}")
             k = int(rng.integers(self.num_numbers[0], self.num_numbers[1] + 1))
@@ -121,6 +127,22 @@ class Countdown:
             seen.add(problem.key)
             out.append(problem)
         return out
+
+    def count(self, split: Split, limit: int = 5000) -> int | None:
+        """How many distinct problems `split` holds (the problem space enumerated), or None when
+        it has more than `limit` multisets of numbers (too many to enumerate quickly)."""
+        lo, hi = self.number_range
+        sizes = range(self.num_numbers[0], self.num_numbers[1] + 1)
+        if sum(math.comb(hi - lo + k, k) for k in sizes) > limit:
+            return None
+        total = 0
+        for k in sizes:
+            for nums in itertools.combinations_with_replacement(range(lo, hi + 1), k):
+                for t, exprs in reachable(nums).items():
+                    if (self.target_range[0] <= t <= self.target_range[1] and t not in nums
+                            and len(exprs) >= self.min_solutions):  # fmt: skip
+                        total += split_of(CountdownProblem(nums, t).key, self.test_fraction) == split
+        return total
 
     def render_prompt(self, problem: CountdownProblem) -> str:
         return " ".join(map(str, problem.numbers)) + f" -> {problem.target}:"
