@@ -246,6 +246,18 @@ def test_bad_settings_are_refused(tmp_path):
                 settings.check(c) if "style" not in field else headtohead.run(c, log=print)
 
 
+def test_the_default_design_draws_its_problem_pools():
+    c = paradigms_config.get_config()
+    c.workdir = "/nonexistent"
+    w = headtohead.models.world(c)
+    base, fresh = {p.key for p in w.train}, {p.key for p in w.arm_problems}
+    assert (len(base), len(fresh), len(w.test)) == (c.base.train_problems, c.arm.fresh_problems,
+                                                    c.eval.problems)  # fmt: skip
+    assert not base & fresh and not (base | fresh) & {p.key for p in w.test}
+    assert base | fresh <= {p.key for p in w.teacher_train}  # the teacher saw them all
+    assert c.arm.fresh_problems == c.arm.steps * c.arm.prompts_per_step  # one per prompt draw
+
+
 def test_more_problems_than_the_task_holds_is_one_line_naming_the_fields():
     c = tiny("/nonexistent", **{"arm.fresh_problems": 1000})  # numbers in [1, 12]: ~790 train
     with pytest.raises(UserError, match=r"only \d+: ask for fewer.* max\(base.train_problems "

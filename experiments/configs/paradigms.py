@@ -90,10 +90,11 @@ def get_config(arg: str | None = None):
     # (opd_*, opsd); sampled-token OPD, alpha-DPG and the others take one
     c.arm.updates_per_batch = 1
     # 0: the arms train on the base's problems; n: on n training problems the base never saw
-    # (the next n of the train split's draw; the teacher's pool holds them). 1440: each of the
-    # 180 x 8 prompts a new problem, so what an arm learns must carry to problems it never saw
-    # (on the base's own problems, which it had learned by heart at numbers in [1, 12], GRPO
-    # moved held-out pass@1 by +0.01 to +0.05; on fresh ones at [1, 20], +0.081 on seed 10)
+    # (the next n of the train split's draw; the teacher's pool holds them). 1440: as many as
+    # the 180 x 8 prompt draws (each step draws its 8 at random, so an arm meets ~910 of them,
+    # ~540 once), so what an arm learns must carry to problems it has not seen (on the base's
+    # own problems, which it had learned by heart at numbers in [1, 12], GRPO moved held-out
+    # pass@1 by +0.01 to +0.05; on fresh ones at [1, 20], +0.081 on seed 10)
     c.arm.fresh_problems = 1440
     c.arm.max_new_tokens = 32  # completion budget (the longest Countdown reference: 31)
     c.arm.temperature = 1.0  # the on-policy arms' rollout sampling
