@@ -35,6 +35,14 @@ LOCK_FILE = ".jaxpost.lock"
 _held: dict[str, int] = {}  # realpath of a workdir -> the fd holding its lock (for the process)
 
 
+def write_atomic(path: str, blob: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, then a rename): a reader,
+    or a run killed midway, never sees half of it."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+
+
 def prepare(path: str) -> str:
     """Create `path` (and parents) and check that this process can write there."""
     if not path:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxpost import metrics
+from jaxpost import metrics, workdir
 from jaxpost.errors import Diverged, Preempted
 from jaxpost.headtohead import arms, evaluation, models, settings
 from jaxpost.headtohead.evaluation import Evaluation
@@ -40,18 +40,35 @@ def history(path: str) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def load_eval(path: str, key: str) -> Evaluation | str | None:
-    """The saved evaluation of this `key`, the reason an arm of this key diverged, or None."""
+def _read(path: str, key: str) -> dict | None:
+    """A saved eval.json if it holds this `key`, else None."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("key") != key:
-        return None
-    if "diverged" in saved:
-        return saved["diverged"]
+    return saved if saved.get("key") == key else None
+
+
+def _evaluation(saved: dict) -> Evaluation:
     return Evaluation(saved["curves"], saved["scalars"], saved["per_problem"],
                       footprint=saved.get("footprint"))
+
+
+def load_eval(path: str, key: str) -> Evaluation | None:
+    """A reference model's saved evaluation of this `key`, or None."""
+    saved = _read(path, key)
+    return None if saved is None else _evaluation(saved)
+
+
+def load_arm(config, arm: str, key: str) -> ArmOutcome | None:
+    """An arm's saved outcome under this `key` (its evaluation and extras, or why it diverged),
+    read once from its eval.json; None when it has none."""
+    saved = _read(eval_path(config, arm), key)
+    if saved is None:
+        return None
+    if "diverged" in saved:
+        return ArmOutcome(diverged=saved["diverged"])
+    return ArmOutcome(_evaluation(saved), saved["extra"])
 
 
 def save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) -> None:
@@ -60,10 +77,7 @@ def save_eval(path: str, key: str, ev: Evaluation, extra: dict | None = None) ->
 
 def save_json(path: str, value: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, default=float)
-    os.replace(tmp, path)
+    workdir.write_atomic(path, json.dumps(value, default=float).encode())
 
 
 def claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
@@ -91,11 +105,6 @@ def claim_arm_dir(arm_dir: str, key: str, arm: str, log) -> None:
 
 def eval_path(config, arm: str) -> str:
     return os.path.join(config.workdir, "arms", arm, "eval.json")
-
-
-def saved_extra(config, arm: str) -> dict:
-    with open(eval_path(config, arm)) as f:
-        return json.load(f)["extra"]
 
 
 @dataclasses.dataclass

@@ -50,6 +50,7 @@ from collections.abc import Callable
 
 from jaxpost.errors import Preempted, UserError
 from jaxpost.preemption import PreemptionGuard
+from jaxpost.workdir import write_atomic
 
 _STOP_WAIT_S = 300  # how long stopped workers get to save their checkpoints before a kill
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -115,7 +116,7 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
                 w = _start(job, core, queue.pop(0))
                 workers.append(w)
                 sel.register(w.reader, selectors.EVENT_READ, w)
-            _write_atomic(job + ".base.pkl", pickle.dumps(references()))
+            write_atomic(job + ".base.pkl", pickle.dumps(references()))
             stopping = False
             while any(w.proc.poll() is None or w.reader in sel.get_map() for w in workers):
                 if guard.should_stop and not stopping:  # the workers have it too
@@ -189,12 +190,6 @@ def run_arms(config, pending: list[str], processes: int, references: Callable[[]
         raise RuntimeError(f"arm workers ended with exit status "
                            f"{', '.join(str(w.proc.returncode) for w in bad)}")  # fmt: skip
     return out
-
-
-def _write_atomic(path: str, blob: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
 
 
 def _start(job: str, core: int, arm: str) -> _Worker:

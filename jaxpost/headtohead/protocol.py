@@ -111,15 +111,15 @@ def run(config, log: Callable[[str], None] = print) -> dict:
 
     pending = []
     for arm in names:
-        cached = arm_runs.load_eval(arm_runs.eval_path(config, arm), eval_key)
-        if isinstance(cached, str):
-            log(f"{arm}: diverged in an earlier run of these settings ({cached})")
-            diverged[arm] = cached
-        elif cached is not None:
-            log(f"{arm}: reusing finished arm")
-            evals[arm], extras[arm] = cached, arm_runs.saved_extra(config, arm)
-        else:
+        saved = arm_runs.load_arm(config, arm, eval_key)
+        if saved is None:
             pending.append(arm)
+        elif saved.diverged is not None:
+            log(f"{arm}: diverged in an earlier run of these settings ({saved.diverged})")
+            diverged[arm] = saved.diverged
+        else:
+            log(f"{arm}: reusing finished arm")
+            evals[arm], extras[arm] = saved.evaluation, saved.extra
     processes = settings.arm_processes(config)
     if pending and processes > 1:  # the arms at once, one process per core
         # imported here: `python -m jaxpost.headtohead.parallel` (its workers) imports this
@@ -133,8 +133,8 @@ def run(config, log: Callable[[str], None] = print) -> dict:
         del stages["arm_training"]
         stages["arms"] = time.perf_counter() - t0
         for arm in outcomes.finished:  # each worker saved its arm's eval.json
-            evals[arm] = arm_runs.load_eval(arm_runs.eval_path(config, arm), eval_key)
-            extras[arm] = arm_runs.saved_extra(config, arm)
+            saved = arm_runs.load_arm(config, arm, eval_key)
+            evals[arm], extras[arm] = saved.evaluation, saved.extra
         diverged.update(outcomes.diverged)
         left = [a for a in pending if a not in outcomes.finished and a not in diverged]
         if outcomes.preempted and left:
