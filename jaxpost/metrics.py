@@ -13,6 +13,7 @@ so a report is reproducible to the last digit.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
@@ -161,6 +162,34 @@ def solution_entropy(canonicals: Sequence[Hashable | None]) -> float:
         return float("nan")
     q = counts / counts.sum()
     return float(-(q * np.log(q)).sum())
+
+
+def solution_counts(canonicals: Sequence[Hashable | None]) -> list[int]:
+    """How many of the correct samples fell on each distinct solution, largest first: all that
+    the entropy of a subsample of them depends on (`entropy_at_size`)."""
+    return sorted(Counter(s for s in canonicals if s is not None).values(), reverse=True)
+
+
+def entropy_at_size(counts: Sequence[int], n: int) -> float:
+    """The expected `solution_entropy` of n of the c = sum(counts) correct samples drawn without
+    replacement (nats): -sum_j sum_x P(X_j = x) (x/n) log(x/n), where X_j, how many of the n
+    fall on solution j, is hypergeometric (c, m_j, n). At n = c it is the plug-in entropy.
+
+    The plug-in entropy of c samples is biased low by about (solutions - 1) / 2c, so two models
+    with the same spread of solutions read differently when one is correct more often; compared
+    at one n (the smaller c of the two, per problem) the bias is the same on both sides
+    (rarefaction, as ecology compares species diversity of unequal samples). NaN unless
+    1 <= n <= c."""
+    counts = [int(m) for m in counts if m > 0]
+    c = sum(counts)
+    if not 1 <= n <= c:
+        return float("nan")
+    total, ways = 0.0, math.comb(c, n)
+    for m in counts:
+        for x in range(max(1, n - (c - m)), min(m, n) + 1):
+            p = math.comb(m, x) * math.comb(c - m, n - x) / ways
+            total -= p * (x / n) * math.log(x / n)
+    return total
 
 
 def token_entropy(logits_BxTxV) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from programs import run
 
 from experiments.configs import paradigms as paradigms_config
-from jaxpost import UserError, headtohead
+from jaxpost import UserError, headtohead, metrics
 from jaxpost.headtohead import claims, settings
 
 
@@ -311,9 +311,9 @@ def test_adding_an_arm_is_one_table_entry(tmp_path, monkeypatch):
 
 
 def test_claim_verdicts_follow_the_paired_interval():
-    base = {"pass@1": [0.1] * 8, "pass@large_k": [0.9] * 8, "diversity": [1.0] * 8,
+    base = {"pass@1": [0.1] * 8, "pass@large_k": [0.9] * 8, "solution_counts": [[1, 1, 1]] * 8,
             "retention": [0.5] * 8}  # fmt: skip
-    grpo = {"pass@1": [0.5] * 8, "pass@large_k": [0.6] * 8, "diversity": [0.2] * 8,
+    grpo = {"pass@1": [0.5] * 8, "pass@large_k": [0.6] * 8, "solution_counts": [[4]] * 8,
             "retention": [0.5] * 8}  # fmt: skip
     evals = {name: headtohead.Evaluation({}, {}, pp) for name, pp in
              (("base", base), ("grpo", grpo), ("opd_rkl", grpo))}  # fmt: skip
@@ -329,7 +329,35 @@ def test_claim_verdicts_follow_the_paired_interval():
     assert "base−GRPO -0.300" in claim["evidence"]
 
 
-def test_cache_keys_are_derived_from_the_settings(tmp_path):
+def test_diversity_claims_do_not_credit_the_model_that_is_right_more_often():
+    """Two models with one spread of solutions per problem (drawn from the same distribution),
+    one correct on 8 samples, the other on 3: their plug-in entropies differ by the
+    small-sample bias alone, and the claims, which compare at equal numbers of correct samples,
+    must not read that as narrowing."""
+    rng = np.random.default_rng(0)
+    problems, spread = 300, [0.4, 0.3, 0.2, 0.1]
+
+    def counts(c):
+        return [sorted((int(m) for m in np.bincount(rng.choice(4, c, p=spread), minlength=4)
+                        if m), reverse=True) for _ in range(problems)]  # fmt: skip
+
+    def plug_in(rows):  # each row's entropy over all its correct samples
+        return [metrics.entropy_at_size(r, sum(r)) for r in rows]
+
+    often, rarely = counts(8), counts(3)
+    biased = claims.paired(plug_in(often), plug_in(rarely))
+    assert biased.lo > 0.1  # what comparing the plug-in entropies would have concluded
+    gap, k = claims.entropy_gap(rarely, often)
+    assert k == problems and gap.lo < 0 < gap.hi
+    pp = {"pass@1": [0.5] * problems, "pass@large_k": [0.5] * problems}
+    evals = {"base": headtohead.Evaluation({}, {}, {**pp, "solution_counts": often}),
+             "opd_rkl": headtohead.Evaluation({}, {}, {**pp, "solution_counts": rarely})}
+    (claim,) = claims.claims(evals)
+    assert claim["verdict"] == "inconclusive", claim
+    assert f"({problems} problems)" in claim["evidence"]
+
+
+def test_cache_keys_are_derived_from_the_settings(tmp_path, monkeypatch):
     c = tiny(tmp_path)
     keys = (settings.model_key(c), settings.arm_key(c), settings.eval_key(c))
     c.eval.samples = 8  # evaluation only: models and arms are reused
@@ -341,3 +369,6 @@ def test_cache_keys_are_derived_from_the_settings(tmp_path):
     assert settings.model_key(c) != keys[0]
     c = tiny(tmp_path / "elsewhere", arms="grpo", progress=True)  # never part of a key
     assert (settings.model_key(c), settings.arm_key(c), settings.eval_key(c)) == keys
+    monkeypatch.setattr(settings, "EVALUATION_FORMAT", settings.EVALUATION_FORMAT + 1)
+    assert (settings.model_key(c), settings.arm_key(c)) == keys[:2]  # a new eval.json format:
+    assert settings.eval_key(c) != keys[2]  # every model re-evaluated, nothing retrained

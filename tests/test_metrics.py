@@ -100,6 +100,26 @@ def test_diversity_on_known_distributions():
     assert math.isnan(M.collision_rate(["a", None]))
 
 
+@pytest.mark.parametrize("samples", [["a", "a", "b", None, "c", "a", "b"], ["a"] * 5, list("abcdef"),
+                                     ["a", "b"] * 3 + ["c"] + [None] * 2])  # fmt: skip
+def test_entropy_at_size_is_the_mean_over_every_subsample(samples):
+    """Against enumeration: the plug-in entropy of every n-subset of the correct samples,
+    averaged; at n = c, the plug-in entropy itself."""
+    import itertools
+
+    correct = [s for s in samples if s is not None]
+    counts = M.solution_counts(samples)
+    assert counts == sorted(counts, reverse=True) and sum(counts) == len(correct)
+    for n in range(1, len(correct) + 1):
+        subsets = list(itertools.combinations(correct, n))
+        want = np.mean([M.solution_entropy(list(s)) for s in subsets])
+        assert M.entropy_at_size(counts, n) == pytest.approx(want, abs=1e-12), n
+    assert M.entropy_at_size(counts, len(correct)) == pytest.approx(M.solution_entropy(samples))
+    assert math.isnan(M.entropy_at_size(counts, 0))
+    assert math.isnan(M.entropy_at_size(counts, len(correct) + 1))
+
+
+
 def test_token_entropy_and_masked_mean():
     V = 6
     logits = np.zeros((2, 3, V))

@@ -2,8 +2,9 @@
 
 Each claim pairs two models' per-problem values (`Evaluation.per_problem`) and bootstraps the
 mean difference: "reproduced" when the interval excludes 0 in the predicted direction, "not
-reproduced" when it excludes 0 in the other, otherwise "inconclusive". A claim is only judged
-when the arms it needs ran.
+reproduced" when it excludes 0 in the other, otherwise "inconclusive". Diversity is compared
+at equal numbers of correct samples per problem (`entropy_gap`). A claim is only judged when
+the arms it needs ran.
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ def paired(a, b) -> metrics.Estimate:
     a, b = np.asarray(a, float), np.asarray(b, float)
     ok = np.isfinite(a) & np.isfinite(b)
     return metrics.mean_ci(a[ok] - b[ok])
+
+
+def entropy_gap(a, b) -> tuple[metrics.Estimate, int]:
+    """Solution entropy of a minus b, compared per problem at the same number of correct
+    samples, n = the smaller of the two counts (`metrics.entropy_at_size` of each model's
+    `solution_counts`), over the problems where n >= 2 (at n = 1 both read 0); with how many
+    problems that is. The plug-in entropies would credit the model that is more often correct
+    with more diversity (`entropy_at_size`)."""
+    gaps = []
+    for ca, cb in zip(a, b, strict=True):
+        n = min(sum(ca), sum(cb))
+        if n >= 2:
+            gaps.append(metrics.entropy_at_size(ca, n) - metrics.entropy_at_size(cb, n))
+    return metrics.mean_ci(np.asarray(gaps, float)), len(gaps)
 
 
 def _verdict(est: metrics.Estimate, expect_positive: bool = True) -> str:
@@ -72,11 +87,12 @@ def claims(evals: dict) -> list[dict]:
                                 f"{_e(d)}; pass@1 gains: {gains}"})  # fmt: skip
     for arm, label in (("opd_rkl", "reverse-KL OPD"), ("opsd", "OPSD")):
         if arm in pp:
-            d = paired(pp[arm]["diversity"], pp["base"]["diversity"])
+            d, k = entropy_gap(pp[arm]["solution_counts"], pp["base"]["solution_counts"])
             out.append({"claim": f"{label} narrows diversity (solution entropy) below the base",
                         "source": "Agarwal et al. 2024 (GKD); mode-seeking reverse KL",
                         "verdict": _verdict(d, expect_positive=False),
-                        "evidence": f"entropy {arm}−base {_e(d)} nats"})  # fmt: skip
+                        "evidence": f"entropy {arm}−base {_e(d)} nats at equal numbers of "
+                                    f"correct samples ({k} problems)"})  # fmt: skip
     fp_arms = [a for a in ("grpo", "sft") if "footprint_flip_frac" in pp.get(a, {})]
     if fp_arms == ["grpo", "sft"]:
         d = paired(pp["sft"]["footprint_flip_frac"], pp["grpo"]["footprint_flip_frac"])
@@ -146,8 +162,9 @@ def claims(evals: dict) -> list[dict]:
                     "selection (2605.06241)", "verdict": _verdict(d),
                     "evidence": f"pass@1 sparse_select−base {_e(d)}"})  # fmt: skip
     if "opd_entropy" in pp and "opd_rkl" in pp:
-        d = paired(pp["opd_entropy"]["diversity"], pp["opd_rkl"]["diversity"])
+        d, k = entropy_gap(pp["opd_entropy"]["solution_counts"], pp["opd_rkl"]["solution_counts"])
         out.append({"claim": "entropy-aware OPD keeps more diversity than reverse-KL OPD",
                     "source": "Jin et al. 2026", "verdict": _verdict(d),
-                    "evidence": f"entropy entropy-aware−reverse-KL {_e(d)} nats"})  # fmt: skip
+                    "evidence": f"entropy entropy-aware−reverse-KL {_e(d)} nats at equal "
+                                f"numbers of correct samples ({k} problems)"})  # fmt: skip
     return out

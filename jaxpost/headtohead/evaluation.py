@@ -139,6 +139,7 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         "pass@large_k": metrics.pass_at_k(n, correct.sum(1), n).tolist(),
         "num_correct": correct.sum(1).tolist(),
         "diversity": [metrics.solution_entropy(row) for row in main.diversity_keys],
+        "solution_counts": [metrics.solution_counts(row) for row in main.diversity_keys],
     }
     scalars = dict(summary["scalars"])
     scalars["pass@large_k"] = scalars.pop(f"pass@{n}")

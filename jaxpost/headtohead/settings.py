@@ -183,8 +183,14 @@ def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def _key(config, leave_out: tuple[str, ...]) -> str:
+# What an eval.json holds; raised when a field is added or changes meaning, so evaluations
+# saved before are redone rather than read without it (2: per-problem `solution_counts`).
+EVALUATION_FORMAT = 2
+
+
+def _key(config, leave_out: tuple[str, ...], **more) -> str:
     values = {k: v for k, v in config.to_dict().items() if k not in _NEVER_MATTERS + leave_out}
+    values.update(more)
     if "arm" in values:  # how many arms run at once does not matter; whether each had one core
         values["arm"]["processes"] = "one core" if arm_processes(config) > 1 else "all cores"
     for name in ("model", "teacher"):  # a checkpoint rewritten at the same path is another one
@@ -206,5 +212,6 @@ def arm_key(config) -> str:
 
 
 def eval_key(config) -> str:
-    """An evaluation's cache key (eval.json): a changed field re-evaluates."""
-    return _key(config, ())
+    """An evaluation's cache key (eval.json): a changed field, or a new `EVALUATION_FORMAT`,
+    re-evaluates."""
+    return _key(config, (), evaluation_format=EVALUATION_FORMAT)
