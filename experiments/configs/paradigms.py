@@ -13,9 +13,9 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 7f850d0 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-04,
-otherwise idle): 728 s for the whole README main command (protocol 668 s: base and teacher
-179 s, then 489 s for the eleven arms in two pinned workers with the references' evaluation
+Measured from a clean clone of 5550177 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-05,
+otherwise idle): 734 s for the whole README main command (protocol 671 s: base and teacher
+182 s, then 488 s for the eleven arms in two pinned workers with the references' evaluation
 beside them). That run (384 held-out problems x 8 samples, resolution 0.028):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
@@ -27,8 +27,9 @@ beside them). That run (384 held-out problems x 8 samples, resolution 0.028):
     | opsd | 0.170 | 0.466 | 0.103 | 0.816 | 0.068 |
 
 (and seven more arms); GRPO above the base at pass@1, +0.049 [+0.025, +0.072], reverse-KL OPD
-+0.022 [+0.005, +0.042]; two of the six claims decisive, both reproduced (retention of
-on-policy arms over SFT, OPSD narrowing diversity). Seed 1 and the design run on seed 10:
++0.022 [+0.005, +0.042]; one of the six claims decisive, reproduced (retention of on-policy
+arms over SFT; the diversity claims, compared at equal numbers of correct samples, are
+inconclusive). Seed 1 and the design run on seed 10:
 benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other numbers.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
