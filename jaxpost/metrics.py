@@ -192,16 +192,6 @@ def entropy_at_size(counts: Sequence[int], n: int) -> float:
     return total
 
 
-def token_entropy(logits_BxTxV) -> np.ndarray:
-    """Entropy of the next-token distribution at each position, H = logsumexp(z) - sum p z,
-    computed from logits in float64: [B, T]."""
-    z = np.asarray(logits_BxTxV, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(-1, keepdims=True))
-    p = np.exp(z - lse)
-    return (lse[..., 0] - (p * z).sum(-1)).astype(np.float64)
-
-
 def masked_mean(values_BxT, mask_BxT) -> float:
     """sum(values * mask) / sum(mask): a per-token average over real completion tokens, e.g.
     the mean per-token policy entropy from the sampler's entropies and completion mask."""

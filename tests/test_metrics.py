@@ -119,16 +119,12 @@ def test_entropy_at_size_is_the_mean_over_every_subsample(samples):
     assert math.isnan(M.entropy_at_size(counts, len(correct) + 1))
 
 
-
-def test_token_entropy_and_masked_mean():
-    V = 6
-    logits = np.zeros((2, 3, V))
-    logits[1, :, 0] = 1e4  # a point mass
-    ent = M.token_entropy(logits)
-    np.testing.assert_allclose(ent[0], np.log(V))
-    np.testing.assert_allclose(ent[1], 0.0, atol=1e-12)
-    mask = np.array([[1, 1, 0], [1, 0, 0]])
-    assert M.masked_mean(ent, mask) == pytest.approx(2 * np.log(V) / 3)
+def test_masked_mean():
+    values = np.array([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]])
+    assert M.masked_mean(values, np.array([[1, 1, 0], [1, 0, 0]])) == pytest.approx(7 / 3)
+    assert math.isnan(M.masked_mean(values, np.zeros((2, 3))))
+    with pytest.raises(ValueError, match="differ"):
+        M.masked_mean(values, np.ones((2, 2)))
 
 
 # ----------------------------------------------------------------------------- retention
