@@ -337,9 +337,9 @@ def test_diversity_claims_do_not_credit_the_model_that_is_right_more_often():
     rng = np.random.default_rng(0)
     problems, spread = 300, [0.4, 0.3, 0.2, 0.1]
 
-    def counts(c):
-        return [sorted((int(m) for m in np.bincount(rng.choice(4, c, p=spread), minlength=4)
-                        if m), reverse=True) for _ in range(problems)]  # fmt: skip
+    def counts(c):  # per problem, c correct samples over the four solutions
+        return [metrics.solution_counts(rng.choice(4, c, p=spread).tolist())
+                for _ in range(problems)]  # fmt: skip
 
     def plug_in(rows):  # each row's entropy over all its correct samples
         return [metrics.entropy_at_size(r, sum(r)) for r in rows]

@@ -49,6 +49,10 @@ def _e(est: metrics.Estimate) -> str:
     return f"{est.mean:+.3f} [{est.lo:+.3f}, {est.hi:+.3f}]"
 
 
+def _at_equal_size(est: metrics.Estimate, problems: int) -> str:
+    return f"{_e(est)} nats at equal numbers of correct samples ({problems} problems)"
+
+
 def claims(evals: dict) -> list[dict]:
     """The literature's claims this setup can test, judged by paired 95% CIs over problems.
 
@@ -91,8 +95,7 @@ def claims(evals: dict) -> list[dict]:
             out.append({"claim": f"{label} narrows diversity (solution entropy) below the base",
                         "source": "Agarwal et al. 2024 (GKD); mode-seeking reverse KL",
                         "verdict": _verdict(d, expect_positive=False),
-                        "evidence": f"entropy {arm}−base {_e(d)} nats at equal numbers of "
-                                    f"correct samples ({k} problems)"})  # fmt: skip
+                        "evidence": f"entropy {arm}−base {_at_equal_size(d, k)}"})  # fmt: skip
     fp_arms = [a for a in ("grpo", "sft") if "footprint_flip_frac" in pp.get(a, {})]
     if fp_arms == ["grpo", "sft"]:
         d = paired(pp["sft"]["footprint_flip_frac"], pp["grpo"]["footprint_flip_frac"])
@@ -165,6 +168,5 @@ def claims(evals: dict) -> list[dict]:
         d, k = entropy_gap(pp["opd_entropy"]["solution_counts"], pp["opd_rkl"]["solution_counts"])
         out.append({"claim": "entropy-aware OPD keeps more diversity than reverse-KL OPD",
                     "source": "Jin et al. 2026", "verdict": _verdict(d),
-                    "evidence": f"entropy entropy-aware−reverse-KL {_e(d)} nats at equal "
-                                f"numbers of correct samples ({k} problems)"})  # fmt: skip
+                    "evidence": f"entropy entropy-aware−reverse-KL {_at_equal_size(d, k)}"})  # fmt: skip
     return out
