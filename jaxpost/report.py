@@ -200,7 +200,7 @@ def plot_central(arms: dict, path: str) -> None:
         sc = ax.scatter(x, y, c=div, cmap="viridis", s=70, edgecolors="k")
         for n, xi, yi in zip(names, x, y):
             ax.annotate(n, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        fig.colorbar(sc, ax=ax, label="diversity (nats)")
+        fig.colorbar(sc, ax=ax, label="diversity (P[two correct samples differ])")
         ax.set_xscale("log")
         ax.margins(x=0.25)  # room for the labels of the rightmost arms
     else:

@@ -10,7 +10,7 @@ from programs import run
 
 from experiments.configs import paradigms as paradigms_config
 from jaxpost import UserError, headtohead, metrics
-from jaxpost.headtohead import claims, settings
+from jaxpost.headtohead import claims, evaluation, settings
 
 
 def tiny(workdir, **fields):
@@ -355,6 +355,29 @@ def test_diversity_claims_do_not_credit_the_model_that_is_right_more_often():
     (claim,) = claims.claims(evals)
     assert claim["verdict"] == "inconclusive", claim
     assert f"({problems} problems)" in claim["evidence"]
+
+
+def test_the_diversity_scalar_does_not_credit_the_model_that_is_right_more_often():
+    """The report's per-problem `diversity` (1 - collision rate of the correct samples'
+    solutions) on two models with one spread, correct on 12 of 16 samples and on 3: equal in
+    expectation, where the plug-in `solution_entropy` reads the second as narrower."""
+    row = ["a", "a", "b", None]
+    d = evaluation.solution_diversity([row, ["a", None], [None, None]])
+    assert d["diversity"][0] == pytest.approx(1 - 2 / 6)
+    assert d["solution_entropy"][0] == pytest.approx(-(2 / 3 * np.log(2 / 3) + np.log(1 / 3) / 3))
+    assert d["solution_counts"] == [[2, 1], [1], []]
+    assert np.isnan(d["diversity"][1:]).all() and d["solution_entropy"][1] == 0.0
+    rng = np.random.default_rng(0)
+    spread = [0.4, 0.3, 0.2, 0.1]
+
+    def rows(c):  # 400 problems, c correct samples of 16 over the four solutions
+        return [rng.choice(4, c, p=spread).tolist() + [None] * (16 - c) for _ in range(400)]
+
+    often, rarely = evaluation.solution_diversity(rows(12)), evaluation.solution_diversity(rows(3))
+    plug_in = claims.paired(often["solution_entropy"], rarely["solution_entropy"])
+    assert plug_in.lo > 0.1
+    gap = claims.paired(often["diversity"], rarely["diversity"])
+    assert gap.lo < 0 < gap.hi and abs(gap.mean) < 0.03
 
 
 def test_cache_keys_are_derived_from_the_settings(tmp_path, monkeypatch):

@@ -113,6 +113,17 @@ def _est(values) -> dict:
     return metrics.mean_ci(np.asarray(values, float)).as_dict()
 
 
+def solution_diversity(keys) -> dict[str, list]:
+    """Per problem, from the solutions of its correct samples (`task.diversity_key`, None for a
+    wrong one): `diversity`, the chance that two of them are different solutions (1 - collision
+    rate, Gini-Simpson; NaN under 2), unbiased whatever their number where the plug-in
+    `solution_entropy` reads lower the fewer they are; and the `solution_counts` the diversity
+    claims compare at equal sizes (`claims.entropy_gap`)."""
+    return {"diversity": [1.0 - metrics.collision_rate(row) for row in keys],
+            "solution_entropy": [metrics.solution_entropy(row) for row in keys],
+            "solution_counts": [metrics.solution_counts(row) for row in keys]}  # fmt: skip
+
+
 def sample_rows(w: World) -> int:
     """The most rows `evaluate_model` decodes at once (its memory plan's sampler batch)."""
     e = w.config.eval
@@ -138,13 +149,12 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         "pass@1": metrics.pass_at_k(n, correct.sum(1), 1).tolist(),
         "pass@large_k": metrics.pass_at_k(n, correct.sum(1), n).tolist(),
         "num_correct": correct.sum(1).tolist(),
-        "diversity": [metrics.solution_entropy(row) for row in main.diversity_keys],
-        "solution_counts": [metrics.solution_counts(row) for row in main.diversity_keys],
+        **solution_diversity(main.diversity_keys),
     }
     scalars = dict(summary["scalars"])
     scalars["pass@large_k"] = scalars.pop(f"pass@{n}")
     scalars["diversity"] = _est(per_problem["diversity"])
-    scalars["collision_rate"] = _est([metrics.collision_rate(r) for r in main.diversity_keys])
+    scalars["solution_entropy"] = _est(per_problem["solution_entropy"])
     solution_sets = [w.task.solutions(p) for p in w.test]
     scalars["solution_set_coverage"] = _est(metrics.solution_set_coverage(main.canonical,
                                                                           solution_sets))  # fmt: skip

@@ -261,14 +261,15 @@ def assemble(w: models.World, evals: dict[str, Evaluation], extras: dict[str, di
     if c.mesh or c.loss_impl != "auto":
         settings_["devices"] = f"mesh {c.mesh or 'none'}; loss_impl {c.loss_impl}"
     notes = [
-        "pass@large_k is pass@k at k = the number of samples per problem; diversity is the "
-        "entropy (nats) of the empirical distribution of what the task counts as distinct "
-        "correct solutions (`task.diversity_key`: canonical solutions on Countdown, reasoning "
-        "paths on GSM8K) per problem. It is the plug-in entropy of the problem's correct "
-        "samples, biased low by about (solutions - 1) / 2c for c of them, so a model that is "
-        "correct less often reads narrower with the same spread; collision_rate (the chance "
-        "two of its correct samples are one solution) is unbiased, and the diversity claims "
-        "compare two models at equal numbers of correct samples.",
+        "pass@large_k is pass@k at k = the number of samples per problem. diversity is the "
+        "chance that two of a problem's correct samples are different solutions (what "
+        "`task.diversity_key` counts as distinct: canonical solutions on Countdown, reasoning "
+        "paths on GSM8K), 1 - collision rate (Gini-Simpson), averaged over the problems where "
+        "the model has at least 2 correct samples: unbiased whatever that number. "
+        "solution_entropy is the plug-in entropy (nats) of the correct samples' solutions, "
+        "biased low by about (solutions - 1) / 2c for c of them, so a model that is correct "
+        "less often reads narrower with the same spread; the diversity claims compare two "
+        "models' entropies at equal numbers of correct samples.",
         "kl_from_base: KL(base || model) on the base's own samples, summed over tokens, "
         "estimated per token by r - 1 - log r with r = model/base probability (unbiased and "
         "never negative; the teacher's is large when it is another architecture or was trained "

@@ -184,8 +184,9 @@ def checkpoint_fingerprint(path: str, sample: int = 1 << 20) -> str:
 
 
 # What an eval.json holds; raised when a field is added or changes meaning, so evaluations
-# saved before are redone rather than read without it (2: per-problem `solution_counts`).
-EVALUATION_FORMAT = 2
+# saved before are redone rather than read without it (2: per-problem `solution_counts`; 3:
+# `diversity` is 1 - collision rate, the plug-in entropy `solution_entropy`).
+EVALUATION_FORMAT = 3
 
 
 def _key(config, leave_out: tuple[str, ...], **more) -> str:
