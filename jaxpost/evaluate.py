@@ -56,12 +56,19 @@ class Samples:
         return self.answer_ok.shape[1]
 
 
+def _problems_per_chunk(problems: int, n: int, max_rows: int) -> int:
+    """As few chunks as `max_rows` allows, the problems split evenly between them: 384 x 16
+    samples is two chunks of 3072 rows, one program, not 4096 and 2048, two."""
+    chunks = -(-problems // max(1, max_rows // n))
+    return -(-problems // chunks)
+
+
 def chunk_rows(problems: int, n: int, mesh=None, max_rows: int = 4096) -> int:
-    """The rows `sample` decodes at once for `problems` prompts x `n` samples: chunks of at most
-    `max_rows` rows, padded to a multiple of 8 and of the data-parallel size (few distinct
-    programs, the same rows on every device). What a memory plan's `sample_batch` is."""
+    """The rows `sample` decodes at once for `problems` prompts x `n` samples: every chunk
+    (`_problems_per_chunk`) padded to one size, a multiple of 8 and of the data-parallel size
+    (one program, the same rows on every device). What a memory plan's `sample_batch` is."""
     multiple = 8 if mesh is None else math.lcm(8, sharding.data_parallel_size(mesh))
-    return data.round_up(min(problems, max(1, max_rows // n)) * n, multiple)
+    return data.round_up(_problems_per_chunk(problems, n, max_rows) * n, multiple)
 
 
 def sample(
@@ -100,13 +107,13 @@ def sample(
     prompts = [encode(p) if encode else tokenizer.encode(render(p), add_bos=True)
                for p in problems]  # fmt: skip
     width = data.round_up(max(len(p) for p in prompts), 16)
-    # Rows are padded as `chunk_rows` says; filler rows repeat the last prompt.
-    per_chunk = max(1, max_rows // n)
+    # Every chunk is padded to the rows `chunk_rows` says; filler rows repeat the last prompt.
+    per_chunk = _problems_per_chunk(len(prompts), n, max_rows)
+    total = chunk_rows(len(prompts), n, mesh, max_rows)
     parts = []
     for start in range(0, len(prompts), per_chunk):
         chunk = prompts[start : start + per_chunk]
         rows = [p for p in chunk for _ in range(n)]
-        total = chunk_rows(len(chunk), n, mesh, max_rows)
         rows += [rows[-1]] * (total - len(rows))
         mine = distributed.local_rows(mesh, total)
         tokens, mask = data.left_pad(rows[mine], width, tokenizer.pad_id)

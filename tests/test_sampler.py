@@ -204,3 +204,29 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         sampler.generate(config, None, args.pop("prompts"), **args)
+
+
+def test_evaluation_chunks_are_even_and_one_program(monkeypatch):
+    """`evaluate.sample` splits problems x samples over as few chunks as `max_rows` allows,
+    evenly, every chunk padded to the same rows (one compiled program), and returns each
+    problem's samples in order."""
+    from jaxpost import evaluate
+    from jaxpost.tasks.addition import Addition
+    from jaxpost.tokenizers import CharTokenizer
+
+    assert evaluate.chunk_rows(384, 16) == 3072  # two chunks of 192 problems, not 256 and 128
+    assert evaluate.chunk_rows(384, 8) == 3072 and evaluate.chunk_rows(5, 2, max_rows=4) == 8
+    tok, task = CharTokenizer(), Addition()
+    config = models.get_config("tiny", vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+    params = models.init(config, seed=0)
+    problems = task.prompts("test", 5, seed=0)
+    shapes, real = [], sampler.generate_rows
+    monkeypatch.setattr(sampler, "generate_rows",
+                        lambda c, p, tokens, *a, **k: shapes.append(tokens.shape)
+                        or real(c, p, tokens, *a, **k))  # fmt: skip
+    chunked = evaluate.sample(config, params, tok, task, problems, n=2, max_new_tokens=4,
+                              max_rows=4)  # fmt: skip
+    assert len(shapes) == 3 and len(set(shapes)) == 1 and shapes[0][0] == 8
+    assert chunked.tokens.shape == (10, 4) and chunked.answer_ok.shape == (5, 2)
+    prompts = [tok.encode(task.render_prompt(p), add_bos=True) for p in problems]
+    assert chunked.prompts == prompts
