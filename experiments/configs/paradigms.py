@@ -13,24 +13,26 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 5550177 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-05,
-otherwise idle): 734 s for the whole README main command (protocol 671 s: base and teacher
-182 s, then 488 s for the eleven arms in two pinned workers with the references' evaluation
-beside them). That run (384 held-out problems x 8 samples, resolution 0.028):
+Measured from a clean clone of c1a4936 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-05,
+otherwise idle): 862 s for the whole README main command (protocol 800 s: base and teacher
+201 s, then 599 s for the eleven arms in two pinned workers with the references' evaluation
+beside them). That run (384 held-out problems x 16 samples, resolution 0.024; diversity = the
+chance two correct samples of a problem are different solutions):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.323 | 0.641 | 0.194 | 0.820 | 0.189 |
-    | teacher | 0.458 | 0.753 | 0.243 | 0.984 | 0.309 |
-    | sft | 0.215 | 0.659 | 0.334 | 0.461 | 0.051 |
-    | grpo | 0.372 | 0.646 | 0.105 | 0.477 | 0.115 |
-    | opd_rkl | 0.346 | 0.654 | 0.193 | 0.805 | 0.189 |
-    | opsd | 0.170 | 0.466 | 0.103 | 0.816 | 0.068 |
+    | base | 0.323 | 0.721 | 0.182 | 0.820 | 0.189 |
+    | teacher | 0.458 | 0.826 | 0.221 | 0.984 | 0.309 |
+    | sft | 0.214 | 0.771 | 0.479 | 0.461 | 0.051 |
+    | grpo | 0.372 | 0.674 | 0.103 | 0.477 | 0.115 |
+    | opd_rkl | 0.346 | 0.729 | 0.206 | 0.805 | 0.189 |
+    | opsd | 0.170 | 0.562 | 0.193 | 0.816 | 0.068 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.049 [+0.025, +0.072], reverse-KL OPD
-+0.022 [+0.005, +0.042]; one of the six claims decisive, reproduced (retention of on-policy
-arms over SFT; the diversity claims, compared at equal numbers of correct samples, are
-inconclusive). Seed 1 and the design run on seed 10:
-benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other numbers.
+(and seven more arms); GRPO above the base at pass@1, +0.049 [+0.026, +0.073], reverse-KL OPD
++0.023 [+0.007, +0.042]; two of the six claims decisive, both reproduced (the base overtakes
+GRPO at pass@16, +0.047 [+0.010, +0.083]; on-policy arms retain more than SFT). Seed 1: 5 of 6 decisive (+ OPSD narrows diversity,
+entropy-aware OPD keeps more than reverse KL, the unlikeliness reward does not raise pass@16).
+Seed 1 in full and the design run on seed 10: benchmarks/paradigms_budget.md. XLA:CPU compiles
+per CPU, so other CPUs give other numbers.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
@@ -142,8 +144,8 @@ def get_config(arg: str | None = None):
     # ~230 test problems). 16 samples, not 8 (2026-12-05, chosen for the claims' power and
     # its cost, before any run at 16 was read): the large-k claims compare pass@16, and the
     # diversity claims, compared at the number of correct samples both models have, keep more
-    # problems at larger sizes; the main sampling is ~4 s of a model's ~17 s evaluation (warm,
-    # one core), so the run takes about a minute more
+    # problems at larger sizes; measured, the main command took 862 s against 734 s at 8
+    # (benchmarks/paradigms_budget.md, 2026-12-05 later)
     c.eval.problems = 384
     c.eval.samples = 16
     c.eval.retention_problems = 64  # addition problems (the earlier skill)
