@@ -208,8 +208,8 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
 
 def test_evaluation_chunks_are_even_and_one_program(monkeypatch):
     """`evaluate.sample` splits problems x samples over as few chunks as `max_rows` allows,
-    evenly, every chunk padded to the same rows (one compiled program), and returns each
-    problem's samples in order."""
+    evenly, every chunk padded to the same rows (one compiled program), and returns every
+    problem's n samples, the filler rows dropped."""
     from jaxpost import evaluate
     from jaxpost.tasks.addition import Addition
     from jaxpost.tokenizers import CharTokenizer
