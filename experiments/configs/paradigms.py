@@ -31,8 +31,8 @@ chance two correct samples of a problem are different solutions):
 +0.023 [+0.007, +0.042]; two of the six claims decisive, both reproduced (the base overtakes
 GRPO at pass@16, +0.047 [+0.010, +0.083]; on-policy arms retain more than SFT). Seed 1: 5 of
 6 decisive (+ OPSD narrows diversity, entropy-aware OPD keeps more than reverse KL, the
-unlikeliness reward does not raise pass@16). Seed 1 in full and the design run on seed 10: benchmarks/paradigms_budget.md. XLA:CPU compiles
-per CPU, so other CPUs give other numbers.
+unlikeliness reward does not raise pass@16). Seed 1 in full and the design run on seed 10:
+benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other numbers.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
