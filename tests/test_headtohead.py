@@ -329,17 +329,23 @@ def test_claim_verdicts_follow_the_paired_interval():
     assert "base−GRPO -0.300" in claim["evidence"]
 
 
+def _solutions(rng, problems: int, correct: int, samples: int = 0) -> list[list]:
+    """Per problem, the solutions of `correct` samples drawn from one spread over four (the same
+    for every model), then None (wrong samples) up to `samples`."""
+    return [rng.choice(4, correct, p=[0.4, 0.3, 0.2, 0.1]).tolist()
+            + [None] * max(0, samples - correct) for _ in range(problems)]  # fmt: skip
+
+
 def test_diversity_claims_do_not_credit_the_model_that_is_right_more_often():
     """Two models with one spread of solutions per problem (drawn from the same distribution),
     one correct on 8 samples, the other on 3: their plug-in entropies differ by the
     small-sample bias alone, and the claims, which compare at equal numbers of correct samples,
     must not read that as narrowing."""
     rng = np.random.default_rng(0)
-    problems, spread = 300, [0.4, 0.3, 0.2, 0.1]
+    problems = 300
 
     def counts(c):  # per problem, c correct samples over the four solutions
-        return [metrics.solution_counts(rng.choice(4, c, p=spread).tolist())
-                for _ in range(problems)]  # fmt: skip
+        return [metrics.solution_counts(row) for row in _solutions(rng, problems, c)]
 
     def plug_in(rows):  # each row's entropy over all its correct samples
         return [metrics.entropy_at_size(r, sum(r)) for r in rows]
@@ -368,12 +374,8 @@ def test_the_diversity_scalar_does_not_credit_the_model_that_is_right_more_often
     assert d["solution_counts"] == [[2, 1], [1], []]
     assert np.isnan(d["diversity"][1:]).all() and d["solution_entropy"][1] == 0.0
     rng = np.random.default_rng(0)
-    spread = [0.4, 0.3, 0.2, 0.1]
-
-    def rows(c):  # 400 problems, c correct samples of 16 over the four solutions
-        return [rng.choice(4, c, p=spread).tolist() + [None] * (16 - c) for _ in range(400)]
-
-    often, rarely = evaluation.solution_diversity(rows(12)), evaluation.solution_diversity(rows(3))
+    often = evaluation.solution_diversity(_solutions(rng, 400, 12, samples=16))
+    rarely = evaluation.solution_diversity(_solutions(rng, 400, 3, samples=16))
     plug_in = claims.paired(often["solution_entropy"], rarely["solution_entropy"])
     assert plug_in.lo > 0.1
     gap = claims.paired(often["diversity"], rarely["diversity"])
