@@ -19,6 +19,11 @@ if TIER not in TIERS:
     raise RuntimeError(f"JAXPOST_TEST_BACKEND must be one of {TIERS}, got {TIER!r}")
 
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# glibc's malloc on huge pages for the xdist workers and every program a test starts, as the
+# experiment mains give themselves (jaxpost.hostmem; JAXPOST_HUGE_PAGES=0 keeps the defaults)
+from jaxpost import hostmem  # noqa: E402  (imports nothing heavy)
+
+os.environ.update(hostmem.environ())
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if TIER == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from jaxpost import hostmem
 from jaxpost.errors import Preempted, UserError
 from jaxpost.preemption import PreemptionGuard
 from jaxpost.workdir import write_atomic
@@ -198,6 +199,7 @@ def _start(job: str, core: int, arm: str) -> _Worker:
         [sys.executable, "-m", "jaxpost.headtohead.parallel", job, str(core), str(write_fd),
          str(os.getpid()), arm],
         stdin=subprocess.PIPE, pass_fds=(write_fd,),
+        env=hostmem.environ(),  # glibc's malloc on huge pages (read at start-up only)
         start_new_session=True,  # Ctrl-C reaches the parent, which stops them cleanly
     )  # fmt: skip
     os.close(write_fd)
