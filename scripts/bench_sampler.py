@@ -29,6 +29,10 @@ import time
 
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
+from jaxpost import hostmem  # noqa: E402
+
+hostmem.reexec()  # the allocator the experiment mains run with: malloc on huge pages
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -32,6 +32,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
+from jaxpost import hostmem  # noqa: E402
+
+hostmem.reexec()  # the allocator the experiment mains run with: malloc on huge pages
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
