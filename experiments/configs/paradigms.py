@@ -145,8 +145,10 @@ def get_config(arg: str | None = None):
     # its cost, before any run at 16 was read): the large-k claims compare pass@16, and the
     # diversity claims, compared at the number of correct samples both models have, keep more
     # problems at larger sizes; measured, the main command took 862 s against 734 s at 8
-    # (benchmarks/paradigms_budget.md, 2026-12-05 later)
-    c.eval.problems = 384
+    # (benchmarks/paradigms_budget.md, 2026-12-05 later). 768 problems, not 384 (2026-12-05,
+    # third session: what malloc on huge pages saved, 862 -> 715 s, spent on the claims' power,
+    # before any run at 768 was read; the first 384 are the same problems; 992 exist)
+    c.eval.problems = 768
     c.eval.samples = 16
     c.eval.retention_problems = 64  # addition problems (the earlier skill)
     c.eval.retention_samples = 4
@@ -154,7 +156,7 @@ def get_config(arg: str | None = None):
     c.eval.steer_samples = 16
     c.eval.icl_examples = 3  # in-context steerability: compliant outputs shown before the sample
     # the sparse footprint (argmax changes against the base) on this many of the base's samples
-    # per held-out problem (384 x 4)
+    # per held-out problem (768 x 4)
     c.eval.footprint_samples = 4
     return configs.with_variant(c, arg, {"builtin": lambda c: None, "tiny": _tiny,
                                          "pretrained": _pretrained})  # fmt: skip
