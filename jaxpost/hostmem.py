@@ -2,12 +2,14 @@
 
 XLA:CPU takes every buffer of a program from the C library's malloc. glibc serves the large
 ones (above its mmap threshold, 128 KiB rising to at most 32 MiB) with a fresh mmap each time,
-and the kernel faults in each 4 KiB page of it on first touch: a head-to-head process spent a
-fifth to a quarter of its CPU time in the kernel that way (benchmarks/paradigms_budget.md).
-glibc 2.35 and later can ask for transparent huge pages for what it maps
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, honoured when the kernel's THP mode is `madvise` or
-`always`), which turns 512 of those faults into one. The numbers computed do not change: only
-where the buffers live.
+and the kernel faults in each 4 KiB page of it on first touch: the head-to-head's processes
+spent a fifth to a quarter of their CPU time in the kernel that way. glibc 2.35 and later can
+ask for transparent huge pages for what it maps (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
+honoured when the kernel's THP mode is `madvise` or `always`), which turns 512 of those faults
+into one: on the project's 2-core AMD EPYC Zen 3 CPU (2026-12-05) the README's main command
+took 715 s instead of 862 s, 3.4 M page faults instead of 141 M, with the same numbers
+(benchmarks/paradigms_budget.md). The numbers computed do not change: only where the buffers
+live.
 
 glibc reads the tunable once, when a process starts, so it is set in the environment of the
 processes jaxpost starts (`environ`), and an experiment main restarts itself with it once
