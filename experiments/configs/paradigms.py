@@ -13,26 +13,27 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of c1a4936 on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-05,
-otherwise idle): 862 s for the whole README main command (protocol 800 s: base and teacher
-201 s, then 599 s for the eleven arms in two pinned workers with the references' evaluation
-beside them). That run (384 held-out problems x 16 samples, resolution 0.024; diversity = the
+Measured from a clean clone of 9a2f89c on a 2-core CPU (AMD EPYC Zen 3, XLA:CPU, 2026-12-05,
+otherwise idle): 845 s for the whole README main command (protocol 779 s: base and teacher
+155 s, then 624 s for the eleven arms in two pinned workers with the references' evaluation
+beside them). That run (768 held-out problems x 16 samples, resolution 0.017; diversity = the
 chance two correct samples of a problem are different solutions):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.323 | 0.721 | 0.182 | 0.820 | 0.189 |
-    | teacher | 0.458 | 0.826 | 0.221 | 0.984 | 0.309 |
-    | sft | 0.214 | 0.771 | 0.479 | 0.461 | 0.051 |
-    | grpo | 0.372 | 0.674 | 0.103 | 0.477 | 0.115 |
-    | opd_rkl | 0.346 | 0.729 | 0.206 | 0.805 | 0.189 |
-    | opsd | 0.170 | 0.562 | 0.193 | 0.816 | 0.068 |
+    | base | 0.297 | 0.701 | 0.188 | 0.820 | 0.189 |
+    | teacher | 0.433 | 0.809 | 0.216 | 0.984 | 0.309 |
+    | sft | 0.202 | 0.751 | 0.479 | 0.461 | 0.051 |
+    | grpo | 0.361 | 0.656 | 0.107 | 0.477 | 0.115 |
+    | opd_rkl | 0.336 | 0.712 | 0.205 | 0.805 | 0.189 |
+    | opsd | 0.173 | 0.538 | 0.177 | 0.816 | 0.068 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.049 [+0.026, +0.073], reverse-KL OPD
-+0.023 [+0.007, +0.042]; two of the six claims decisive, both reproduced (the base overtakes
-GRPO at pass@16, +0.047 [+0.010, +0.083]; on-policy arms retain more than SFT). Seed 1: 5 of
-6 decisive (+ OPSD narrows diversity, entropy-aware OPD keeps more than reverse KL, the
-unlikeliness reward does not raise pass@16). Seed 1 in full and the design run on seed 10:
-benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other numbers.
+(and seven more arms); GRPO above the base at pass@1, +0.064 [+0.047, +0.080], reverse-KL OPD
++0.039 [+0.026, +0.050]; three of the six claims decisive, all reproduced (the base overtakes
+GRPO at pass@16, +0.044 [+0.021, +0.068]; the unlikeliness reward raises pass@16 over GRPO;
+on-policy arms retain more than SFT). Seed 1: 4 of 6 decisive (the crossover, retention, OPSD
+narrows diversity, entropy-aware OPD keeps more than reverse KL). Seed 1 in full and the
+design run on seed 10: benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs
+give other numbers.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
