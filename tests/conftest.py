@@ -19,11 +19,11 @@ if TIER not in TIERS:
     raise RuntimeError(f"JAXPOST_TEST_BACKEND must be one of {TIERS}, got {TIER!r}")
 
 os.environ.setdefault("NO_GCE_CHECK", "true")
-# glibc's malloc on huge pages for the xdist workers and every program a test starts, as the
-# experiment mains give themselves (jaxpost.hostmem; JAXPOST_HUGE_PAGES=0 keeps the defaults)
-from jaxpost import hostmem  # noqa: E402  (imports nothing heavy)
-
-os.environ.update(hostmem.environ())
+# glibc's default malloc, not the huge pages the experiment mains give themselves
+# (jaxpost.hostmem), for the workers and every program a test starts: the suite compiles far
+# more than it runs, and a compile-bound run is slower on them (2026-12-05, the 2-core CPU: the
+# README's six-arm --mini command 100 s with them, 86 s without)
+os.environ.setdefault("JAXPOST_HUGE_PAGES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if TIER == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
