@@ -9,7 +9,8 @@ honoured when the kernel's THP mode is `madvise` or `always`), which turns 512 o
 into one: on the project's 2-core AMD EPYC Zen 3 CPU (2026-12-05) the README's main command
 took 715 s instead of 862 s, 3.4 M page faults instead of 141 M, with the same numbers
 (benchmarks/paradigms_budget.md). The numbers computed do not change: only where the buffers
-live.
+live. A run that mostly compiles is slower on them (the README's six-arm `--mini` command 100 s
+against 86 s, same machine and day), which is why the test suite keeps the defaults.
 
 glibc reads the tunable once, when a process starts, so it is set in the environment of the
 processes jaxpost starts (`environ`), and an experiment main restarts itself with it once
