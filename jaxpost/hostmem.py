@@ -61,12 +61,13 @@ def environ(env=None) -> dict[str, str]:
 def reexec() -> None:
     """Restart this process (same interpreter, arguments and pid) with the tunable, once; a
     no-op where it is set already or not supported, or if the restart itself fails."""
-    if active() or not supported():
+    env = environ()
+    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):  # nothing to add
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
         # the restarted process finds the tunable set: it goes on without restarting again
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ())
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except (OSError, ValueError):  # no interpreter path to restart (an embedded Python)
         pass
