@@ -23,6 +23,7 @@ share of the step's token slots that hold padding (work the floor counts as usef
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -60,34 +61,36 @@ def flops(spec) -> int:
 
 
 def matmul_chain(trained, frozen):
-    """A jitted function of random operands running each trained dot forward and backward
-    (its two gradient dots) and each frozen dot forward, in sequence: each dot waits for the
-    one before it (an optimization barrier, no arithmetic), as a model's dots wait for their
-    inputs, so XLA's runtime cannot overlap dots the step could not overlap either. Returns a
-    callable that runs it once."""
+    """A jitted function of random operands running the frozen dots forward, then each trained
+    dot forward, then each trained dot's two gradient dots in reverse order, as a step runs a
+    teacher's forward, the student's forward and its backward. Each dot waits for the one before
+    it (an optimization barrier, no arithmetic; a trained dot's two gradient dots wait for the
+    pair before them and not for each other), as a model's dots wait for their inputs, so XLA's
+    runtime cannot overlap dots the step could not overlap either. Every dot's result is
+    returned, so none is dead code that XLA could drop. Returns a callable that runs it once
+    (a `functools.partial` of the jitted function and its operands)."""
     keys = iter(jax.random.split(jax.random.key(0), 3 * (len(trained) + len(frozen))))
 
     def operands(spec):
         return [(jax.random.normal(next(keys), (b, m, k)), jax.random.normal(next(keys), (b, k, n)),
                  jax.random.normal(next(keys), (b, m, n))) for b, m, k, n in spec]  # fmt: skip
 
-    ops_t, ops_f = operands(trained), operands(frozen)
+    def chain(ops_t, ops_f):
+        results, prev = [], jnp.zeros(())
 
-    def loss(pairs, ops_f):
-        total, prev = 0.0, jnp.zeros(())
-        for (a, b), (_, _, cot) in zip(pairs, ops_t):
-            a, _ = jax.lax.optimization_barrier((a, prev))
-            prev = jnp.matmul(a, b)
-            total += jnp.vdot(prev, cot)
-        for a, b, cot in ops_f:
-            a, _ = jax.lax.optimization_barrier((a, prev))
-            prev = jax.lax.stop_gradient(jnp.matmul(a, b))
-            total += jnp.vdot(prev, cot)
-        return total
+        def after(x):  # x, released once `prev` is computed; `prev` kept as a result
+            x, kept = jax.lax.optimization_barrier((x, prev))
+            results.append(kept)
+            return x
 
-    fn = jax.jit(jax.grad(loss))
-    args = ([(a, b) for a, b, _ in ops_t], ops_f)
-    return lambda: fn(*args)
+        for a, b, _ in [*ops_f, *ops_t]:  # forward: y = a @ b
+            prev = jnp.matmul(after(a), b)
+        for a, b, cot in reversed(ops_t):  # backward: da = cot @ b^T, db = a^T @ cot
+            cot = after(cot)
+            prev = (jnp.einsum("bmn,bkn->bmk", cot, b), jnp.einsum("bmk,bmn->bkn", a, cot))
+        return results, prev
+
+    return functools.partial(jax.jit(chain), operands(trained), operands(frozen))
 
 
 def shapes(config_variant: str, overrides: str = ""):

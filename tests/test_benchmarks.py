@@ -44,3 +44,23 @@ def test_bench_kernels_topk_prints_the_teacher_memory_lines():
         assert top["ratio_to_full"] == pytest.approx(
             (top["teacher_bytes"] + top["temp_bytes"]) / (full["teacher_bytes"] + full["temp_bytes"]),
             abs=1e-4)  # fmt: skip
+
+
+def test_bench_train_floor_runs_every_dot_it_counts():
+    # The floor must execute what model_flops counts: three dots per trained dot (forward and
+    # two gradients), one per frozen dot. A chain whose results are unused is dead code XLA
+    # drops (an earlier chain ran only the gradient dots: 2/3 of the sft floor's FLOPs, 1/2 of
+    # opd's), which makes the floor look faster than any step could be.
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("bench_train", f"{ROOT}/scripts/bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    trained = [(1, 64, 16, 32), (1, 64, 32, 16), (4, 32, 8, 32)]
+    frozen = [(1, 64, 16, 32), (4, 32, 8, 32)]
+    chain = bench_train.matmul_chain(trained, frozen)
+    hlo = chain.func.lower(*chain.args).compile().as_text()
+    assert len(re.findall(r"\bdot\(", hlo)) == 3 * len(trained) + len(frozen)
+    results, (da, db) = chain()
+    assert da.shape == (1, 64, 16) and db.shape == (1, 16, 32)  # the first dot's gradients, last
