@@ -259,3 +259,29 @@ def test_embedding_gradient_holds_no_float32_table():
 
     table_bytes = V * D * 2
     assert temp(embedding.lookup) < 0.2 * table_bytes < temp(lambda t, i: jnp.take(t, i, axis=0))
+
+
+def test_masked_softmax_equals_softmax_and_its_autodiff_gradient():
+    """The attention's softmax (its own VJP from the probabilities) gives jax.nn.softmax's
+    values and autodiff's gradient, masked keys and a row with every key masked included."""
+    from jaxpost.models.transformer import masked_softmax
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):  # float64: the two backwards' arithmetic differs, not their math
+        scores = jnp.asarray(rng.normal(size=(2, 3, 5, 7)) * 4)
+        mask = jnp.asarray(rng.random((2, 1, 5, 7)) < 0.7).at[0, 0, 1].set(False)
+        bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float64).min)
+        weight = jnp.asarray(rng.normal(size=scores.shape))
+
+        def loss(s, softmax):
+            return (softmax(s) * weight).sum()
+
+        ours = lambda s: masked_softmax(s, bias, 0.3)  # noqa: E731
+        ref = lambda s: jax.nn.softmax(s * 0.3 + bias, axis=-1)  # noqa: E731
+        np.testing.assert_array_equal(ours(scores), ref(scores))
+        got, want = jax.grad(loss)(scores, ours), jax.grad(loss)(scores, ref)
+    np.testing.assert_allclose(got, want, atol=1e-12, rtol=1e-10)
+    # a masked key of a row with a real key gets no gradient (the all-masked row is uniform)
+    masked = np.broadcast_to(~np.asarray(mask), got.shape).copy()
+    masked[0, :, 1] = False
+    assert not np.asarray(got)[masked].any()
