@@ -15,8 +15,9 @@ each on its own random operands and each waiting for the one before it, timed in
 process with the runs interleaved.
 `model_flops` counts those dots' FLOPs (2·m·k·n each, padding rows included, attention over
 the full slot width as the model computes it); `model_flops_per_s` divides it by the step's
-median time, `matmul_flops_per_s` by the chain's, and `floor_ratio` = the chain's time / the
-step's: 1.0 would be a step that costs nothing beyond its matmuls. `padding_share` is the
+median time (after `--warmup` untimed rounds), `matmul_flops_per_s` by the chain's, and
+`floor_ratio` = the chain's time / the step's: 1.0 would be a step that costs nothing beyond
+its matmuls. `padding_share` is the
 share of the step's token slots that hold padding (work the floor counts as useful).
 """
 
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--objectives", default="sft,grpo,opd")
     ap.add_argument("--overrides", default="", help="more model overrides, e.g. scan_layers=0")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds before the timed ones")
     ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     args = ap.parse_args(argv)
 
@@ -178,12 +180,16 @@ def main(argv=None) -> None:
                           flops=3 * flops(trained) + flops(teacher), times=([], []),
                           shape=dict(rows=int(batch.tokens.shape[0]) if name == "sft" else rows,
                                      slots=width if name == "sft" else P + M))  # fmt: skip
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every run alike
+    # Interleaved, so drift in machine load hits every run alike. The first rounds after
+    # compiling run 2-3x slower (the allocator faulting in fresh buffers; 2026-12-05, AMD EPYC
+    # Zen 5 2-core): untimed warm-up rounds keep them out of the medians.
+    for round_ in range(args.warmup + args.repeats):
         for r in runs.values():
             for i, fn in enumerate((r["step"], r["chain"])):
                 start = time.perf_counter()
                 jax.block_until_ready(fn())
-                r["times"][i].append(time.perf_counter() - start)
+                if round_ >= args.warmup:
+                    r["times"][i].append(time.perf_counter() - start)
     for name, r in runs.items():
         step_s, chain_s = (statistics.median(t) for t in r["times"])
         line = {"bench": "train_floor", "objective": name, "variant": args.variant or "builtin",
