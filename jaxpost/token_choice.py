@@ -37,26 +37,48 @@ class Static:
 def truncate(scaled_NxV, s: Static, top_p):
     """Logits of the sampling distribution: top-k then top-p (nucleus) truncation, -inf outside.
 
-    Top-p keeps the smallest set of most likely tokens whose probability reaches p: a token is kept
-    when the mass strictly before it (in descending order) is below p, so the top token always is.
+    Top-p keeps a token when the mass of the tokens strictly more likely than it is below p, so
+    the top token always is: the smallest set of most likely tokens whose probability reaches p,
+    with tokens of equal probability kept or dropped together (a sort would keep the first of
+    them by index). No sort of the vocabulary: `nucleus_floor` finds the least kept probability.
     """
     neg_inf = jnp.float32(-jnp.inf)
     if s.top_k is not None and s.top_k < scaled_NxV.shape[-1]:
         kth = jax.lax.top_k(scaled_NxV, s.top_k)[0][:, -1:]
         scaled_NxV = jnp.where(scaled_NxV >= kth, scaled_NxV, neg_inf)
     if s.use_top_p:
-        order = jnp.argsort(-scaled_NxV, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled_NxV, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p
-        keep = (
-            jnp.zeros_like(keep_sorted)
-            .at[jnp.arange(order.shape[0])[:, None], order]
-            .set(keep_sorted)
-        )
+        probs = jax.nn.softmax(scaled_NxV, axis=-1)
+        keep = probs >= nucleus_floor(probs, top_p)[:, None]
         scaled_NxV = jnp.where(keep, scaled_NxV, neg_inf)
     return scaled_NxV
+
+
+def nucleus_floor(probs_NxV, top_p):
+    """Per row, the least probability x whose mass above, Σ_j p_j·[p_j > x], is below `top_p`:
+    top-p keeps exactly the tokens with p >= x.
+
+    The mass above x only falls as x grows, and non-negative float32s order as their bit
+    patterns, so a bisection over the bits finds x exactly in 31 passes over the row (each a
+    compare and a sum), where a sort of a V-token row costs V·log V comparisons run one by one
+    on XLA:CPU."""
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)  # noqa: E731
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def mass_above_is_small(x_bits):  # [N] int32 -> [N] bool
+        x = jax.lax.bitcast_convert_type(x_bits, jnp.float32)[:, None]
+        return jnp.sum(jnp.where(probs_NxV > x, probs_NxV, 0.0), axis=-1) < top_p
+
+    def halve(_, lo_hi):  # invariant: hi holds; lo fails, or is -1 (below 0.0)
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        open_ = hi - lo > 1  # converged rows stay put
+        ok = mass_above_is_small(mid)
+        return jnp.where(open_ & ~ok, mid, lo), jnp.where(open_ & ok, mid, hi)
+
+    hi = bits(jnp.max(probs_NxV, axis=-1))  # no mass lies above the largest: it holds
+    lo = jnp.full_like(hi, -1)
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))  # bits(1.0) < 2^30: 31 halvings suffice
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def choose(logits_NxV, keys_N, s: Static, temperature, top_p):

@@ -17,8 +17,8 @@ process with the runs interleaved.
 the full slot width as the model computes it); `model_flops_per_s` divides it by the step's
 median time (after `--warmup` untimed rounds), `matmul_flops_per_s` by the chain's, and
 `floor_ratio` = the chain's time / the step's: 1.0 would be a step that costs nothing beyond
-its matmuls. `padding_share` is the
-share of the step's token slots that hold padding (work the floor counts as useful).
+its matmuls. `padding_share` is the share of the step's token slots that hold padding (work the
+floor counts as useful).
 """
 
 from __future__ import annotations

@@ -230,3 +230,35 @@ def test_evaluation_chunks_are_even_and_one_program(monkeypatch):
     assert chunked.tokens.shape == (10, 4) and chunked.answer_ok.shape == (5, 2)
     prompts = [tok.encode(task.render_prompt(p), add_bos=True) for p in problems]
     assert chunked.prompts == prompts
+
+
+@pytest.mark.parametrize("vocab", [7, 99, 4096])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_nucleus_without_a_sort_keeps_what_the_sorted_cumsum_keeps(vocab, top_p):
+    from jaxpost import token_choice
+
+    rng = np.random.default_rng(vocab)
+    z = rng.normal(size=(16, vocab)) * rng.uniform(0.1, 5, (16, 1))  # flat to peaked rows
+    z[0, : vocab // 2] = -np.inf  # a row top-k truncated first
+    probs = jax.nn.softmax(jnp.asarray(z, jnp.float32), axis=-1)
+    got = np.asarray(probs >= token_choice.nucleus_floor(probs, top_p)[:, None])
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.zeros_like(got)
+    for r in range(len(p)):  # the definition: sorted descending, mass before the token < p
+        order = np.argsort(-p[r], kind="stable")
+        want[r, order[np.cumsum(p[r][order]) - p[r][order] < top_p]] = True
+    np.testing.assert_array_equal(got, want)
+
+
+def test_nucleus_keeps_or_drops_tokens_of_equal_probability_together():
+    from jaxpost import token_choice
+
+    probs = jnp.asarray([[0.3, 0.3, 0.2, 0.2], [0.4, 0.2, 0.2, 0.2]], jnp.float32)
+    # (a sort keeps the first of equal tokens by index: [1, 0, 0, 0] and [1, 0, 0, 0] at 0.3,
+    # [1, 1, 0, 0] and [1, 1, 0, 0] at 0.5, [1, 1, 1, 0] and [1, 1, 1, 0] at 0.7)
+    for top_p, want in [(0.3, [[1, 1, 0, 0], [1, 0, 0, 0]]),
+                        (0.5, [[1, 1, 0, 0], [1, 1, 1, 1]]),
+                        (0.7, [[1, 1, 1, 1], [1, 1, 1, 1]])]:
+        got = probs >= token_choice.nucleus_floor(probs, top_p)[:, None]
+        np.testing.assert_array_equal(np.asarray(got, int), want, err_msg=f"top_p {top_p}")

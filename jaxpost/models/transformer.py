@@ -159,34 +159,30 @@ def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
     return x_BxTxNxE * cos + rotated * sin
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def masked_softmax(scores, bias, scale: float):
     """softmax(scores · scale + bias) over the last axis, in float32; `bias` (0 or a large
-    negative number, broadcastable to `scores`) carries the mask and gets no gradient.
+    negative number, broadcastable to `scores`) carries the mask.
 
-    The forward is `jax.nn.softmax`'s arithmetic. The backward is the softmax's own, dz =
-    p · (g − Σ p·g), from the probabilities alone, where autodiff of the forward's exp / sum
-    keeps the exponentials and the sums and multiplies by broadcasts of them: on XLA:CPU those
-    broadcasts are materialized as [B, K, G, T, S] operands of the fused dots. The train step
-    at the head-to-head's shapes ran 4–10% faster (benchmarks/paradigms_budget.md, 2026-12-05,
-    fourth session)."""
-    return _masked_softmax_fwd(scores, bias, scale)[0]
-
-
-def _masked_softmax_fwd(scores, bias, scale):
+    The forward is `jax.nn.softmax`'s arithmetic. The derivative is the softmax's own, dp =
+    p · (dz − Σ p·dz), linear in dz given p alone, so the backward (its transpose) reads only
+    the probabilities, where autodiff of the forward's exp / sum keeps the exponentials and the
+    sums and multiplies by broadcasts of them: on XLA:CPU those broadcasts are materialized as
+    [B, K, G, T, S] operands of the fused dots. The train step at the head-to-head's shapes ran
+    3–10% faster (AMD EPYC Zen 5 2-core CPU, 2026-12-05; benchmarks/paradigms_budget.md). A
+    JVP rather than a VJP, so remat policies and the layer scan treat it as any other op."""
     z = scores * scale + bias
     e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-    p = e / jnp.sum(e, axis=-1, keepdims=True)
-    return p, (p, bias)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-def _masked_softmax_bwd(scale, residuals, g):
-    p, bias = residuals
-    dz = p * (g - jnp.sum(p * g, axis=-1, keepdims=True))
-    return dz * scale, jnp.zeros_like(bias)
-
-
-masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+@masked_softmax.defjvp
+def _masked_softmax_jvp(scale, primals, tangents):
+    scores, bias = primals
+    d_scores, d_bias = tangents
+    p = masked_softmax(scores, bias, scale)
+    dz = d_scores * scale + d_bias
+    return p, p * (dz - jnp.sum(p * dz, axis=-1, keepdims=True))
 
 
 class Attention(nnx.Module):
