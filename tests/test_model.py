@@ -262,8 +262,9 @@ def test_embedding_gradient_holds_no_float32_table():
 
 
 def test_masked_softmax_equals_softmax_and_its_autodiff_gradient():
-    """The attention's softmax (its own VJP from the probabilities) gives jax.nn.softmax's
-    values and autodiff's gradient, masked keys and a row with every key masked included."""
+    """The attention's softmax (its own derivative, from the probabilities) gives
+    jax.nn.softmax's values and autodiff's gradient, masked keys and a row with every key
+    masked included."""
     from jaxpost.models.transformer import masked_softmax
 
     rng = np.random.default_rng(0)
