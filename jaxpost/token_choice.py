@@ -60,7 +60,9 @@ def nucleus_floor(probs_NxV, top_p):
     The mass above x only falls as x grows, and non-negative float32s order as their bit
     patterns, so a bisection over the bits finds x exactly in 31 passes over the row (each a
     compare and a sum), where a sort of a V-token row costs V·log V comparisons run one by one
-    on XLA:CPU."""
+    on XLA:CPU: at 16 rows of 4096 tokens the truncation took 0.42 ms against the sort's 10.1,
+    and generation at top-p 0.9 ran 5747 tokens/s against 1291 (AMD EPYC Zen 5 2-core CPU,
+    2026-12-05; benchmarks/paradigms_budget.md)."""
     bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)  # noqa: E731
     top_p = jnp.asarray(top_p, jnp.float32)
 

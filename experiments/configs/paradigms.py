@@ -13,28 +13,28 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 5a7d70e on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-05,
-otherwise idle): 392 s for the whole README main command (protocol 360 s: base and teacher
-61 s, then 298 s for the eleven arms in two pinned workers with the references' evaluation
-beside them). That run (768 held-out problems x 16 samples, resolution 0.017; diversity = the
+Measured from a clean clone of 68f9442 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-05,
+otherwise idle): 407 s for the whole README main command (protocol 370 s: base and teacher
+63 s, then 307 s for the eleven arms in two pinned workers with the references' evaluation
+beside them). That run (768 held-out problems x 16 samples, resolution 0.018; diversity = the
 chance two correct samples of a problem are different solutions):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.293 | 0.701 | 0.195 | 0.785 | 0.094 |
-    | teacher | 0.472 | 0.797 | 0.212 | 0.977 | 0.299 |
-    | sft | 0.203 | 0.766 | 0.457 | 0.340 | 0.045 |
-    | grpo | 0.376 | 0.634 | 0.084 | 0.609 | 0.123 |
-    | opd_rkl | 0.354 | 0.725 | 0.197 | 0.785 | 0.143 |
-    | opsd | 0.163 | 0.568 | 0.178 | 0.516 | 0.078 |
+    | base | 0.337 | 0.736 | 0.200 | 0.766 | 0.127 |
+    | teacher | 0.472 | 0.811 | 0.217 | 0.996 | 0.275 |
+    | sft | 0.241 | 0.784 | 0.479 | 0.430 | 0.059 |
+    | grpo | 0.410 | 0.681 | 0.093 | 0.711 | 0.143 |
+    | opd_rkl | 0.373 | 0.729 | 0.177 | 0.742 | 0.113 |
+    | opsd | 0.218 | 0.615 | 0.176 | 0.668 | 0.041 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.083 [+0.064, +0.103], reverse-KL OPD
-+0.061 [+0.048, +0.072]; four of the six claims decisive, all reproduced (the base overtakes
-GRPO at pass@16; the unlikeliness reward raises pass@16 over GRPO; on-policy arms retain more
-than SFT; OPSD narrows diversity). Seed 1: 4 of 6 decisive (the crossover, the unlikeliness
-reward, retention, entropy-aware OPD keeps more than reverse KL). On the Zen 3 CPU the tree
-before the softmax change took 845 s. Seed 1 in full, the other runs and the design run on
-seed 10: benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs give other
-numbers, and the claims nearest the resolution change verdict with them.
+(and seven more arms); GRPO above the base at pass@1, +0.073 [+0.057, +0.089], reverse-KL OPD
++0.036 [+0.023, +0.050]; four of the six claims decisive, all reproduced (the base overtakes
+GRPO at pass@16; on-policy arms retain more than SFT; reverse-KL OPD and OPSD narrow
+diversity). Seed 1: 4 of 6 decisive (the crossover, the unlikeliness reward, retention, OPSD
+narrows diversity). On the Zen 3 CPU the tree before the softmax change took 845 s. Seed 1 in
+full, the other runs and the design run on seed 10: benchmarks/paradigms_budget.md. XLA:CPU
+compiles per CPU, so other CPUs give other numbers, and the claims nearest the resolution
+change verdict with them.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
