@@ -74,6 +74,15 @@ def _peaked_model(vocab=12):
     return config, params
 
 
+def _nucleus_reference(p, top_p):
+    """Top-p by its definition, on one row of probabilities: sorted descending, a token is kept
+    when the mass before it is below top_p (ties broken by index)."""
+    order = np.argsort(-p, kind="stable")
+    kept = np.zeros(p.shape, bool)
+    kept[order[np.cumsum(p[order]) - p[order] < top_p]] = True
+    return kept
+
+
 @pytest.mark.parametrize(
     "temperature, top_k, top_p",
     [(1.0, None, None), (0.7, None, None), (1.3, 5, None), (1.0, None, 0.8), (0.9, 6, 0.9)],
@@ -96,12 +105,7 @@ def test_empirical_frequencies_follow_the_sampling_distribution(temperature, top
     if top_p is not None:
         zz = np.where(keep, z, -np.inf)
         p = np.exp(zz - zz.max())
-        p /= p.sum()
-        order = np.argsort(-p)
-        before = np.cumsum(p[order]) - p[order]
-        kept = np.zeros_like(keep)
-        kept[order[before < top_p]] = True
-        keep &= kept
+        keep &= _nucleus_reference(p / p.sum(), top_p)
     probs = np.where(keep, np.exp(z - z.max()), 0.0)
     probs /= probs.sum()
     assert counts[~keep].sum() == 0, "a token outside the truncated support was sampled"
@@ -243,11 +247,7 @@ def test_nucleus_without_a_sort_keeps_what_the_sorted_cumsum_keeps(vocab, top_p)
     probs = jax.nn.softmax(jnp.asarray(z, jnp.float32), axis=-1)
     got = np.asarray(probs >= token_choice.nucleus_floor(probs, top_p)[:, None])
     p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = np.zeros_like(got)
-    for r in range(len(p)):  # the definition: sorted descending, mass before the token < p
-        order = np.argsort(-p[r], kind="stable")
-        want[r, order[np.cumsum(p[r][order]) - p[r][order] < top_p]] = True
+    want = np.stack([_nucleus_reference(row, top_p) for row in p / p.sum(-1, keepdims=True)])
     np.testing.assert_array_equal(got, want)
 
 
