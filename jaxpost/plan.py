@@ -337,10 +337,11 @@ def plan(
         if sample_batch < 1:
             raise UserError(f"sample_batch must be >= 1, got {sample_batch}")
         cache_sh = sharding.cache_shardings(config, mesh, sample_batch, capacity=step.length)
-        kv_shape = (sample_batch, config.n_kv_heads, step.length, config.head_dim)
+        k_shape, v_shape = models.cache_shapes(config, sample_batch, step.length)
         b = np.dtype(config.compute_dtype).itemsize
-        kv = math.prod(cache_sh.k[0].shard_shape(kv_shape)) * b
-        terms["kv_cache"] = config.n_layers * 2 * kv
+        kv = (math.prod(cache_sh.k[0].shard_shape(k_shape))
+              + math.prod(cache_sh.v[0].shard_shape(v_shape))) * b  # fmt: skip
+        terms["kv_cache"] = config.n_layers * kv
         if platform == "cpu":  # the sampler's per-layer slices of the stacked weights
             layers = {"layers": abstract["layers"]}
             terms["decode_weights"] = tree_bytes(layers, {"layers": param_sh["layers"]})

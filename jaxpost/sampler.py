@@ -80,6 +80,17 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+DECODE_SEGMENTS = 4
+
+
+def segment_ends(max_new_bucket: int) -> list[int]:
+    """The step each decode segment ends at: up to `DECODE_SEGMENTS` segments of at least 16
+    steps, the last ending at `max_new_bucket`. More segments attend over fewer empty slots, but
+    each is its own loop in the program (compile time grows with them)."""
+    length = max(16, -(-max_new_bucket // DECODE_SEGMENTS))
+    return [min(end, max_new_bucket) for end in range(length, max_new_bucket + length, length)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate_program(
     s: token_choice.Static, max_new_bucket: int, params, prompt_NxP, prompt_mask_NxP,
@@ -90,7 +101,8 @@ def _generate_program(
     M = max_new_bucket
     positions = models.positions_from_mask(prompt_mask_NxP)
     prompt_lengths = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
-    cache = models.init_cache(config, N, P + M)
+    ends = segment_ends(M)
+    cache = models.init_cache(config, N, P + ends[0])
     # The stacked blocks' weights sliced per layer once, before the decode loop: XLA:CPU copies
     # slices taken inside the loop on every step (~1.5x slower decode, benchmarks/memory.md).
     # It costs a copy of the weights while generating, so accelerators (unmeasured) slice inside.
@@ -101,7 +113,7 @@ def _generate_program(
     )  # fmt: skip
     if guide is not None:
         vcache, vlayers = token_choice.guide_prefill(guide, prompt_NxP, positions, prompt_mask_NxP,
-                                                     P + M)  # fmt: skip
+                                                     P + ends[0])  # fmt: skip
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_N)
     stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
@@ -120,8 +132,8 @@ def _generate_program(
         vcache=vcache if guide is not None else None,
     )
 
-    def cond(st):
-        return (st["step"] < max_new_tokens) & ~jnp.all(st["done"])
+    def cond(st, end):
+        return (st["step"] < jnp.minimum(max_new_tokens, end)) & ~jnp.all(st["done"])
 
     def body(st):
         t = st["step"]
@@ -153,7 +165,16 @@ def _generate_program(
         new["step"] = t + 1
         return new
 
-    out = jax.lax.while_loop(cond, body, state)
+    # Decode in segments, each a loop over a cache that holds only the slots filled by its end,
+    # grown between them: early steps do not attend over the empty rest of the cache.
+    out = state
+    for i, end in enumerate(ends):
+        if i > 0:
+            out["cache"] = models.grow_cache(out["cache"], P + end)
+            if guide is not None:
+                out["vcache"] = models.grow_cache(out["vcache"], out["vcache"].capacity + end
+                                                  - ends[i - 1])  # fmt: skip
+        out = jax.lax.while_loop(functools.partial(cond, end=end), body, out)
     mask = (jnp.arange(M)[None, :] < out["lengths"][:, None]).astype(jnp.int32)
     return (
         out["tokens"],

@@ -303,16 +303,17 @@ def cache_shardings(
 ) -> models.KVCache:
     """Shardings for `models.init_cache(config, batch, capacity)`, as a `KVCache` of them.
 
-    Keys and values [B, K, S, E] (one buffer per layer) split the batch over data x fsdp and the
-    kv heads over tensor, each only where it divides (a single prompt, or K < tensor size, stays
-    replicated on that dim); slots and head_dim are whole on every device.
+    Keys [B, K, E, S] and values [B, K, S, E] (one buffer per layer) split the batch over
+    data x fsdp and the kv heads over tensor, each only where it divides (a single prompt, or
+    K < tensor size, stays replicated on that dim); slots and head_dim are whole on every device.
     """
     capacity = config.max_seq_len if capacity is None else capacity
-    kv_shape = (batch, config.n_kv_heads, capacity, config.head_dim)
-    kv_axes = ("batch", "kv_heads", "cache_length", "head_dim")
-    kv = NamedSharding(mesh, logical_to_spec(kv_axes, mesh, rules, shape=kv_shape))
+    k_shape, v_shape = models.cache_shapes(config, batch, capacity)
+    k = NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "head_dim", "cache_length"),
+                                            mesh, rules, shape=k_shape))  # fmt: skip
+    v = NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "cache_length", "head_dim"),
+                                            mesh, rules, shape=v_shape))  # fmt: skip
     valid = NamedSharding(
         mesh, logical_to_spec(("batch", "cache_length"), mesh, rules, shape=(batch, capacity))
     )
-    layers = (kv,) * config.n_layers
-    return models.KVCache(k=layers, v=layers, valid_BxS=valid)
+    return models.KVCache(k=(k,) * config.n_layers, v=(v,) * config.n_layers, valid_BxS=valid)

@@ -64,3 +64,50 @@ def test_bench_train_floor_runs_every_dot_it_counts():
     assert len(re.findall(r"\bdot\(", hlo)) == 3 * len(trained) + len(frozen)
     results, (da, db) = chain()
     assert da.shape == (1, 64, 16) and db.shape == (1, 16, 32)  # the first dot's gradients, last
+
+
+def test_bench_sampler_floor_streams_each_layers_weights_over_the_samplers_windows():
+    # The floor is the sampler's matmuls with its memory traffic: each layer its own weights (one
+    # set reused by every layer stays in cache and made an earlier floor ~1.3x too fast), keys
+    # laid out [B·K, E, S] as the cache holds them, one window per decode segment.
+    import importlib.util
+
+    from jaxpost import models, sampler
+
+    spec = importlib.util.spec_from_file_location("bench_sampler", f"{ROOT}/scripts/bench_sampler.py")
+    bench_sampler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_sampler)
+    config = models.get_config("tiny")
+    floor = bench_sampler.matmul_floor(config, batch=8, prompt=8, new=64)
+    w, windows, _ = floor.args
+    assert len(w["layers"]) == config.n_layers
+    leaves = [id(x) for layer in w["layers"] for x in layer.values()]
+    assert len(set(leaves)) == len(leaves)
+    K, E = config.n_kv_heads, config.head_dim
+    assert [k.shape for k, _ in windows] == [(config.n_layers, 8 * K, E, 8 + end)
+                                             for end in sampler.segment_ends(64)]  # fmt: skip
+    assert [v.shape for _, v in windows] == [(config.n_layers, 8 * K, 8 + end, E)
+                                             for end in sampler.segment_ends(64)]  # fmt: skip
+    assert floor().shape == (8, config.d_model)
+
+
+@pytest.mark.slow
+def test_bench_sampler_prints_the_summary_it_documents():
+    out = subprocess.run([sys.executable, "scripts/bench_sampler.py", "--layers", "1", "--width",
+                          "64", "--vocab", "128", "--batch", "8", "--prompt", "8", "--new", "24",
+                          "--repeats", "1", "--torch-threads", "1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "NO_GCE_CHECK": "true"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    summary = lines[-1]
+    assert summary["bench"] == "sampler_summary"
+    runs = {x["impl"]: x for x in lines[:-1]}
+    assert set(runs) == {"jaxpost", "floor", "transformers@1"}
+    # (the per-run lines round seconds to 0.1 ms)
+    assert summary["floor_ratio"] == pytest.approx(runs["jaxpost"]["seconds"]
+                                                   / runs["floor"]["seconds"], rel=0.1)  # fmt: skip
+    assert summary["speedup_vs_transformers"] == pytest.approx(
+        runs["jaxpost"]["decode_tokens_per_s"] / runs["transformers@1"]["decode_tokens_per_s"],
+        rel=0.02)  # fmt: skip
+    assert summary["floor_tokens_per_s"] == pytest.approx(runs["floor"]["decode_tokens_per_s"],
+                                                          rel=0.02)  # fmt: skip

@@ -143,11 +143,13 @@ def test_a_zero_guide_draws_the_plain_top_k_samplers_tokens(temperature):
         np.testing.assert_allclose(out.sample_logprobs, plain.sample_logprobs, atol=1e-5)
 
 
-def test_the_guided_samplers_logprobs_are_the_teacher_forced_guided_policys():
+@pytest.mark.parametrize("new", [6, 20])  # 20: two decode segments, both caches grown once
+def test_the_guided_samplers_logprobs_are_the_teacher_forced_guided_policys(new):
     value, eta = _value(scale=2.0), 3.0
     guide = sampler.Guide(CONFIG, value, top_k=K, eta=eta)
-    out = sampler.generate(CONFIG, BASE, PROMPTS, guide=guide, max_new_tokens=6, temperature=0.7,
-                           eos_id=TOK.eos_id, seed=5, num_samples=2, with_entropy=True)  # fmt: skip
+    out = sampler.generate(CONFIG, BASE, PROMPTS, guide=guide, max_new_tokens=new,
+                           temperature=0.7, eos_id=TOK.eos_id, seed=5, num_samples=2,
+                           with_entropy=True)  # fmt: skip
     args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
     logits = qsharp.guided_logits(CONFIG, BASE, value, *args, eta=eta, top_k=K)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -159,8 +161,8 @@ def test_the_guided_samplers_logprobs_are_the_teacher_forced_guided_policys():
     entropy = -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
     np.testing.assert_allclose(np.asarray(out.entropy)[mask], np.asarray(entropy)[mask], atol=1e-4)
     # The guide moves the policy: Q is not constant over the candidates.
-    plain = sampler.generate(CONFIG, BASE, PROMPTS, top_k=K, max_new_tokens=6, temperature=0.7,
-                             eos_id=TOK.eos_id, seed=5, num_samples=2)  # fmt: skip
+    plain = sampler.generate(CONFIG, BASE, PROMPTS, top_k=K, max_new_tokens=new,
+                             temperature=0.7, eos_id=TOK.eos_id, seed=5, num_samples=2)  # fmt: skip
     moved = np.abs(np.asarray(plain.sample_logprobs) - np.asarray(out.sample_logprobs))
     assert moved.max() > 0.05
     with pytest.raises(ValueError, match="neither top_k nor top_p"):

@@ -49,14 +49,16 @@ def test_greedy_matches_transformers_generate(case, tmp_path):
             assert len(ours) == len(ref_tokens), (ours, ref_tokens)
 
 
-def test_logprobs_equal_teacher_forced_apply(tmp_path):
+@pytest.mark.parametrize("new", [10, 40])  # 40: four decode segments, the cache grown thrice
+def test_logprobs_equal_teacher_forced_apply(tmp_path, new):
     path, _ = hf_models.save_case("llama_gqa_untied", tmp_path, seed=5)
     config, params = hf.load_hf(path)
+    assert len(sampler.segment_ends(sampler._bucket(new, 16))) == (1 if new == 10 else 4)
     out = sampler.generate(
-        config, params, PROMPTS, max_new_tokens=10, temperature=1.0, eos_id=config.eos_id,
+        config, params, PROMPTS, max_new_tokens=new, temperature=1.0, eos_id=config.eos_id,
         seed=3, num_samples=3, top_k=20, with_entropy=True,
     )  # fmt: skip
-    assert out.tokens.shape == (len(PROMPTS) * 3, 10)
+    assert out.tokens.shape == (len(PROMPTS) * 3, new)
     want = _teacher_forced_logprobs(config, params, out)
     mask = np.asarray(out.mask, bool)
     np.testing.assert_allclose(np.asarray(out.logprobs)[mask], np.asarray(want)[mask], atol=1e-4)
@@ -262,3 +264,50 @@ def test_nucleus_keeps_or_drops_tokens_of_equal_probability_together():
                         (0.7, [[1, 1, 1, 1], [1, 1, 1, 1]])]:
         got = probs >= token_choice.nucleus_floor(probs, top_p)[:, None]
         np.testing.assert_array_equal(np.asarray(got, int), want, err_msg=f"top_p {top_p}")
+
+
+def test_segmented_decode_draws_what_one_segment_draws(monkeypatch):
+    # Decoding in segments over a growing cache changes which slots attention reads, not what
+    # it computes: the empty slots it skips were masked out.
+    config, params = _peaked_model(vocab=40)
+    kw = dict(max_new_tokens=48, temperature=1.0, eos_id=None, seed=7, num_samples=2)
+    runs = []
+    for segments in (1, 4):
+        monkeypatch.setattr(sampler, "DECODE_SEGMENTS", segments)
+        sampler._generate_program.clear_cache()  # the segments are not a jit argument
+        runs.append(sampler.generate(config, params, PROMPTS, **kw))
+    one, four = runs
+    np.testing.assert_array_equal(one.tokens, four.tokens)
+    np.testing.assert_allclose(one.logprobs, four.logprobs, atol=1e-5)
+    sampler._generate_program.clear_cache()
+
+
+def test_segment_ends_cover_the_budget_in_at_most_four_loops():
+    assert sampler.segment_ends(16) == [16]
+    assert sampler.segment_ends(32) == [16, 32]
+    assert sampler.segment_ends(128) == [32, 64, 96, 128]
+    assert sampler.segment_ends(100) == [25, 50, 75, 100]  # generate_rows' unbucketed width
+
+
+def test_token_choice_reductions_are_jax_s_own():
+    # first_argmax, categorical and token_logprob replace jnp.argmax, jax.random.categorical
+    # and log_softmax-then-take: same tokens, same numbers, including ties, infinities and NaN.
+    from jaxpost import token_choice
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 300)).astype(np.float32) * rng.uniform(0.1, 20, (12, 1))
+    x[0] = 1.0  # all tied: the first index
+    x[1, [5, 9]] = 50.0  # a tie at the top
+    x[2, 7] = np.inf
+    x[3, :] = -np.inf
+    x[3, 11] = 0.0  # a masked (top-k / top-p) row
+    x[4, [3, 8]] = np.nan  # the first NaN, as jnp.argmax
+    x = jnp.asarray(x)
+    np.testing.assert_array_equal(token_choice.first_argmax(x), jnp.argmax(x, axis=-1))
+    keys = jax.random.split(jax.random.key(3), 12)
+    rows = np.r_[0:2, 3, 5:12]  # finite rows (inf and NaN make the logprob NaN either way)
+    tokens = token_choice.categorical(keys, x)
+    np.testing.assert_array_equal(tokens, jax.vmap(jax.random.categorical)(keys, x))
+    want = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    got = token_choice.token_logprob(x, tokens)
+    np.testing.assert_allclose(got[rows], want[rows], rtol=0, atol=1e-6)

@@ -130,8 +130,9 @@ def apply(config: ModelConfig, params, tokens_BxL, attention_mask_BxL=None) -> j
 class KVCache:
     """Preallocated keys and values of every layer, plus which slots hold real tokens.
 
-    k, v: tuples over layers of [B, K, S, E] arrays (kv heads before slots, so attention reads the
-    cache without transposing it). One buffer per layer rather than a [n_layers, ...] stack like
+    k, v: tuples over layers of keys [B, K, E, S] and values [B, K, S, E] (kv heads lead and each
+    is laid out as a decode step's attention reads it: scores = q @ keys, out = probs @ values,
+    no transposes; `Attention`). One buffer per layer rather than a [n_layers, ...] stack like
     the parameters: decode updates each in place, one slot per step, and reads it whole (see
     `Transformer.hidden`). valid_BxS: bool, slot holds a real token.
     """
@@ -151,10 +152,40 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> KV
         raise UserError(
             f"cache capacity {capacity} exceeds the model's max_seq_len {config.max_seq_len}"
         )
-    dtype = dtype or config.compute_dtype
-    shape = (batch, config.n_kv_heads, capacity, config.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
-    return KVCache(k=zeros(), v=zeros(), valid_BxS=jnp.zeros((batch, capacity), dtype=bool))
+    return empty_cache(config, batch, capacity, dtype or config.compute_dtype)
+
+
+def cache_shapes(config: ModelConfig, batch: int, capacity: int) -> tuple[tuple, tuple]:
+    """The shapes of one layer's keys [B, K, E, S] and values [B, K, S, E] (`KVCache`)."""
+    K, E = config.n_kv_heads, config.head_dim
+    return (batch, K, E, capacity), (batch, K, capacity, E)
+
+
+def empty_cache(config: ModelConfig, batch: int, capacity: int, dtype) -> KVCache:
+    """A zero cache of `capacity` slots, unchecked against max_seq_len (`init_cache` checks)."""
+    k_shape, v_shape = cache_shapes(config, batch, capacity)
+
+    def zeros(shape):
+        return tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+
+    return KVCache(k=zeros(k_shape), v=zeros(v_shape),
+                   valid_BxS=jnp.zeros((batch, capacity), dtype=bool))  # fmt: skip
+
+
+def grow_cache(cache: KVCache, capacity: int) -> KVCache:
+    """The cache with empty slots appended up to `capacity` (keys and values zero, not valid):
+    one copy, so a decode loop can run on a cache no larger than the slots it fills."""
+    extra = capacity - cache.capacity
+    if extra < 0:
+        raise ValueError(f"cannot grow a cache of {cache.capacity} slots to {capacity}")
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    return KVCache(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
+                   valid_BxS=pad(cache.valid_BxS, 1))  # fmt: skip
 
 
 def layer_params(config: ModelConfig, params) -> tuple:
