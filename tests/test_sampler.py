@@ -178,10 +178,11 @@ def test_shapes_are_bucketed_into_few_programs():
     assert sampler.compiled_program_count() - before == 1
 
 
-def test_batch_sharded_over_a_mesh_gives_the_same_tokens():
+@pytest.mark.parametrize("new", [6, 40])  # 40: the sharded cache grown between segments
+def test_batch_sharded_over_a_mesh_gives_the_same_tokens(new):
     config, params = _peaked_model(vocab=32)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
-    kw = dict(max_new_tokens=6, temperature=1.0, eos_id=None, seed=2, num_samples=3)
+    kw = dict(max_new_tokens=new, temperature=1.0, eos_id=None, seed=2, num_samples=3)
     plain = sampler.generate(config, params, PROMPTS, **kw)
     sharded = sampler.generate(config, params, PROMPTS, mesh=mesh, **kw)
     np.testing.assert_array_equal(plain.tokens, sharded.tokens)

@@ -233,12 +233,10 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
 
-        # Values live as [B, K, S, E]: batch dims (B, K) lead and E is contiguous, the layout
-        # XLA's dot wants, so attention over a long cache never transposes it. Keys do too
-        # without a cache (training); a cache holds them as [B, K, E, S], slots contiguous, so
-        # a decode step's scores are [G, E] @ [E, S] per (row, kv head): on XLA:CPU a decode
-        # step's attention ran 1.9x faster so, and generation 8% faster (AMD EPYC Zen 5 2-core
-        # CPU, 2026-12-06; benchmarks/paradigms_budget.md).
+        # Values live as [B, K, S, E] (batch dims lead, E contiguous: the layout XLA's dot
+        # wants), keys too without a cache (training). A cache holds keys as [B, K, E, S], so a
+        # decode step's scores are [G, E] @ [E, S] per (row, kv head): generation 8% faster on
+        # XLA:CPU (Zen 5 2-core CPU, 2026-12-06; benchmarks/paradigms_budget.md).
         v = jnp.swapaxes(v, 1, 2)
         new_cache = None
         if cache is None:
@@ -246,12 +244,10 @@ class Attention(nnx.Module):
             spec = "bkqe,bkse->bkqs"
         else:
             k_cache, v_cache = cache
-            k = jax.lax.dynamic_update_slice(
-                k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, cache_index)
-            )
-            v = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0)
-            )
+            k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(
+                k_cache.dtype), (0, 0, 0, cache_index))  # fmt: skip
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                             (0, 0, cache_index, 0))  # fmt: skip
             new_cache = (k, v)
             spec = "bkqe,bkes->bkqs"
 
@@ -348,7 +344,7 @@ class Transformer(nnx.Module):
     def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, caches=None, cache_index=None,
                layers=None):  # fmt: skip
         """Final-normed hidden states [B, T, D] and, with `caches` (one (k, v) pair per layer,
-        each [B, K, S, E]), the updated caches.
+        keys [B, K, E, S], values [B, K, S, E]), the updated caches.
 
         Without caches (training, teacher forcing) the blocks run as `config.scan_layers` says,
         under the remat policy. With caches (prefill and decode) they always run as a Python
