@@ -214,7 +214,7 @@ def main() -> None:
 
     for name, times in runs.items():
         for i, t in enumerate(times):
-            emit({"bench": "sampler", "impl": name, "repeat": i, "seconds": round(t, 4),
+            emit({"bench": "sampler", "impl": name, "repeat": i, "seconds": round(t, 6),
                   "decode_tokens_per_s": round(new_tokens / t, 1), **common})  # fmt: skip
     jax_s = statistics.median(runs["jaxpost"])
     jax_tps = new_tokens / jax_s
