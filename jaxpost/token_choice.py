@@ -245,8 +245,7 @@ def choose_guided(logits_NxV, keys_N, s: Static, temperature, guide: Guide, cach
         sampling = jnp.full_like(logits_NxV, -jnp.inf).at[rows, idx].set(sampling_k)
         token = categorical(keys_N, sampling)
         j = jnp.argmax(idx == token[:, None], axis=-1)
-        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(sampling_k, axis=-1), j[:, None],
-                                        axis=-1)[:, 0]  # fmt: skip
+        sample_lp = token_logprob(sampling_k, j)
     policy_lp = jnp.take_along_axis(policy_k, j[:, None], axis=-1)[:, 0]
     entropy = None
     if s.with_entropy:  # 0·log 0 = 0 where a top-k logit is −inf (a masked vocabulary)
