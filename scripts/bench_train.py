@@ -113,17 +113,13 @@ def shapes(config_variant: str, overrides: str = ""):
     return c, student, examples, prompts
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", default="", help="experiments/configs/paradigms.py variant")
-    ap.add_argument("--objectives", default="sft,grpo,opd")
-    ap.add_argument("--overrides", default="", help="more model overrides, e.g. scan_layers=0")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds before the timed ones")
-    ap.add_argument("--out", default=None, help="also append every JSON line to this file")
-    args = ap.parse_args(argv)
-
-    c, student, examples, prompts = shapes(args.variant, args.overrides)
+def prepare(variant: str = "", overrides: str = "", objectives=("sft", "grpo", "opd")):
+    """The variant's student config and, per objective, its compiled train step at the
+    head-to-head's shapes: {name: dict(step=a no-argument callable running one step and
+    returning the loss, compile_s, trained/teacher dot specs, real (non-padding share), shape)}.
+    The step is `train.make_step` on the objective, AdamW, its state donated (a fresh state per
+    objective, carried from call to call)."""
+    c, student, examples, prompts = shapes(variant, overrides)
     cfg, params = student.config, student.params
     rng = np.random.default_rng(0)
     optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-4, warmup_steps=5,
@@ -133,7 +129,7 @@ def main(argv=None) -> None:
     M = c.arm.max_new_tokens
     width = data.pair_width(examples)
     runs = {}
-    for name in args.objectives.split(","):
+    for name in objectives:
         if name == "sft":
             if c.base.pack:  # the base's packed rows (data.pack_plan), its 10th step
                 packed = data.pack_plan([len(p) + len(q) for p, q in examples],
@@ -173,13 +169,29 @@ def main(argv=None) -> None:
 
         start = time.perf_counter()
         jax.block_until_ready(run_step())
-        compile_s = time.perf_counter() - start
-        chain = matmul_chain(trained, teacher)
-        jax.block_until_ready(chain())
-        runs[name] = dict(step=run_step, chain=chain, compile_s=compile_s, real=real,
-                          flops=3 * flops(trained) + flops(teacher), times=([], []),
+        runs[name] = dict(step=run_step, compile_s=time.perf_counter() - start, trained=trained,
+                          teacher=teacher, real=real,
                           shape=dict(rows=int(batch.tokens.shape[0]) if name == "sft" else rows,
                                      slots=width if name == "sft" else P + M))  # fmt: skip
+    return c, cfg, runs
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="", help="experiments/configs/paradigms.py variant")
+    ap.add_argument("--objectives", default="sft,grpo,opd")
+    ap.add_argument("--overrides", default="", help="more model overrides, e.g. scan_layers=0")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds before the timed ones")
+    ap.add_argument("--out", default=None, help="also append every JSON line to this file")
+    args = ap.parse_args(argv)
+
+    _, cfg, runs = prepare(args.variant, args.overrides, args.objectives.split(","))
+    for r in runs.values():
+        r["chain"] = matmul_chain(r["trained"], r["teacher"])
+        jax.block_until_ready(r["chain"]())
+        r["flops"] = 3 * flops(r["trained"]) + flops(r["teacher"])
+        r["times"] = ([], [])
     # Interleaved, so drift in machine load hits every run alike. The first rounds after
     # compiling run 2-3x slower (the allocator faulting in fresh buffers; 2026-12-05, AMD EPYC
     # Zen 5 2-core): untimed warm-up rounds keep them out of the medians.

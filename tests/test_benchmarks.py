@@ -110,3 +110,34 @@ def test_bench_sampler_prints_the_summary_it_documents():
         rel=0.02)  # fmt: skip
     assert summary["floor_tokens_per_s"] == pytest.approx(runs["floor"]["decode_tokens_per_s"],
                                                           rel=0.02)  # fmt: skip
+
+
+def _profile_ops(*args):
+    out = subprocess.run([sys.executable, "scripts/profile_ops.py", *args, "--runs", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NO_GCE_CHECK": "true"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+
+
+@pytest.mark.slow
+def test_profile_ops_joins_the_samplers_thunks_to_its_hlo():
+    lines = _profile_ops("sampler", "--layers", "2", "--width", "64", "--vocab", "128",
+                         "--batch", "8", "--prompt", "8", "--new", "16", "--top", "0")  # fmt: skip
+    *rows, summary = lines
+    assert summary["bench"] == "profile_ops_summary" and "generate_program" in summary["module"]
+    assert summary["groups"] == len(rows) and summary["ops_per_run"] > 16  # a step is many ops
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=0.01)
+    assert summary["op_ms_per_run"] == pytest.approx(sum(r["us_per_run"] for r in rows) / 1e3,
+                                                     rel=0.01)  # fmt: skip
+    # the LM head: 8 rows against the tied [128, 64] table, once per decode step and prefill
+    head = [r for r in rows if "f32[8,128] = f32[8,64] x f32[128,64]" in r["op"]]
+    assert head and sum(r["calls_per_run"] for r in head) == 16 + 1
+    assert all(r["us_per_step"] == pytest.approx(r["us_per_run"] / 16, abs=0.01) for r in rows)
+
+
+@pytest.mark.slow
+def test_profile_ops_profiles_a_train_step():
+    *rows, summary = _profile_ops("sft", "--variant", "tiny", "--top", "5")
+    assert len(rows) == 5 and summary["target"] == "sft" and "jit_step" in summary["module"]
+    assert rows == sorted(rows, key=lambda r: -r["us_per_run"])
