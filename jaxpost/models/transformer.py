@@ -29,13 +29,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxpost.models import embedding
 from jaxpost.models.configs import ModelConfig
 from jaxpost.models.partitioning import with_logical_constraint
+from jaxpost.models.rope import apply_rope, rope_inv_freq, rope_table
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
 
@@ -128,37 +128,6 @@ class RMSNorm(nnx.Module):
         return scale * normed.astype(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse rotary frequencies [E/2] in float32, with Llama-3 scaling when configured."""
-    dim = config.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    # Long wavelengths (low frequencies) are stretched by `factor`; short ones kept.
-    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
-    """Rotate-half rotary embedding: x·cos + rotate_half(x)·sin, angles = position · inv_freq."""
-    angles = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # B,T,1,E
-    cos, sin = jnp.cos(angles).astype(x_BxTxNxE.dtype), jnp.sin(angles).astype(x_BxTxNxE.dtype)
-    half = x_BxTxNxE.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxE[..., half:], x_BxTxNxE[..., :half]], axis=-1)
-    return x_BxTxNxE * cos + rotated * sin
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def masked_softmax(scores, bias, scale: float):
     """softmax(scores · scale + bias) over the last axis, in float32; `bias` (0 or a large
@@ -229,9 +198,10 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)[None, None]
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(c)
-        q = apply_rope(q, positions_BxT, inv_freq)
-        k = apply_rope(k, positions_BxT, inv_freq)
+        # Positions lie in [0, T) without a cache, in [0, S) with one (S its slots).
+        table = rope_table(rope_inv_freq(c), x.shape[1] if cache is None else cache[0].shape[-1])
+        q = apply_rope(q, positions_BxT, table)
+        k = apply_rope(k, positions_BxT, table)
 
         # Values live as [B, K, S, E] (batch dims lead, E contiguous: the layout XLA's dot
         # wants), keys too without a cache (training). A cache holds keys as [B, K, E, S], so a
