@@ -29,18 +29,24 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train's step builder
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+from jaxpost import hostmem  # noqa: E402
+
+hostmem.reexec()  # the allocator the benchmarks run with, before the dump directory exists
 
 _DUMP = tempfile.mkdtemp(prefix="profile_ops_hlo_")
 if "--help" not in sys.argv and "-h" not in sys.argv:  # before JAX reads its flags
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text"]
     ).strip()
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train's step builder
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-os.environ.setdefault("NO_GCE_CHECK", "true")
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$")
@@ -208,12 +214,16 @@ def main(argv=None) -> None:
     for _ in range(2):
         jax.block_until_ready(run())
     trace_dir = tempfile.mkdtemp(prefix="profile_ops_trace_")
-    with jax.profiler.trace(trace_dir):
-        start = time.perf_counter()
-        for _ in range(args.runs):
-            jax.block_until_ready(run())
-        wall = (time.perf_counter() - start) / args.runs
-    rows, summary = op_table(*trace_events(trace_dir), args.runs, steps)
+    try:
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            for _ in range(args.runs):
+                jax.block_until_ready(run())
+            wall = (time.perf_counter() - start) / args.runs
+        rows, summary = op_table(*trace_events(trace_dir), args.runs, steps)
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        shutil.rmtree(_DUMP, ignore_errors=True)
     common = {"target": args.target, **shape, "backend": jax.default_backend()}
     lines = [{"bench": "profile_ops", **common, **row} for row in rows[: args.top or None]]
     lines.append({"bench": "profile_ops_summary", **common,

@@ -4,7 +4,7 @@ The rotation's cos and sin depend only on the position, so they are computed onc
 positions [0, length) a call can hold and gathered per token, rather than evaluated per token,
 head and layer: XLA fuses the transcendentals into every q and k fusion that consumes them, and
 those fusions took ~14% of the head-to-head's SFT step. Read from a table the sft, grpo and opd
-steps ran 11–12% faster (AMD EPYC Zen 5 2-core CPU, 2026-12-06; benchmarks/paradigms_budget.md).
+steps ran 10–14% faster (AMD EPYC Zen 5 2-core CPU, 2026-12-06; benchmarks/paradigms_budget.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 def rope_table(inv_freq, length: int) -> tuple[jax.Array, jax.Array]:
     """cos and sin of angle = position · inv_freq for positions [0, length), each [length, E]
     float32 (the E/2 angles twice, as rotate-half pairs them). The angle is the float32 product
-    a per-token evaluation computes, so the table holds the same numbers."""
+    a per-token evaluation computes; cos and sin of it may differ in the last bit from a
+    per-token evaluation's, as XLA may fold the table at compile time (logprobs moved by up to
+    1.4e-6 in the sampler, 2026-12-06)."""
     angles = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)[None]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
