@@ -17,6 +17,10 @@ the sampler, `us_per_step` (per decode step). A summary line ends it: `wall_ms_p
 `op_ms_per_run` (summed over threads: above the wall time where ops ran side by side),
 `ops_per_run`, `groups`, and `library_share` (time in YNNPACK/XNNPACK fusions).
 
+An op's time is its event's wall time on its thread: it includes time the thread waited on a
+thread pool or was descheduled while other threads (XLA's, YNNPACK's) had the cores, so a cheap
+op beside busy ones can read long, and the summed op time can exceed the wall time. Read the
+big groups, and confirm a lead by timing the program with and without the change.
 Made for XLA:CPU (its thunks are the trace's events); on a GPU the events are kernels, named
 differently, and few will match. Times are this machine's: compare programs in one process.
 """
