@@ -208,8 +208,8 @@ def main(argv=None) -> None:
                 **r["shape"], "d_model": cfg.d_model, "layers": cfg.n_layers,
                 "vocab": cfg.vocab_size, "scan_layers": cfg.scan_layers,
                 "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                "compile_s": round(r["compile_s"], 2), "step_s": round(step_s, 5),
-                "matmul_s": round(chain_s, 5), "model_flops": r["flops"],
+                "compile_s": round(r["compile_s"], 2), "step_s": round(step_s, 7),
+                "matmul_s": round(chain_s, 7), "model_flops": r["flops"],
                 "model_flops_per_s": round(r["flops"] / step_s), "matmul_flops_per_s":
                 round(r["flops"] / chain_s), "floor_ratio": round(chain_s / step_s, 3),
                 "padding_share": round(1 - r["real"], 3)}  # fmt: skip
