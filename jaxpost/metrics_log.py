@@ -215,3 +215,12 @@ class DeferredMetrics:
 
 
 __all__ = ["METRICS_FILE", "DeferredMetrics", "MetricsWriter", "read_metrics"]
+
+
+def print_json_line(record: dict, out: str | os.PathLike | None = None) -> None:
+    """Print one JSON line (a benchmark's result) and, given `out`, append it to that file."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")

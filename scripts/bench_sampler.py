@@ -24,7 +24,6 @@ times jaxpost alone.
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import tempfile
@@ -121,15 +120,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from jaxpost import sampler
+    from jaxpost import metrics_log, sampler
     from jaxpost.models import hf
 
     def emit(record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        metrics_log.print_json_line(record, args.out)
 
     device = args.torch_device
     if device == "auto":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpost import data, inputs, losses, train  # noqa: E402
+from jaxpost import data, inputs, losses, metrics_log, train  # noqa: E402
 
 
 def dots(config, rows: int, length: int, head_rows: int) -> list[tuple[int, int, int, int]]:
@@ -213,10 +212,7 @@ def main(argv=None) -> None:
                 "model_flops_per_s": round(r["flops"] / step_s), "matmul_flops_per_s":
                 round(r["flops"] / chain_s), "floor_ratio": round(chain_s / step_s, 3),
                 "padding_share": round(1 - r["real"], 3)}  # fmt: skip
-        print(json.dumps(line), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        metrics_log.print_json_line(line, args.out)
 
 
 if __name__ == "__main__":

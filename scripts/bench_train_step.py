@@ -17,7 +17,6 @@ estimate of useful work, not of what the device executes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,16 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpost import data, models, train  # noqa: E402
-
-
-def emit(record: dict, out: str | None) -> None:
-    """Print one JSON line; also append it to ``out`` when given."""
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
+from jaxpost import data, metrics_log, models, train  # noqa: E402
 
 
 def flops_per_token(config: models.ModelConfig, seq_len: int) -> int:
@@ -107,7 +97,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     memory = compiled.memory_analysis()
     stats = device.memory_stats() or {}  # None on CPU
-    emit({
+    metrics_log.print_json_line({
         "bench": "train_step", "objective": "sft", "model": args.model,
         "layers": config.n_layers, "remat": config.remat, "dtype": config.dtype,
         "param_dtype": config.param_dtype, "batch": args.batch, "seq_len": args.seq_len,

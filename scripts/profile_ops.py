@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import shutil
@@ -214,6 +213,8 @@ def main(argv=None) -> None:
 
     import jax
 
+    from jaxpost import metrics_log
+
     run, shape, steps = (sampler_target if args.target == "sampler" else step_target)(args)
     for _ in range(2):
         jax.block_until_ready(run())
@@ -233,10 +234,7 @@ def main(argv=None) -> None:
     lines.append({"bench": "profile_ops_summary", **common,
                   "wall_ms_per_run": round(wall * 1e3, 3), **summary})  # fmt: skip
     for line in lines:
-        print(json.dumps(line), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        metrics_log.print_json_line(line, args.out)
 
 
 if __name__ == "__main__":
