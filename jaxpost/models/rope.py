@@ -1,10 +1,11 @@
 """Rotary position embeddings: the inverse frequencies, and cos/sin read from a table.
 
 The rotation's cos and sin depend only on the position, so they are computed once for the
-positions [0, length) a call can hold and gathered per token, rather than evaluated per token,
-head and layer: XLA fuses the transcendentals into every q and k fusion that consumes them, and
-those fusions took ~14% of the head-to-head's SFT step. Read from a table the sft, grpo and opd
-steps ran 10–14% faster (AMD EPYC Zen 5 2-core CPU, 2026-12-06; benchmarks/paradigms_budget.md).
+positions [0, length) a call can hold and gathered per token once per forward pass
+(`rotation`, shared by every layer), rather than evaluated per token, head and layer: XLA fuses
+the transcendentals into every q and k fusion that consumes them, and those fusions took ~14%
+of the head-to-head's SFT step. Read from a table the sft, grpo and opd steps ran 10–14% faster
+(AMD EPYC Zen 5 2-core CPU, 2026-12-06; benchmarks/paradigms_budget.md).
 """
 
 from __future__ import annotations
@@ -50,15 +51,18 @@ def rope_table(inv_freq, length: int) -> tuple[jax.Array, jax.Array]:
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BxTxNxE, positions_BxT, table):
-    """Rotate-half rotary embedding: x·cos + rotate_half(x)·sin, cos and sin of each token's
-    position read from `table` (`rope_table`). A position outside the table reads NaN, so the
-    outputs say so rather than wrapping to a wrong angle."""
-    cos, sin = (
-        jnp.take(t, positions_BxT, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None, :]
-        .astype(x_BxTxNxE.dtype)
-        for t in table
-    )
+def rotation(table, positions_BxT) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, E] of each token's position, read from `table` (`rope_table`):
+    gathered once per forward pass and shared by every layer's q and k. A position outside the
+    table reads NaN, so the outputs say so rather than wrapping to a wrong angle."""
+    return tuple(jnp.take(t, positions_BxT, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None]
+                 for t in table)  # fmt: skip
+
+
+def apply_rope(x_BxTxNxE, rotation_BxTx1xE):
+    """Rotate-half rotary embedding: x·cos + rotate_half(x)·sin, with (cos, sin) per token
+    from `rotation`."""
+    cos, sin = (t.astype(x_BxTxNxE.dtype) for t in rotation_BxTx1xE)
     half = x_BxTxNxE.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxTxNxE[..., half:], x_BxTxNxE[..., :half]], axis=-1)
     return x_BxTxNxE * cos + rotated * sin

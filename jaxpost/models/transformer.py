@@ -35,7 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxpost.models import embedding
 from jaxpost.models.configs import ModelConfig
 from jaxpost.models.partitioning import with_logical_constraint
-from jaxpost.models.rope import apply_rope, rope_inv_freq, rope_table
+from jaxpost.models.rope import apply_rope, rope_inv_freq, rope_table, rotation
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
 
@@ -175,11 +175,12 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
             self.k_norm = RMSNorm(E, c.norm_eps, pd, "head_dim", stack)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
+    def __call__(self, x_BxTxD, rotation_BxTx1xE, mask_BxTxS, cache=None, cache_index=None,
                  qkv=None):  # fmt: skip
-        """Attention output [B, T, D]; with `cache` = (k_BxKxExS, v_BxKxSxE), this layer's
-        cache, the new keys and values are written at slots [cache_index, cache_index + T),
-        attention reads the whole cache, and the updated (k, v) return. `qkv`: this layer's
+        """Attention output [B, T, D], the tokens' rotary (cos, sin) from `rope.rotation`; with
+        `cache` = (k_BxKxExS, v_BxKxSxE), this layer's cache, the new keys and values are
+        written at slots [cache_index, cache_index + T), attention reads the whole cache, and
+        the updated (k, v) return. `qkv`: this layer's
         q, k and v weights as one [D, (H + 2K)·E] matrix (`fused_weights`), one matmul."""
         c = self.config
         dt = c.compute_dtype
@@ -198,10 +199,8 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)[None, None]
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # Positions lie in [0, T) without a cache, in [0, S) with one (S its slots).
-        table = rope_table(rope_inv_freq(c), x.shape[1] if cache is None else cache[0].shape[-1])
-        q = apply_rope(q, positions_BxT, table)
-        k = apply_rope(k, positions_BxT, table)
+        q = apply_rope(q, rotation_BxTx1xE)
+        k = apply_rope(k, rotation_BxTx1xE)
 
         # Values live as [B, K, S, E] (batch dims lead, E contiguous: the layout XLA's dot
         # wants), keys too without a cache (training). A cache holds keys as [B, K, E, S], so a
@@ -272,10 +271,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, pd, "embed", stack)
         self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None, fused=None):
-        """`fused`: this block's `fused_weights` (a decode loop's), or None."""
+    def __call__(self, x, rot, mask, cache=None, cache_index=None, fused=None):
+        """`rot`: the tokens' rotary (cos, sin) (`rope.rotation`); `fused`: this block's
+        `fused_weights` (a decode loop's), or None."""
         fused = fused or {}
-        h, new_cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index,
+        h, new_cache = self.attn(self.attn_norm(x), rot, mask, cache, cache_index,
                                  fused.get("qkv"))  # fmt: skip
         x = _constrain(x + h, *_RESIDUAL)
         x = _constrain(x + self.mlp(self.mlp_norm(x), fused.get("gate_up")), *_RESIDUAL)
@@ -327,6 +327,10 @@ class Transformer(nnx.Module):
         x = embedding.lookup(self.embed[...], tokens_BxT).astype(c.compute_dtype)
         # Under FSDP the batch, not the weights' embed dim, decides the residual stream's layout.
         x = _constrain(x, *_RESIDUAL)
+        # Positions lie in [0, T) without a cache, in [0, S) with one (S its slots); the
+        # rotation is read once here, not in every layer.
+        slots = tokens_BxT.shape[1] if caches is None else caches[0][0].shape[-1]
+        rot = rotation(rope_table(rope_inv_freq(c), slots), positions_BxT)
         graphdef, stack = nnx.split(self.layers)
         layer = lambda i: jax.tree.map(lambda a: a[i], stack)  # noqa: E731
 
@@ -335,12 +339,12 @@ class Transformer(nnx.Module):
             for i, cache in enumerate(caches):
                 tree, fused = (layer(i), None) if layers is None else layers[i]
                 blk = nnx.merge(graphdef, tree)
-                x, new_cache = blk(x, positions_BxT, mask_BxTxS, cache, cache_index, fused)
+                x, new_cache = blk(x, rot, mask_BxTxS, cache, cache_index, fused)
                 new_caches.append(new_cache)
             return _constrain(self.final_norm(x), *_RESIDUAL), new_caches
 
         def block(layer_params, x):
-            return nnx.merge(graphdef, layer_params)(x, positions_BxT, mask_BxTxS)[0]
+            return nnx.merge(graphdef, layer_params)(x, rot, mask_BxTxS)[0]
 
         if c.remat != "none":
             # Inside a scan the body's boundary already keeps XLA from merging the
