@@ -149,10 +149,15 @@ def get_config(arg: str | None = None):
     # problems at larger sizes; measured, the main command took 862 s against 734 s at 8
     # (benchmarks/paradigms_budget.md, 2026-12-05 later). 768 problems, not 384 (2026-12-05,
     # third session: what malloc on huge pages saved, 862 -> 715 s, spent on the claims' power,
-    # before any run at 768 was read; the first 384 are the same problems; 992 exist)
+    # before any run at 768 was read; the first 384 are the same problems; 992 exist).
+    # 32 samples, not 16, and 512 retention problems, not 64 (2026-12-06, third session: the
+    # claims' power, set on design seeds 2 and 3 with their trained arms re-evaluated, before
+    # seeds 0 and 1 ran at it): the diversity claims compare entropies at the number of correct
+    # samples both models have, which doubles; the large-k claims compare pass@32; retention's
+    # spread is between addition problems (a mean over P problems of s samples each: P, not s)
     c.eval.problems = 768
-    c.eval.samples = 16
-    c.eval.retention_problems = 64  # addition problems (the earlier skill)
+    c.eval.samples = 32
+    c.eval.retention_problems = 512  # addition problems (the earlier skill)
     c.eval.retention_samples = 4
     c.eval.steer_problems = 32  # steering prompts (tasks with a steering probe)
     c.eval.steer_samples = 16
