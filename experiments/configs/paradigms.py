@@ -13,28 +13,29 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 68f9442 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-05,
-otherwise idle): 407 s for the whole README main command (protocol 370 s: base and teacher
-63 s, then 307 s for the eleven arms in two pinned workers with the references' evaluation
-beside them). That run (768 held-out problems x 16 samples, resolution 0.018; diversity = the
-chance two correct samples of a problem are different solutions):
+Measured from a clean clone of dda0986 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-06,
+otherwise idle): 495 s for the whole README main command (program 464 s: base and teacher
+64 s, then 400 s for the eleven arms in two pinned workers with the references' evaluation
+beside them). That run (768 held-out problems x 32 samples, resolution 0.016; diversity = the
+chance two correct samples of a problem are different solutions; retention on 512 addition
+problems):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.337 | 0.736 | 0.200 | 0.766 | 0.127 |
-    | teacher | 0.472 | 0.811 | 0.217 | 0.996 | 0.275 |
-    | sft | 0.241 | 0.784 | 0.479 | 0.430 | 0.059 |
-    | grpo | 0.410 | 0.681 | 0.093 | 0.711 | 0.143 |
-    | opd_rkl | 0.373 | 0.729 | 0.177 | 0.742 | 0.113 |
-    | opsd | 0.218 | 0.615 | 0.176 | 0.668 | 0.041 |
+    | base | 0.252 | 0.734 | 0.198 | 0.789 | 0.109 |
+    | teacher | 0.445 | 0.824 | 0.210 | 0.942 | 0.355 |
+    | sft | 0.172 | 0.819 | 0.477 | 0.492 | 0.064 |
+    | grpo | 0.324 | 0.697 | 0.097 | 0.625 | 0.080 |
+    | opd_rkl | 0.292 | 0.724 | 0.168 | 0.781 | 0.146 |
+    | opsd | 0.162 | 0.651 | 0.212 | 0.734 | 0.057 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.073 [+0.057, +0.089], reverse-KL OPD
-+0.036 [+0.023, +0.050]; four of the six claims decisive, all reproduced (the base overtakes
-GRPO at pass@16; on-policy arms retain more than SFT; reverse-KL OPD and OPSD narrow
-diversity). Seed 1: 4 of 6 decisive (the crossover, the unlikeliness reward, retention, OPSD
-narrows diversity). On the Zen 3 CPU the tree before the softmax change took 845 s. Seed 1 in
-full, the other runs and the design run on seed 10: benchmarks/paradigms_budget.md. XLA:CPU
-compiles per CPU, so other CPUs give other numbers, and the claims nearest the resolution
-change verdict with them.
+(and seven more arms); GRPO above the base at pass@1, +0.072 [+0.057, +0.088], reverse-KL OPD
++0.040 [+0.029, +0.051]; four of the six claims decisive, all reproduced (the base overtakes
+GRPO at pass@32; on-policy arms retain more than SFT; reverse-KL OPD narrows diversity;
+entropy-aware OPD keeps more than reverse KL). Seed 1: 458 s, 4 of 6 decisive (the
+unlikeliness reward not reproduced; retention, reverse-KL narrowing, entropy-aware
+reproduced). Seed 1 in full, the other runs and the design runs (seed 10; for the evaluation's
+size seeds 2 and 3): benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs
+give other numbers, and the claims nearest the resolution change verdict with them.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
