@@ -214,9 +214,6 @@ class DeferredMetrics:
         return step, {name: float(np.asarray(value)) for name, value in host.items()}
 
 
-__all__ = ["METRICS_FILE", "DeferredMetrics", "MetricsWriter", "read_metrics"]
-
-
 def print_json_line(record: dict, out: str | os.PathLike | None = None) -> None:
     """Print one JSON line (a benchmark's result) and, given `out`, append it to that file."""
     line = json.dumps(record)
@@ -224,3 +221,6 @@ def print_json_line(record: dict, out: str | os.PathLike | None = None) -> None:
     if out:
         with open(out, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+
+__all__ = ["METRICS_FILE", "DeferredMetrics", "MetricsWriter", "print_json_line", "read_metrics"]

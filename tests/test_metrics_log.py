@@ -118,3 +118,13 @@ def test_deferred_metrics_returns_each_step_after_the_next_is_pushed():
     assert deferred.flush() is None
     assert released == [(s, {"loss": s / 2, "count": float(s)}) for s in range(1, 5)]
     assert all(type(v) is float for _, m in released for v in m.values())
+
+
+def test_print_json_line_prints_and_appends(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    metrics_log.print_json_line({"bench": "a", "seconds": 0.5}, out)
+    metrics_log.print_json_line({"bench": "b", "seconds": 1})
+    metrics_log.print_json_line({"bench": "c", "seconds": 2}, str(out))
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["bench"] for r in printed] == ["a", "b", "c"]
+    assert [json.loads(line)["bench"] for line in out.read_text().splitlines()] == ["a", "c"]

@@ -180,8 +180,8 @@ class Attention(nnx.Module):
         """Attention output [B, T, D], the tokens' rotary (cos, sin) from `rope.rotation`; with
         `cache` = (k_BxKxExS, v_BxKxSxE), this layer's cache, the new keys and values are
         written at slots [cache_index, cache_index + T), attention reads the whole cache, and
-        the updated (k, v) return. `qkv`: this layer's
-        q, k and v weights as one [D, (H + 2K)·E] matrix (`fused_weights`), one matmul."""
+        the updated (k, v) return. `qkv`: this layer's q, k and v weights as one
+        [D, (H + 2K)·E] matrix (`fused_weights`), one matmul."""
         c = self.config
         dt = c.compute_dtype
         x = x_BxTxD.astype(dt)
