@@ -190,12 +190,16 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     if base is not None and base_model is not None:
         scalars.update({f"support_{k}": {"mean": v} for k, v in metrics.support_change(
             np.asarray(base.per_problem["num_correct"]), correct.sum(1)).items()})  # fmt: skip
-        # rank bias: base logprob of this model's correct samples against its change
-        base_lp = forced_logprobs(base_model, base_model.params, _rows(main), main.tokens,
-                                  main.mask).sum(1)  # fmt: skip
+        # rank bias: base logprob of this model's correct samples against its change (the base
+        # scores those only: teacher forcing every sample had taken as long as sampling them)
         ok = correct.reshape(-1)
-        groups = np.repeat(np.arange(len(w.test)), n)
-        rb = metrics.rank_bias(base_lp[ok], main.seq_logprob.reshape(-1)[ok], groups[ok])
+        groups = np.repeat(np.arange(len(w.test)), n)[ok]
+        rb = float("nan")
+        if ok.any():
+            rows = [r for r, keep in zip(_rows(main), ok, strict=True) if keep]
+            base_lp = forced_logprobs(base_model, base_model.params, rows, main.tokens[ok],
+                                      main.mask[ok]).sum(1)  # fmt: skip
+            rb = metrics.rank_bias(base_lp, main.seq_logprob.reshape(-1)[ok], groups)
         scalars["rank_bias"] = {"mean": rb}
         # KL(base || model) on the base's own samples
         bs = base.samples
