@@ -397,3 +397,34 @@ def test_cache_keys_are_derived_from_the_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "EVALUATION_FORMAT", settings.EVALUATION_FORMAT + 1)
     assert (settings.model_key(c), settings.arm_key(c)) == keys[:2]  # a new eval.json format:
     assert settings.eval_key(c) != keys[2]  # every model re-evaluated, nothing retrained
+
+
+def test_rank_bias_scores_each_distinct_correct_completion_once(monkeypatch):
+    """Copies of a correct completion share one base score, however the rows were batched."""
+    from jaxpost import evaluate
+
+    P, S, M = 2, 4, 3
+    tokens = np.array([[5, 6, 0], [5, 6, 0], [5, 6, 0], [7, 8, 9],  # problem 0: a copy x3, one other
+                       [1, 2, 0], [1, 3, 0], [1, 4, 0], [9, 9, 9]])  # problem 1: the last wrong
+    mask = (tokens > 0).astype(np.int32)
+    ok = np.array([[True, True, True, True], [True, True, True, False]])
+    seq = np.array([[-1.0, -1.0 + 1e-7, -1.0 - 1e-7, -2.0], [-0.5, -1.5, -2.5, -9.0]])
+    samples = evaluate.Samples(
+        problems=[0, 1], prompts=[[3], [4]], texts=[[""] * S] * P, tokens=tokens, mask=mask,
+        logprobs=np.zeros((P * S, M)), seq_logprob=seq, answer_ok=ok, chain_ok=ok,
+        canonical=[[None] * S] * P, diversity_keys=[[None] * S] * P)  # fmt: skip
+    scored = []
+
+    def fake(model, params, prompts, toks, m, **_):  # row-dependent last bits, as batching gives
+        scored.append(toks.copy())
+        jitter = np.arange(len(toks))[:, None] * 1e-9
+        return -toks.astype(float) / 10 * m + jitter * m
+
+    monkeypatch.setattr(evaluation, "forced_logprobs", fake)
+    got = evaluation.rank_bias(type("Base", (), {"params": None})(), samples)
+    assert len(scored) == 1 and len(scored[0]) == 5  # 7 correct rows, 5 distinct per problem
+    base0 = np.array([-1.1, -1.1, -1.1, -2.4])  # copies share the first copy's score...
+    new0 = np.array([-1.0, -1.0, -1.0, -2.0])  # ...and the first copy's own logprob
+    base1, new1 = np.array([-0.3, -0.4, -0.5]), seq[1, :3]
+    want = metrics.rank_bias(np.r_[base0, base1], np.r_[new0, new1], [0, 0, 0, 0, 1, 1, 1])
+    assert np.isclose(got, want, atol=1e-6)

@@ -190,17 +190,7 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     if base is not None and base_model is not None:
         scalars.update({f"support_{k}": {"mean": v} for k, v in metrics.support_change(
             np.asarray(base.per_problem["num_correct"]), correct.sum(1)).items()})  # fmt: skip
-        # rank bias: base logprob of this model's correct samples against its change (the base
-        # scores those only: teacher forcing every sample had taken as long as sampling them)
-        ok = correct.reshape(-1)
-        groups = np.repeat(np.arange(len(w.test)), n)[ok]
-        rb = float("nan")
-        if ok.any():
-            rows = [r for r, keep in zip(_rows(main), ok, strict=True) if keep]
-            base_lp = forced_logprobs(base_model, base_model.params, rows, main.tokens[ok],
-                                      main.mask[ok]).sum(1)  # fmt: skip
-            rb = metrics.rank_bias(base_lp, main.seq_logprob.reshape(-1)[ok], groups)
-        scalars["rank_bias"] = {"mean": rb}
+        scalars["rank_bias"] = {"mean": rank_bias(base_model, main)}
         # KL(base || model) on the base's own samples
         bs = base.samples
         lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask, guide=guide)
@@ -212,6 +202,32 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
             per_problem.update({f"footprint_{k}": v for k, v in fp.per_problem.items()})
             return Evaluation(summary["curves"], scalars, per_problem, main, fp.summary)
     return Evaluation(summary["curves"], scalars, per_problem, main)
+
+
+def rank_bias(base_model: Model, main: evaluate.Samples) -> float:
+    """He et al.'s rank bias of a model's correct samples (`metrics.rank_bias`, per problem):
+    the base's sequence logprob against the model's change of it. The base scores each distinct
+    correct completion of a problem once, and its copies share that score and the model's
+    logprob of the first copy: copies tie exactly, where scores computed per row would differ in
+    their last bits (batch shapes) and rank the copies at random. Scoring only the distinct
+    correct completions also saves most of the teacher forcing, which over every sample had cost
+    as much as sampling them."""
+    ok = np.asarray(main.answer_ok).reshape(-1)
+    if not ok.any():
+        return float("nan")
+    index = np.flatnonzero(ok)
+    problem = index // main.n
+    first: dict = {}  # (problem, completion) -> its first copy's position in `index`
+    copy_of = np.asarray([first.setdefault((int(p), main.tokens[i][main.mask[i] > 0].tobytes()), j)
+                          for j, (p, i) in enumerate(zip(problem, index, strict=True))])  # fmt: skip
+    distinct = index[np.unique(copy_of)]
+    rows = _rows(main)
+    scored = forced_logprobs(base_model, base_model.params, [rows[i] for i in distinct],
+                             main.tokens[distinct], main.mask[distinct]).sum(1)  # fmt: skip
+    base_lp = dict(zip(distinct.tolist(), scored.tolist()))
+    heads = index[copy_of]  # each correct sample's first copy
+    return metrics.rank_bias(np.asarray([base_lp[i] for i in heads.tolist()]),
+                             np.asarray(main.seq_logprob).reshape(-1)[heads], problem)
 
 
 def in_context_steerability(w: World, model: Model, params, seed: int,
