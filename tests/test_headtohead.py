@@ -422,7 +422,7 @@ def test_rank_bias_scores_each_distinct_correct_completion_once(monkeypatch):
 
     monkeypatch.setattr(evaluation, "forced_logprobs", fake)
     got = evaluation.rank_bias(type("Base", (), {"params": None})(), samples)
-    assert len(scored) == 1 and len(scored[0]) == 5  # 7 correct rows, 5 distinct per problem
+    assert len(scored) == 1 and len(scored[0]) == 5  # 7 correct rows, 5 distinct completions
     base0 = np.array([-1.1, -1.1, -1.1, -2.4])  # copies share the first copy's score...
     new0 = np.array([-1.0, -1.0, -1.0, -2.0])  # ...and the first copy's own logprob
     base1, new1 = np.array([-0.3, -0.4, -0.5]), seq[1, :3]
