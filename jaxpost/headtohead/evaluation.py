@@ -193,7 +193,7 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
         scalars["rank_bias"] = {"mean": rank_bias(base_model, main)}
         # KL(base || model) on the base's own samples
         bs = base.samples
-        lp = forced_logprobs(model, params, _rows(bs), bs.tokens, bs.mask, guide=guide)
+        lp = sample_logprobs(model, params, bs, guide)
         scalars["kl_from_base"] = metrics.sequence_kl(bs.logprobs * bs.mask, lp, bs.mask).as_dict()
         if guide is not None:  # sequences the guide gives probability 0 (mean_ci drops them)
             scalars["kl_from_base"]["outside_guide"] = float(np.mean(~np.isfinite(lp).all(1)))
@@ -204,6 +204,28 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     return Evaluation(summary["curves"], scalars, per_problem, main)
 
 
+def _first_copies(samples: evaluate.Samples, rows) -> tuple[np.ndarray, np.ndarray]:
+    """Of the sample `rows` (indices into `samples.tokens`): the sorted rows that are the first
+    copy of their (problem, completion), and each row's first copy."""
+    first: dict = {}
+    heads = np.asarray([first.setdefault((i // samples.n, samples.tokens[i][samples.mask[i] > 0]
+                                          .tobytes()), i) for i in np.asarray(rows).tolist()])  # fmt: skip
+    return np.unique(heads), heads
+
+
+def sample_logprobs(model: Model, params, samples: evaluate.Samples,
+                    guide: sampler.Guide | None = None) -> np.ndarray:  # fmt: skip
+    """`forced_logprobs` [N, M] of every sample, each distinct (problem, completion) teacher-forced
+    once and its copies given its values: the same numbers up to float rounding (a row's last
+    bits depend on the batch's shapes), in a half to a quarter of the rows (a base's 24,576
+    held-out samples held 11,569 distinct ones, a teacher's 6,020; seed 2, 2026-12-06)."""
+    distinct, heads = _first_copies(samples, np.arange(len(samples.tokens)))
+    rows = _rows(samples)
+    lp = forced_logprobs(model, params, [rows[i] for i in distinct], samples.tokens[distinct],
+                         samples.mask[distinct], guide=guide)  # fmt: skip
+    return lp[np.searchsorted(distinct, heads)]
+
+
 def rank_bias(base_model: Model, main: evaluate.Samples) -> float:
     """He et al.'s rank bias of a model's correct samples (`metrics.rank_bias`, per problem):
     the base's sequence logprob against the model's change of it. The base scores each distinct
@@ -212,22 +234,16 @@ def rank_bias(base_model: Model, main: evaluate.Samples) -> float:
     their last bits (batch shapes) and rank the copies at random. Scoring only the distinct
     correct completions also saves most of the teacher forcing, which over every sample had cost
     as much as sampling them."""
-    ok = np.asarray(main.answer_ok).reshape(-1)
-    if not ok.any():
+    index = np.flatnonzero(np.asarray(main.answer_ok).reshape(-1))
+    if not index.size:
         return float("nan")
-    index = np.flatnonzero(ok)
-    problem = index // main.n
-    first: dict = {}  # (problem, completion) -> its first copy's position in `index`
-    copy_of = np.asarray([first.setdefault((int(p), main.tokens[i][main.mask[i] > 0].tobytes()), j)
-                          for j, (p, i) in enumerate(zip(problem, index, strict=True))])  # fmt: skip
-    distinct = index[np.unique(copy_of)]
+    distinct, heads = _first_copies(main, index)
     rows = _rows(main)
     scored = forced_logprobs(base_model, base_model.params, [rows[i] for i in distinct],
                              main.tokens[distinct], main.mask[distinct]).sum(1)  # fmt: skip
-    base_lp = dict(zip(distinct.tolist(), scored.tolist()))
-    heads = index[copy_of]  # each correct sample's first copy
-    return metrics.rank_bias(np.asarray([base_lp[i] for i in heads.tolist()]),
-                             np.asarray(main.seq_logprob).reshape(-1)[heads], problem)
+    base_lp = scored[np.searchsorted(distinct, heads)]
+    return metrics.rank_bias(base_lp, np.asarray(main.seq_logprob).reshape(-1)[heads],
+                             index // main.n)  # fmt: skip
 
 
 def in_context_steerability(w: World, model: Model, params, seed: int,
