@@ -13,9 +13,9 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 09f97b4 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-06,
-otherwise idle): 441 s for the whole README main command (program 403 s: base and teacher
-60 s, then 342 s for the eleven arms in two pinned workers with the references' evaluation
+Measured from a clean clone of 875ed67 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-06,
+otherwise idle): 393 s for the whole README main command (program 359 s: base and teacher
+58 s, then 300 s for the eleven arms in two pinned workers with the references' evaluation
 beside them; dda0986 read the same metrics in 495 s). That run (768 held-out problems x 32 samples, resolution 0.016; diversity = the
 chance two correct samples of a problem are different solutions; retention on 512 addition
 problems):
