@@ -204,13 +204,19 @@ def evaluate_model(w: World, model: Model, params, *, base: Evaluation | None = 
     return Evaluation(summary["curves"], scalars, per_problem, main)
 
 
-def _first_copies(samples: evaluate.Samples, rows) -> tuple[np.ndarray, np.ndarray]:
-    """Of the sample `rows` (indices into `samples.tokens`): the sorted rows that are the first
-    copy of their (problem, completion), and each row's first copy."""
+def _forced_once(model: Model, params, samples: evaluate.Samples, rows,
+                 guide: sampler.Guide | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """`forced_logprobs` [len(rows), M] of the sample `rows` (indices into `samples.tokens`), each
+    distinct (problem, completion) teacher-forced once and its copies given its values; and
+    each row's first copy."""
     first: dict = {}
     heads = np.asarray([first.setdefault((i // samples.n, samples.tokens[i][samples.mask[i] > 0]
                                           .tobytes()), i) for i in np.asarray(rows).tolist()])  # fmt: skip
-    return np.unique(heads), heads
+    distinct = np.unique(heads)
+    prompts = _rows(samples)
+    lp = forced_logprobs(model, params, [prompts[i] for i in distinct], samples.tokens[distinct],
+                         samples.mask[distinct], guide=guide)  # fmt: skip
+    return lp[np.searchsorted(distinct, heads)], heads
 
 
 def sample_logprobs(model: Model, params, samples: evaluate.Samples,
@@ -219,11 +225,7 @@ def sample_logprobs(model: Model, params, samples: evaluate.Samples,
     once and its copies given its values: the same numbers up to float rounding (a row's last
     bits depend on the batch's shapes), in a half to a quarter of the rows (a base's 24,576
     held-out samples held 11,569 distinct ones, a teacher's 6,020; seed 2, 2026-12-06)."""
-    distinct, heads = _first_copies(samples, np.arange(len(samples.tokens)))
-    rows = _rows(samples)
-    lp = forced_logprobs(model, params, [rows[i] for i in distinct], samples.tokens[distinct],
-                         samples.mask[distinct], guide=guide)  # fmt: skip
-    return lp[np.searchsorted(distinct, heads)]
+    return _forced_once(model, params, samples, np.arange(len(samples.tokens)), guide)[0]
 
 
 def rank_bias(base_model: Model, main: evaluate.Samples) -> float:
@@ -237,12 +239,8 @@ def rank_bias(base_model: Model, main: evaluate.Samples) -> float:
     index = np.flatnonzero(np.asarray(main.answer_ok).reshape(-1))
     if not index.size:
         return float("nan")
-    distinct, heads = _first_copies(main, index)
-    rows = _rows(main)
-    scored = forced_logprobs(base_model, base_model.params, [rows[i] for i in distinct],
-                             main.tokens[distinct], main.mask[distinct]).sum(1)  # fmt: skip
-    base_lp = scored[np.searchsorted(distinct, heads)]
-    return metrics.rank_bias(base_lp, np.asarray(main.seq_logprob).reshape(-1)[heads],
+    base_lp, heads = _forced_once(base_model, base_model.params, main, index)
+    return metrics.rank_bias(base_lp.sum(1), np.asarray(main.seq_logprob).reshape(-1)[heads],
                              index // main.n)  # fmt: skip
 
 
