@@ -141,9 +141,9 @@ def main() -> None:
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch_model = transformers.Qwen2ForCausalLM(hf_config).eval()
-    path = tempfile.mkdtemp(prefix="bench_sampler_")
-    torch_model.save_pretrained(path, safe_serialization=True)
-    config, params = hf.load_hf(path, dtype=args.dtype)
+    with tempfile.TemporaryDirectory(prefix="bench_sampler_") as path:  # gone once loaded
+        torch_model.save_pretrained(path, safe_serialization=True)
+        config, params = hf.load_hf(path, dtype=args.dtype)
     torch_model = torch_model.to(device=device, dtype=torch_dtype)
 
     rng = np.random.default_rng(0)

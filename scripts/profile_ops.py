@@ -28,6 +28,7 @@ differently, and few will match. Times are this machine's: compare programs in o
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import glob
 import os
@@ -46,6 +47,7 @@ from jaxpost import hostmem  # noqa: E402
 hostmem.reexec()  # the allocator the benchmarks run with, before the dump directory exists
 
 _DUMP = tempfile.mkdtemp(prefix="profile_ops_hlo_")
+atexit.register(shutil.rmtree, _DUMP, ignore_errors=True)  # also on --help, errors, Ctrl-C
 if "--help" not in sys.argv and "-h" not in sys.argv:  # before JAX reads its flags
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text"]
@@ -228,7 +230,6 @@ def main(argv=None) -> None:
         rows, summary = op_table(*trace_events(trace_dir), args.runs, steps)
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
-        shutil.rmtree(_DUMP, ignore_errors=True)
     common = {"target": args.target, **shape, "backend": jax.default_backend()}
     lines = [{"bench": "profile_ops", **common, **row} for row in rows[: args.top or None]]
     lines.append({"bench": "profile_ops_summary", **common,
