@@ -13,29 +13,29 @@ into the workdir. A progress bar per stage shows the ETA; rerunning the same com
 interruption reuses the cached models, finished arms and the interrupted arm's last checkpoint.
 The protocol is `jaxpost.headtohead`; the arms are its table `jaxpost.headtohead.arms.ARMS`.
 
-Measured from a clean clone of 875ed67 on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-06,
-otherwise idle): 393 s for the whole README main command (program 359 s: base and teacher
-58 s, then 300 s for the eleven arms in two pinned workers with the references' evaluation
-beside them; dda0986 read the same metrics in 495 s). That run (768 held-out problems x 32 samples, resolution 0.016; diversity = the
-chance two correct samples of a problem are different solutions; retention on 512 addition
-problems):
+Measured from a clean clone of d44cb5b on a 2-core CPU (AMD EPYC Zen 5, XLA:CPU, 2026-12-06,
+otherwise idle): 589 s for the whole README main command, venv install included (program 551 s:
+base and teacher 72 s, then 479 s for the eleven arms in two pinned workers with the references'
+evaluation beside them). That run (1536 held-out problems x 32 samples, resolution 0.011;
+diversity = the chance two correct samples of a problem are different solutions; retention on
+512 addition problems):
 
     | arm | pass@1 | pass@large_k | diversity | retention | steerability |
-    | base | 0.252 | 0.734 | 0.198 | 0.789 | 0.109 |
-    | teacher | 0.445 | 0.824 | 0.210 | 0.942 | 0.355 |
-    | sft | 0.172 | 0.819 | 0.477 | 0.492 | 0.064 |
-    | grpo | 0.324 | 0.697 | 0.097 | 0.625 | 0.080 |
-    | opd_rkl | 0.292 | 0.724 | 0.168 | 0.781 | 0.146 |
-    | opsd | 0.162 | 0.651 | 0.212 | 0.734 | 0.057 |
+    | base | 0.224 | 0.719 | 0.192 | 0.764 | 0.090 |
+    | teacher | 0.456 | 0.822 | 0.200 | 0.983 | 0.229 |
+    | sft | 0.129 | 0.771 | 0.445 | 0.652 | 0.010 |
+    | grpo | 0.303 | 0.672 | 0.098 | 0.576 | 0.062 |
+    | opd_rkl | 0.262 | 0.676 | 0.168 | 0.760 | 0.088 |
+    | opsd | 0.161 | 0.675 | 0.287 | 0.706 | 0.039 |
 
-(and seven more arms); GRPO above the base at pass@1, +0.072 [+0.057, +0.088], reverse-KL OPD
-+0.040 [+0.029, +0.051]; four of the six claims decisive, all reproduced (the base overtakes
-GRPO at pass@32; on-policy arms retain more than SFT; reverse-KL OPD narrows diversity;
-entropy-aware OPD keeps more than reverse KL). Seed 1: 458 s, 4 of 6 decisive (the
-unlikeliness reward not reproduced; retention, reverse-KL narrowing, entropy-aware
-reproduced). Seed 1 in full, the other runs and the design runs (seed 10; for the evaluation's
-size seeds 2 and 3): benchmarks/paradigms_budget.md. XLA:CPU compiles per CPU, so other CPUs
-give other numbers, and the claims nearest the resolution change verdict with them.
+(and seven more arms); GRPO above the base at pass@1, +0.079 [+0.070, +0.088], reverse-KL OPD
++0.039 [+0.030, +0.047]; five of the six claims decisive (reproduced: the base overtakes GRPO at
+pass@32; on-policy arms retain more than SFT; reverse-KL OPD narrows diversity; entropy-aware
+OPD keeps more than reverse KL; not reproduced: OPSD narrows diversity). Seed 1: 548 s, 5 of 6
+decisive (the same, except OPSD's narrowing reproduced). Seed 1 in full, the other runs and the
+design runs (seed 10; for the evaluation's size seeds 2 and 3): benchmarks/paradigms_budget.md.
+XLA:CPU compiles per CPU, so other CPUs give other numbers, and the claims nearest the
+resolution change verdict with them.
 
 Variants: "" (the built-in character-level student, defaults below), "tiny" (the seconds-scale
 protocol the tests run), "pretrained" (a Hugging Face checkpoint as the base: used as it is,
