@@ -10,7 +10,9 @@
 # which jaxpost.distributed.maybe_initialize_distributed() reads ("explicit" source).
 # DRY_RUN=1 (or --dry_run as the first argument) prints the srun line and each node's command
 # instead of running them; without `scontrol` the nodelist is expanded by
-# jaxpost.distributed.expand_nodelist.
+# jaxpost.distributed.expand_nodelist (in $PYTHON, default python3). Submit from the
+# repository's root: sbatch runs a copy of this script, and the tasks then run in
+# $SLURM_SUBMIT_DIR.
 #SBATCH --job-name=jaxpost
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -29,13 +31,32 @@ fi
 : "${SLURM_JOB_NODELIST:?not inside a SLURM allocation (SLURM_JOB_NODELIST unset)}"
 : "${SLURM_NTASKS:?SLURM_NTASKS unset}"
 
+# The tree the tasks run in. sbatch runs a copy of this script from slurmd's spool directory,
+# so there the tree is the directory the job was submitted from.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ ! -d "$ROOT/jaxpost" ]]; then
+  ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+  if [[ ! -d "$ROOT/jaxpost" ]]; then
+    echo "launch_gpu_slurm.sh: no jaxpost tree at $ROOT (sbatch runs a copy of this script):" \
+      "submit the job from the repository's root" >&2
+    exit 2
+  fi
+fi
 if command -v scontrol >/dev/null 2>&1; then
   mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 else
-  mapfile -t HOSTS < <(cd "$ROOT" && "${PYTHON:-python3}" -c \
-    'import sys; from jaxpost.distributed import expand_nodelist; print(*expand_nodelist(sys.argv[1]), sep="\n")' \
-    "$SLURM_JOB_NODELIST")
+  ERR="$(mktemp)"
+  if ! OUT="$(cd "$ROOT" && "${PYTHON:-python3}" -c \
+      'import sys; from jaxpost.distributed import expand_nodelist; print(*expand_nodelist(sys.argv[1]), sep="\n")' \
+      "$SLURM_JOB_NODELIST" 2>"$ERR")"; then
+    echo "launch_gpu_slurm.sh: cannot expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' without" \
+      "scontrol: ${PYTHON:-python3} says \"$(tail -n 1 "$ERR")\" (run inside jaxpost's" \
+      "environment or set PYTHON=/path/to/its/python)" >&2
+    rm -f "$ERR"
+    exit 2
+  fi
+  rm -f "$ERR"
+  mapfile -t HOSTS <<< "$OUT"
 fi
 export JAX_COORDINATOR_ADDRESS="${HOSTS[0]}:${JAX_COORDINATOR_PORT:-12345}"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"

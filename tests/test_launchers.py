@@ -15,9 +15,16 @@ TPU = REPO / "scripts" / "launch_tpu_pod.sh"
 SLURM = REPO / "scripts" / "launch_gpu_slurm.sh"
 
 
-def _bash(*args, env=None):
+def _bash(*args, env=None, cwd=REPO):
     return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=60)  # fmt: skip
+                          cwd=cwd, env=env, timeout=60)  # fmt: skip
+
+
+def _allocation(**more):
+    """A SLURM allocation's environment without scontrol (expand_nodelist is used)."""
+    return {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "SLURM_JOB_ID": "42",
+            "SLURM_JOB_NODELIST": "gpu-[07-09]", "SLURM_NTASKS": "3", "SLURM_NNODES": "3",
+            "PATH": "/usr/bin:/bin", **more}  # fmt: skip
 
 
 @pytest.mark.parametrize("script", [TPU, SLURM])
@@ -59,16 +66,7 @@ def test_tpu_missing_arguments_are_errors(args):
 
 
 def test_slurm_dry_run_prints_the_per_node_command():
-    env = {
-        **os.environ,
-        "DRY_RUN": "1",
-        "PYTHON": sys.executable,
-        "SLURM_JOB_ID": "42",
-        "SLURM_JOB_NODELIST": "gpu-[07-09]",
-        "SLURM_NTASKS": "3",
-        "SLURM_NNODES": "3",
-        "PATH": "/usr/bin:/bin",
-    }  # fmt: skip  (no scontrol: expand_nodelist is used)
+    env = _allocation()
     proc = _bash(SLURM, "python", "-m", "experiments.grpo", "--mesh=-1,8,1", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -82,6 +80,33 @@ def test_slurm_dry_run_prints_the_per_node_command():
         assert words[:3] == ["JAX_COORDINATOR_ADDRESS=gpu-07:12345", "JAX_NUM_PROCESSES=3",
                              f"JAX_PROCESS_ID={rank}"]  # fmt: skip
         assert words[3:] == ["python", "-m", "experiments.grpo", "--mesh=-1,8,1"]
+
+
+def test_slurm_under_sbatch_runs_in_the_directory_the_job_was_submitted_from(tmp_path):
+    """sbatch runs a copy of the script from slurmd's spool directory, away from the tree."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    copy.write_text(SLURM.read_text())
+    main = ("python", "-m", "experiments.opd")
+    proc = _bash(copy, *main, env=_allocation(SLURM_SUBMIT_DIR=str(REPO)), cwd=spool)
+    assert proc.returncode == 0, proc.stderr
+    task = shlex.split(proc.stdout.splitlines()[0])[-1]
+    assert f"cd {shlex.quote(str(REPO))} && exec python -m experiments.opd" in task
+    proc = _bash(copy, *main, env=_allocation(SLURM_SUBMIT_DIR=str(spool)), cwd=spool)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"launch_gpu_slurm.sh: no jaxpost tree at {spool} (sbatch runs a copy of this script): "
+        "submit the job from the repository's root"]
+
+
+def test_slurm_nodelist_that_cannot_be_expanded_is_a_one_line_error():
+    env = _allocation(SLURM_JOB_NODELIST="gpu-[07-")
+    proc = _bash(SLURM, "python", "-m", "experiments.opd", env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cannot expand SLURM_JOB_NODELIST='gpu-[07-' without scontrol" in line
+    assert "unsupported SLURM nodelist item" in line
 
 
 def test_slurm_environment_is_what_jaxpost_reads():
