@@ -15,18 +15,20 @@ and pass@64 with 95% bootstrap intervals, CoT-pass@1, coverage, distinct correct
 problem), the wall time and WORKDIR/model, the GRPO model as a Hugging Face directory.
 WORKDIR/metrics.jsonl has the training curve, WORKDIR/eval.json the full pass@k curves.
 
-Measured on the project's 2-core CPU (otherwise idle, XLA:CPU, 2026-12-02), defaults, 64
-held-out problems x 64 samples, the second command (--model = experiments.sft's model):
+Measured on the project's 2-core CPU (AMD EPYC Zen 5, otherwise idle, XLA:CPU, 2026-12-06,
+8e0c626), defaults, 64 held-out problems x 64 samples, the second command as printed (--model =
+experiments.sft's model):
 
     model       task       pass@1                pass@64                cot_pass@1  coverage  distinct
-    start       countdown  0.203 [0.167,0.240]   0.922 [0.844,0.984]         0.044     0.922      2.12
-    after GRPO  countdown  0.401 [0.327,0.476]   0.875 [0.797,0.953]         0.078     0.875      1.53
+    start       countdown  0.206 [0.165,0.250]   0.891 [0.812,0.953]         0.051     0.891      2.03
+    after GRPO  countdown  0.369 [0.289,0.446]   0.891 [0.812,0.953]         0.076     0.891      1.59
 
-with the rollout pass rate going 0.210 (first 10 rounds) -> 0.321 (last 10). pass@1 rises while
-pass@64, coverage and the distinct solutions per problem fall (the pass@64 intervals overlap at
-this size), as expected if RL sharpens the policy onto solutions it already finds. Wall time 98 s
-for the command (GRPO's 100 rounds 85 s). Without --model it first trains its own SFT start
-(measured 2026-11-25 on a shared machine: 353 s in all).
+with the rollout pass rate going 0.220 (first 10 rounds) -> 0.320 (last 10). pass@1 rises while
+the distinct solutions per problem fall and pass@64 and coverage stay (an earlier tree on the
+Zen 3 CPU, 2026-12-02: pass@1 0.203 -> 0.401, pass@64 0.922 -> 0.875, the intervals
+overlapping), as expected if RL sharpens the policy onto solutions it already finds. Wall time
+45 s for the command (GRPO's 100 rounds 35 s; 98 s and 85 s on the Zen 3 CPU). Without --model
+it first trains its own SFT start (measured 2026-11-25 on a shared machine: 353 s in all).
 
 Variants: "tiny" (seconds), "pretrained" (a checkpoint given with --model: bfloat16, lr 1e-6,
 256 new tokens). Overrides: `--config.grpo.unlikeliness_beta=0.25` (He et al.'s unlikeliness

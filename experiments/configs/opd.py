@@ -25,20 +25,22 @@ reference solution in its prompt) and the distilled student (pass@1 and pass@64 
 bootstrap intervals, CoT-pass@1, coverage, distinct correct solutions per problem), the wall time
 and WORKDIR/model, the distilled student as a Hugging Face directory.
 
-Measured on the project's 2-core CPU (otherwise idle, XLA:CPU, 2026-12-02), defaults, 64
-held-out problems x 64 samples; the README's commands (the OPSD one without --model, so it
-trains its own student, the same one):
+Measured on the project's 2-core CPU (AMD EPYC Zen 5, otherwise idle, XLA:CPU, 2026-12-06,
+8e0c626), defaults, 64 held-out problems x 64 samples; the README's commands as printed (the
+OPSD one without --model, so it trains its own student, the same one):
 
-OPD, reverse KL (alpha 1), student = the built-in 200-step SFT (trained in the run: 94 s),
-teacher = experiments.sft's model; 159 s for the command (100 OPD steps: 45 s):
+OPD, reverse KL (alpha 1), student = the built-in 200-step SFT (trained in the run: 33 s),
+teacher = experiments.sft's model; 72 s for the command (100 OPD steps: 21 s):
 
     model      task       pass@1                pass@64                cot_pass@1  coverage  distinct
-    start      countdown  0.030 [0.020,0.042]   0.594 [0.469,0.703]         0.001     0.594      0.92
-    teacher    countdown  0.203 [0.167,0.240]   0.922 [0.844,0.984]         0.044     0.922      2.12
-    after OPD  countdown  0.051 [0.035,0.070]   0.656 [0.531,0.766]         0.005     0.656      0.94
+    start      countdown  0.030 [0.020,0.041]   0.625 [0.500,0.734]         0.001     0.625      0.92
+    teacher    countdown  0.206 [0.165,0.250]   0.891 [0.812,0.953]         0.051     0.891      2.03
+    after OPD  countdown  0.056 [0.039,0.075]   0.641 [0.531,0.750]         0.003     0.641      1.00
 
-OPSD from the same student (167 s): the privileged teacher (pass@1 0.159) is far better than the
-student, yet distilling it did not help here (0.030 -> 0.020; rollout pass rate 0.030 -> 0.022).
+OPSD from the same student (75 s): the privileged teacher (pass@1 0.157) is far better than the
+student, yet distilling it did not help here (0.030 -> 0.020; rollout pass rate 0.028 -> 0.022).
+(An earlier tree on the Zen 3 CPU, 2026-12-02: OPD 0.030 -> 0.051 in 159 s, OPSD 0.030 -> 0.020
+in 167 s.)
 
 Variants: "tiny" (seconds), "pretrained" (checkpoints given with --model and --teacher: bfloat16,
 lr 1e-6, 256 new tokens). Overrides: `--config.alpha=0` (forward KL), `--config.alpha=0.5` (JSD),

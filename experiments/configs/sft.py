@@ -13,13 +13,17 @@ directory (WORKDIR/model; grpo.py and opd.py take it with --model / --teacher).
 WORKDIR/eval.json holds both summaries with the full pass@k curves, WORKDIR/metrics.jsonl the
 training curve.
 
-Measured on the project's 2-core CPU (otherwise idle, XLA:CPU, 2026-12-02), defaults, "small"
-preset (0.80M parameters), 64 held-out Countdown problems x 64 samples at temperature 1:
+Measured on the project's 2-core CPU (AMD EPYC Zen 5, otherwise idle, XLA:CPU, 2026-12-06,
+8e0c626, the first command as printed), defaults, "small" preset (0.80M parameters), 64
+held-out Countdown problems x 64 samples at temperature 1:
 
     model      task       pass@1                pass@64                cot_pass@1  coverage  distinct
     before     countdown  0.000 [0.000,0.000]   0.000 [0.000,0.000]         0.000     0.000      0.00
-    after SFT  countdown  0.203 [0.167,0.240]   0.922 [0.844,0.984]         0.044     0.922      2.12
-    wall time 112 s (114 s for the whole command; each evaluation 5-6 s)
+    after SFT  countdown  0.206 [0.165,0.250]   0.891 [0.812,0.953]         0.051     0.891      2.03
+    wall time 48 s (50 s for the whole command; each evaluation 3-5 s)
+
+(2026-12-02, an earlier tree on the slower Zen 3 2-core CPU: pass@1 0.203, pass@64 0.922,
+114 s.)
 
 (cot_pass@1 stays low: the final expression is often right while a step of the chain is not.)
 
