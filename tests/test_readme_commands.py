@@ -2,10 +2,9 @@
 own checks: the flags exist, each `--config.a.b` names a field of that main's config (variant
 included) and parses as its type, and the checks a main runs before it loads anything
 (`recipes.grpo._check`, `recipes.opd._check`, `headtohead.settings.check` and its arm list)
-accept it. So a field
-renamed or a value the code stopped accepting fails here, in the fast tier, instead of in a
-reader's shell. (Commands run end to end as printed: the --mini command in
-tests/test_headtohead.py, the launchers' dry runs in tests/test_launchers.py.)
+accept it. So a renamed field or a value the code stopped accepting fails here, in the fast
+tier, instead of in a reader's shell. (Run end to end as printed: the --mini command in
+tests/test_headtohead.py and the launchers' dry runs in tests/test_launchers.py.)
 """
 
 import re
