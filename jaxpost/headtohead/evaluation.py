@@ -209,9 +209,12 @@ def _forced_once(model: Model, params, samples: evaluate.Samples, rows,
     """`forced_logprobs` [len(rows), M] of the sample `rows` (indices into `samples.tokens`), each
     distinct (problem, completion) teacher-forced once and its copies given its values; and
     each row's first copy."""
-    first: dict = {}
-    heads = np.asarray([first.setdefault((i // samples.n, samples.tokens[i][samples.mask[i] > 0]
-                                          .tobytes()), i) for i in np.asarray(rows).tolist()])  # fmt: skip
+    first: dict = {}  # (problem, completion) -> the first of `rows` holding it
+    heads = []
+    for i in np.asarray(rows).tolist():
+        key = (i // samples.n, samples.tokens[i][samples.mask[i] > 0].tobytes())
+        heads.append(first.setdefault(key, i))
+    heads = np.asarray(heads)
     distinct = np.unique(heads)
     prompts = _rows(samples)
     lp = forced_logprobs(model, params, [prompts[i] for i in distinct], samples.tokens[distinct],
